@@ -31,11 +31,18 @@ fn fixture(n: usize) -> &'static Fixture {
                 let rules = mix::rules(n, 42);
                 let set: RuleSet = rules.iter().copied().collect();
                 let queries = mix::queries(&rules, 64 * BATCH, 7);
-                Fixture { rules, set, queries }
+                Fixture {
+                    rules,
+                    set,
+                    queries,
+                }
             })
             .collect()
     });
-    let i = SIZES.iter().position(|&s| s == n).expect("a benchmarked size");
+    let i = SIZES
+        .iter()
+        .position(|&s| s == n)
+        .expect("a benchmarked size");
     &all[i]
 }
 

@@ -22,10 +22,17 @@ mod mix;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let res = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let res = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["gen", n, seed, rules, queries, q] => gen_files(n, seed, rules, queries, q),
         ["run", rules, queries, rounds] => run(rules, queries, rounds),
-        _ => Err("usage: rulebench gen N SEED RULES QUERIES COUNT | run RULES QUERIES ROUNDS".into()),
+        _ => {
+            Err("usage: rulebench gen N SEED RULES QUERIES COUNT | run RULES QUERIES ROUNDS".into())
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,7 +78,10 @@ fn run(rules_path: &str, queries_path: &str, rounds: &str) -> Res {
         set = rules.iter().copied().collect();
         builds.push(t.elapsed());
     }
-    let hits = queries.iter().filter(|&&ip| set.check(ip).is_some()).count();
+    let hits = queries
+        .iter()
+        .filter(|&&ip| set.check(ip).is_some())
+        .count();
 
     let mut per_check = Vec::new();
     for _ in 0..rounds {

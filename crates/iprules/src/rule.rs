@@ -352,7 +352,9 @@ impl<'de> serde::Deserialize<'de> for Rule {
         impl serde::de::Visitor<'_> for V {
             type Value = Rule;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an IP rule such as \"10.0.0.1\", \"10.0.0.0/8\" or \"10.0.0.1-10.0.0.9\"")
+                f.write_str(
+                    "an IP rule such as \"10.0.0.1\", \"10.0.0.0/8\" or \"10.0.0.1-10.0.0.9\"",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Rule, E> {
                 v.parse().map_err(E::custom)

@@ -10,16 +10,22 @@
 //! insertion order and stops at the first rule that never expires, since
 //! nothing after it can ever be the first match).
 //!
-//! Single additions go to `recent`, a short list scanned after the index;
-//! when it grows past `RECENT_MAX` everything is rebuilt. Removals of indexed
-//! rules leave a tombstone (a rebuild happens when tombstones pile up, or at
-//! once when the removed rule cut a list short). Expired entries stop
-//! matching when the clock passes them and are purged by the next write.
+//! Single additions go to `recent`, a short list scanned after the indexes.
+//! When it grows past `RECENT_MAX` it becomes a new, small indexed level; a
+//! level is merged with the one before it once it reaches a quarter of that
+//! one's size (the logarithmic method of Bentley and Saxe). So the set is a
+//! few levels, oldest and largest first, each an immutable index; an add
+//! costs amortised O(log n) rebuild work instead of a full rebuild, and a
+//! lookup visits each level (most sets have one). Removals leave a
+//! tombstone (the level is rebuilt when tombstones pile up, or at once when
+//! the removed rule cut a list short). Expired entries stop matching when
+//! the clock passes them and are purged by the next write.
 //!
 //! Cloning a `RuleSet` copies two `Arc`s: that is what makes snapshots for
 //! lock-free readers cheap. A write after a clone copies what it touches.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +35,9 @@ use crate::space::{self, MAPPED_HI, MAPPED_LO};
 
 /// Additions kept outside the index before it is rebuilt.
 const RECENT_MAX: usize = 32;
+/// A level is merged into the one before it once it holds at least
+/// 1/`MERGE_RATIO` of that one's live entries.
+const MERGE_RATIO: usize = 4;
 /// Segment count above which the IPv4 top-16-bit table is worth its 256 KiB.
 const TOP_TABLE_MIN: usize = 4096;
 
@@ -66,8 +75,9 @@ struct Recent {
 
 #[derive(Clone, Debug, Default)]
 struct Index {
-    v4_starts: Vec<u32>,
-    v4_vals: Vec<u32>,
+    /// IPv4 segments as `(start, value)`: the value sits in the cache line
+    /// the search already touched.
+    v4: Vec<(u32, u32)>,
     v4_top: Vec<u32>,
     v6_starts: Vec<u128>,
     v6_vals: Vec<u32>,
@@ -100,6 +110,8 @@ struct Store {
 ///   moment their deadline passes; the next write purges them.
 /// - Cloning is two reference-count increments: readers can hold a snapshot
 ///   while a writer changes its own copy (see [`Shared`](crate::Shared)).
+/// - Loading many rules at once through [`Extend`] or [`FromIterator`]
+///   builds the index once; single adds are amortised O(log n).
 ///
 /// ```
 /// use iprules::{Rule, RuleSet};
@@ -115,12 +127,13 @@ struct Store {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct RuleSet {
-    store: Arc<Store>,
+    /// Indexed levels, oldest (and largest) first.
+    levels: Arc<Vec<Arc<Store>>>,
     recent: Arc<Vec<Recent>>,
 }
 
 enum Place {
-    Indexed(u32),
+    Indexed(usize, u32),
     Recent(usize),
 }
 
@@ -135,7 +148,9 @@ impl RuleSet {
     #[inline]
     pub fn check(&self, addr: IpAddr) -> Option<Rule> {
         let mut now = None;
-        self.find(space::key(addr), &mut || *now.get_or_insert_with(Instant::now))
+        self.find(space::key(addr), &mut || {
+            *now.get_or_insert_with(Instant::now)
+        })
     }
 
     /// Like [`check`](RuleSet::check), with the current time given.
@@ -162,8 +177,8 @@ impl RuleSet {
         self.insert(rule, Some(expires), Instant::now())
     }
 
-    /// [`add_until`](RuleSet::add_until) with the current time given, for
-    /// callers with their own clock.
+    /// [`add`](RuleSet::add) or [`add_until`](RuleSet::add_until) with the
+    /// current time given, for callers with their own clock.
     pub fn add_until_at(&mut self, rule: Rule, expires: Option<Instant>, now: Instant) -> bool {
         self.insert(rule, expires, now)
     }
@@ -179,7 +194,7 @@ impl RuleSet {
         self.purge_at(now);
         match self.locate(rule) {
             Some(place) => {
-                self.drop_place(place, now);
+                self.drop_place(place);
                 true
             }
             None => false,
@@ -198,18 +213,12 @@ impl RuleSet {
 
     /// [`len`](RuleSet::len) at a given time.
     pub fn len_at(&self, now: Instant) -> usize {
-        let s = &*self.store;
-        let expired = s
-            .deadlines
-            .iter()
-            .filter(|&&(slot, t)| t <= now && s.entries[slot as usize].tag & DEAD == 0)
-            .count();
         let recent_live = self
             .recent
             .iter()
             .filter(|r| r.expires.is_none_or(|t| now < t))
             .count();
-        s.entries.len() - s.dead - expired + recent_live
+        self.levels.iter().map(|l| l.len_at(now)).sum::<usize>() + recent_live
     }
 
     /// Whether no live rule is left.
@@ -224,23 +233,7 @@ impl RuleSet {
 
     /// [`iter`](RuleSet::iter) at a given time.
     pub fn iter_at(&self, now: Instant) -> impl Iterator<Item = (Rule, Option<Instant>)> + '_ {
-        let s = &*self.store;
-        let indexed = (0..s.entries.len() as u32).filter_map(move |slot| {
-            let e = s.entries[slot as usize];
-            if e.tag & DEAD != 0 {
-                return None;
-            }
-            let exp = if e.tag & EXPIRES != 0 {
-                let t = s.deadline(slot);
-                if t <= now {
-                    return None;
-                }
-                Some(t)
-            } else {
-                None
-            };
-            Some((s.rule_of(e), exp))
-        });
+        let indexed = self.levels.iter().flat_map(move |l| l.items_at(now));
         let recent = self
             .recent
             .iter()
@@ -254,10 +247,7 @@ impl RuleSet {
     pub fn get(&self, rule: &Rule) -> Option<Option<Instant>> {
         let now = Instant::now();
         let exp = match self.locate(rule)? {
-            Place::Indexed(slot) => {
-                let e = self.store.entries[slot as usize];
-                (e.tag & EXPIRES != 0).then(|| self.store.deadline(slot))
-            }
+            Place::Indexed(level, slot) => self.levels[level].expiry(slot),
             Place::Recent(i) => self.recent[i].expires,
         };
         match exp {
@@ -271,40 +261,25 @@ impl RuleSet {
         self.purge_at(Instant::now());
     }
 
+    /// Merges everything into one index: the fastest shape for lookups
+    /// after many single adds or removes.
+    pub fn compact(&mut self) {
+        self.rebuild(Instant::now(), Vec::new());
+    }
+
     /// Bytes of heap memory held by the set (capacity of its buffers, not
     /// counting allocator overhead). Shared buffers are counted in full.
     pub fn heap_size(&self) -> usize {
-        use std::mem::size_of;
-        let s = &*self.store;
-        let i = &s.index;
-        s.entries.capacity() * size_of::<Entry>()
-            + s.wide.capacity() * size_of::<[u128; 2]>()
-            + s.deadlines.capacity() * size_of::<(u32, Instant)>()
-            + s.by_rule.capacity() * 4
-            + (i.v4_starts.capacity() + i.v4_vals.capacity() + i.v4_top.capacity()) * 4
-            + i.v6_starts.capacity() * 16
-            + (i.v6_vals.capacity() + i.lists.capacity()) * 4
-            + self.recent.capacity() * size_of::<Recent>()
-            + size_of::<Store>()
+        self.levels.iter().map(|l| l.heap_size()).sum::<usize>()
+            + self.levels.capacity() * std::mem::size_of::<Arc<Store>>()
+            + self.recent.capacity() * std::mem::size_of::<Recent>()
     }
 
     #[inline]
     fn find(&self, k: u128, now: &mut impl FnMut() -> Instant) -> Option<Rule> {
-        let s = &*self.store;
-        let v = s.index.lookup(k);
-        if v != NONE {
-            if v & MULTI == 0 {
-                if let Some(r) = s.live_rule(v, now) {
-                    return Some(r);
-                }
-            } else {
-                let off = (v & !MULTI) as usize;
-                let n = s.index.lists[off] as usize;
-                for &slot in &s.index.lists[off + 1..off + 1 + n] {
-                    if let Some(r) = s.live_rule(slot, now) {
-                        return Some(r);
-                    }
-                }
+        for level in self.levels.iter() {
+            if let Some(r) = level.find(k, now) {
+                return Some(r);
             }
         }
         self.recent
@@ -316,18 +291,14 @@ impl RuleSet {
     fn insert(&mut self, rule: Rule, expires: Option<Instant>, now: Instant) -> bool {
         self.purge_at(now);
         if let Some(place) = self.locate(&rule) {
-            let same = match place {
-                Place::Indexed(slot) => {
-                    let e = self.store.entries[slot as usize];
-                    let old = (e.tag & EXPIRES != 0).then(|| self.store.deadline(slot));
-                    old == expires
-                }
-                Place::Recent(i) => self.recent[i].expires == expires,
+            let old = match place {
+                Place::Indexed(level, slot) => self.levels[level].expiry(slot),
+                Place::Recent(i) => self.recent[i].expires,
             };
-            if same {
+            if old == expires {
                 return false;
             }
-            self.drop_place(place, now);
+            self.drop_place(place);
             if expires.is_some_and(|t| t <= now) {
                 return true;
             }
@@ -343,20 +314,28 @@ impl RuleSet {
             expires,
         });
         if recent.len() > RECENT_MAX {
-            self.rebuild(now, Vec::new());
+            let items: Vec<_> = recent.drain(..).map(|r| (r.rule, r.expires)).collect();
+            let levels = Arc::make_mut(&mut self.levels);
+            levels.push(Arc::new(Store::build(&items)));
+            // Merge while the newest level is large next to the one before.
+            while levels.len() >= 2 {
+                let n = levels.len();
+                if levels[n - 1].live() * MERGE_RATIO < levels[n - 2].live() {
+                    break;
+                }
+                let newer = levels.pop().expect("two levels");
+                let older = levels.pop().expect("two levels");
+                let items: Vec<_> = older.items_at(now).chain(newer.items_at(now)).collect();
+                levels.push(Arc::new(Store::build(&items)));
+            }
         }
         true
     }
 
     fn locate(&self, rule: &Rule) -> Option<Place> {
-        let s = &*self.store;
-        if let Ok(pos) = s
-            .by_rule
-            .binary_search_by(|&slot| s.rule_of(s.entries[slot as usize]).cmp(rule))
-        {
-            let slot = s.by_rule[pos];
-            if s.entries[slot as usize].tag & DEAD == 0 {
-                return Some(Place::Indexed(slot));
+        for (i, level) in self.levels.iter().enumerate() {
+            if let Some(slot) = level.locate(rule) {
+                return Some(Place::Indexed(i, slot));
             }
         }
         self.recent
@@ -365,43 +344,48 @@ impl RuleSet {
             .map(Place::Recent)
     }
 
-    fn drop_place(&mut self, place: Place, now: Instant) {
+    fn drop_place(&mut self, place: Place) {
         match place {
             Place::Recent(i) => {
                 Arc::make_mut(&mut self.recent).remove(i);
             }
-            Place::Indexed(slot) => {
-                let s = Arc::make_mut(&mut self.store);
-                let e = &mut s.entries[slot as usize];
-                e.tag |= DEAD;
-                s.dead += 1;
-                let truncates = e.tag & TRUNCATES != 0;
-                if truncates || s.dead * 2 > s.entries.len() + 64 {
-                    self.rebuild(now, Vec::new());
+            Place::Indexed(level, slot) => {
+                let levels = Arc::make_mut(&mut self.levels);
+                let store = Arc::make_mut(&mut levels[level]);
+                if store.kill(slot) {
+                    // It hid later rules of its level: rebuild that level.
+                    // (Its dead and expired entries are skipped by items_at.)
+                    let items: Vec<_> = store.items_at_dead_ok().collect();
+                    *store = Store::build(&items);
                 }
+                Self::tidy(levels, level);
             }
         }
     }
 
+    /// Rebuilds a level full of tombstones; drops an empty one.
+    fn tidy(levels: &mut Vec<Arc<Store>>, level: usize) {
+        let store = &levels[level];
+        if store.live() == 0 {
+            levels.remove(level);
+        } else if store.dead * 2 > store.entries.len() + 64 {
+            let items: Vec<_> = store.items_at_dead_ok().collect();
+            levels[level] = Arc::new(Store::build(&items));
+        }
+    }
+
     fn purge_at(&mut self, now: Instant) {
-        if self.store.next_expiry.is_some_and(|t| t <= now) {
-            let s = Arc::make_mut(&mut self.store);
-            let mut next = None::<Instant>;
-            for &(slot, t) in &s.deadlines {
-                let e = &mut s.entries[slot as usize];
-                if e.tag & DEAD != 0 {
-                    continue;
+        if self
+            .levels
+            .iter()
+            .any(|l| l.next_expiry.is_some_and(|t| t <= now))
+        {
+            let levels = Arc::make_mut(&mut self.levels);
+            for i in (0..levels.len()).rev() {
+                if levels[i].next_expiry.is_some_and(|t| t <= now) {
+                    Arc::make_mut(&mut levels[i]).purge(now);
+                    Self::tidy(levels, i);
                 }
-                if t <= now {
-                    e.tag |= DEAD;
-                    s.dead += 1;
-                } else {
-                    next = Some(next.map_or(t, |n| n.min(t)));
-                }
-            }
-            s.next_expiry = next;
-            if s.dead * 2 > s.entries.len() + 64 {
-                self.rebuild(now, Vec::new());
             }
         }
         if self
@@ -413,11 +397,15 @@ impl RuleSet {
         }
     }
 
-    /// Rebuilds the index from the live entries, in order, followed by `more`.
+    /// Rebuilds one index from the live entries, in order, followed by `more`.
     fn rebuild(&mut self, now: Instant, more: Vec<(Rule, Option<Instant>)>) {
         let mut items: Vec<(Rule, Option<Instant>)> = self.iter_at(now).collect();
         items.extend(more);
-        self.store = Arc::new(Store::build(&items));
+        self.levels = Arc::new(if items.is_empty() {
+            Vec::new()
+        } else {
+            vec![Arc::new(Store::build(&items))]
+        });
         self.recent = Arc::new(Vec::new());
     }
 
@@ -426,20 +414,24 @@ impl RuleSet {
     fn bulk(&mut self, rules: impl IntoIterator<Item = Rule>) -> usize {
         let now = Instant::now();
         self.purge_at(now);
-        let mut seen = std::collections::HashSet::new();
-        let mut new = Vec::new();
+        let rules = rules.into_iter();
+        let hint = rules.size_hint().0;
+        let mut seen: HashSet<Key, BuildHasherDefault<FoldHasher>> =
+            HashSet::with_capacity_and_hasher(hint, BuildHasherDefault::default());
+        let mut new = Vec::with_capacity(hint);
         for rule in rules {
-            if !seen.insert(rule) {
+            if !seen.insert(rule_key(&rule)) {
                 continue;
             }
             match self.locate(&rule) {
-                Some(Place::Indexed(slot)) => {
-                    if self.store.entries[slot as usize].tag & EXPIRES == 0 {
+                Some(Place::Indexed(level, slot)) => {
+                    if self.levels[level].expiry(slot).is_none() {
                         continue;
                     }
-                    let s = Arc::make_mut(&mut self.store);
-                    s.entries[slot as usize].tag |= DEAD;
-                    s.dead += 1;
+                    // An expiring entry is never a list's cut-off point, so
+                    // a tombstone is enough; everything is rebuilt below.
+                    let levels = Arc::make_mut(&mut self.levels);
+                    Arc::make_mut(&mut levels[level]).kill(slot);
                 }
                 Some(Place::Recent(i)) => {
                     if self.recent[i].expires.is_none() {
@@ -476,6 +468,117 @@ impl FromIterator<Rule> for RuleSet {
 
 impl Store {
     #[inline]
+    fn find(&self, k: u128, now: &mut impl FnMut() -> Instant) -> Option<Rule> {
+        let v = self.index.lookup(k);
+        if v == NONE {
+            return None;
+        }
+        if v & MULTI == 0 {
+            return self.live_rule(v, now);
+        }
+        let off = (v & !MULTI) as usize;
+        let n = self.index.lists[off] as usize;
+        self.index.lists[off + 1..off + 1 + n]
+            .iter()
+            .find_map(|&slot| self.live_rule(slot, now))
+    }
+
+    /// Entries not removed (expired ones included until purged).
+    fn live(&self) -> usize {
+        self.entries.len() - self.dead
+    }
+
+    fn len_at(&self, now: Instant) -> usize {
+        let expired = self
+            .deadlines
+            .iter()
+            .filter(|&&(slot, t)| t <= now && self.entries[slot as usize].tag & DEAD == 0)
+            .count();
+        self.live() - expired
+    }
+
+    fn expiry(&self, slot: u32) -> Option<Instant> {
+        (self.entries[slot as usize].tag & EXPIRES != 0).then(|| self.deadline(slot))
+    }
+
+    /// Live, unexpired entries in insertion order.
+    fn items_at(&self, now: Instant) -> impl Iterator<Item = (Rule, Option<Instant>)> + '_ {
+        (0..self.entries.len() as u32).filter_map(move |slot| {
+            let e = self.entries[slot as usize];
+            if e.tag & DEAD != 0 {
+                return None;
+            }
+            let exp = self.expiry(slot);
+            if exp.is_some_and(|t| t <= now) {
+                return None;
+            }
+            Some((self.rule_of(e), exp))
+        })
+    }
+
+    /// Entries not removed, expired or not (for rebuilding a level without a
+    /// clock at hand; expired ones are purged by the next write).
+    fn items_at_dead_ok(&self) -> impl Iterator<Item = (Rule, Option<Instant>)> + '_ {
+        (0..self.entries.len() as u32).filter_map(move |slot| {
+            let e = self.entries[slot as usize];
+            (e.tag & DEAD == 0).then(|| (self.rule_of(e), self.expiry(slot)))
+        })
+    }
+
+    fn locate(&self, rule: &Rule) -> Option<u32> {
+        let want = rule_key(rule);
+        let pos = self
+            .by_rule
+            .binary_search_by(|&slot| self.entry_key(self.entries[slot as usize]).cmp(&want))
+            .ok()?;
+        let slot = self.by_rule[pos];
+        (self.entries[slot as usize].tag & DEAD == 0).then_some(slot)
+    }
+
+    /// Tombstones a slot. Returns whether the level must be rebuilt because
+    /// the entry cut a cover list short.
+    fn kill(&mut self, slot: u32) -> bool {
+        let e = &mut self.entries[slot as usize];
+        if e.tag & DEAD != 0 {
+            return false;
+        }
+        e.tag |= DEAD;
+        self.dead += 1;
+        e.tag & TRUNCATES != 0
+    }
+
+    fn purge(&mut self, now: Instant) {
+        let mut next = None::<Instant>;
+        for &(slot, t) in &self.deadlines {
+            let e = &mut self.entries[slot as usize];
+            if e.tag & DEAD != 0 {
+                continue;
+            }
+            if t <= now {
+                e.tag |= DEAD;
+                self.dead += 1;
+            } else {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        self.next_expiry = next;
+    }
+
+    fn heap_size(&self) -> usize {
+        use std::mem::size_of;
+        let i = &self.index;
+        self.entries.capacity() * size_of::<Entry>()
+            + self.wide.capacity() * size_of::<[u128; 2]>()
+            + self.deadlines.capacity() * size_of::<(u32, Instant)>()
+            + self.by_rule.capacity() * 4
+            + i.v4.capacity() * 8
+            + i.v4_top.capacity() * 4
+            + i.v6_starts.capacity() * 16
+            + (i.v6_vals.capacity() + i.lists.capacity()) * 4
+            + size_of::<Store>()
+    }
+
+    #[inline]
     fn live_rule(&self, slot: u32, now: &mut impl FnMut() -> Instant) -> Option<Rule> {
         let e = self.entries[slot as usize];
         if e.tag & DEAD != 0 {
@@ -509,7 +612,10 @@ impl Store {
                 IpAddr::V6(Ipv4Addr::from(e.b).to_ipv6_mapped()),
             )
         } else {
-            (IpAddr::V4(Ipv4Addr::from(e.a)), IpAddr::V4(Ipv4Addr::from(e.b)))
+            (
+                IpAddr::V4(Ipv4Addr::from(e.a)),
+                IpAddr::V4(Ipv4Addr::from(e.b)),
+            )
         };
         Rule::from_parts(e.tag & KIND_MASK, first, last, e.prefix)
     }
@@ -561,11 +667,13 @@ impl Store {
         let (s4, v4) = segments(&v4_iv, &mut entries, &mut index.lists);
         let (s6, v6) = segments(&v6_iv, &mut entries, &mut index.lists);
         index.v4_top = top_table(&s4);
-        (index.v4_starts, index.v4_vals) = (s4, v4);
+        index.v4 = s4.into_iter().zip(v4).collect();
         (index.v6_starts, index.v6_vals) = (s6, v6);
         index.lists.shrink_to_fit();
+        let keys: Vec<Key> = items.iter().map(|(r, _)| rule_key(r)).collect();
         let mut by_rule: Vec<u32> = (0..items.len() as u32).collect();
-        by_rule.sort_unstable_by(|&x, &y| items[x as usize].0.cmp(&items[y as usize].0));
+        by_rule.sort_unstable_by_key(|&slot| keys[slot as usize]);
+        drop(keys);
         wide.shrink_to_fit();
         deadlines.shrink_to_fit();
         Store {
@@ -580,6 +688,66 @@ impl Store {
     }
 }
 
+/// The order of `by_rule`: bounds, then kind and written family. Equal keys
+/// mean equal rules (a subnet's prefix follows from its bounds).
+type Key = (u128, u128, u8);
+
+fn rule_key(rule: &Rule) -> Key {
+    let (lo, hi) = rule.bounds();
+    let fam = if !rule.is_ipv6() {
+        0
+    } else if space::v4_of(lo).is_some() && space::v4_of(hi).is_some() {
+        MAPPED
+    } else {
+        WIDE
+    };
+    (lo, hi, rule.kind_code() | fam)
+}
+
+impl Store {
+    fn entry_key(&self, e: Entry) -> Key {
+        let (lo, hi) = if e.tag & WIDE != 0 {
+            let [lo, hi] = self.wide[e.a as usize];
+            (lo, hi)
+        } else {
+            (MAPPED_LO | u128::from(e.a), MAPPED_LO | u128::from(e.b))
+        };
+        (lo, hi, e.tag & (KIND_MASK | WIDE | MAPPED))
+    }
+}
+
+/// A fast, non-cryptographic hasher for de-duplicating a bulk load (the
+/// input is the caller's own rule list, so hash flooding is not a concern).
+#[derive(Default)]
+struct FoldHasher(u64);
+
+impl Hasher for FoldHasher {
+    fn finish(&self) -> u64 {
+        let x = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 32)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(buf));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
+    }
+}
+
 impl Index {
     #[inline]
     fn lookup(&self, k: u128) -> u32 {
@@ -591,12 +759,12 @@ impl Index {
 
     #[inline]
     fn lookup_v4(&self, a: u32) -> u32 {
-        let starts = &self.v4_starts;
-        if starts.is_empty() {
+        let segs = &self.v4;
+        if segs.is_empty() {
             return NONE;
         }
         let (lo, hi) = if self.v4_top.is_empty() {
-            (0, starts.len())
+            (0, segs.len())
         } else {
             let h = (a >> 16) as usize;
             (
@@ -605,8 +773,8 @@ impl Index {
             )
         };
         // starts[0] == 0 and starts[lo] <= a, so the partition point is >= 1.
-        let i = lo + starts[lo..hi].partition_point(|&s| s <= a) - 1;
-        self.v4_vals[i]
+        let i = lo + segs[lo..hi].partition_point(|&(s, _)| s <= a) - 1;
+        segs[i].1
     }
 
     #[inline]
@@ -660,7 +828,9 @@ fn segments<P: Point>(
     let mut vals = Vec::with_capacity(ev.len() + 1);
     starts.push(P::default());
     vals.push(NONE);
-    let mut active: BTreeSet<u32> = BTreeSet::new();
+    // Slots covering the current point, sorted. Usually zero or one long,
+    // so a sorted Vec beats a tree; deep nesting costs a memmove per event.
+    let mut active: Vec<u32> = Vec::new();
     let mut cover: Vec<u32> = Vec::new();
     // Identical lists are shared: many segments of nested rules repeat them.
     let mut known: HashMap<Vec<u32>, u32> = HashMap::new();
@@ -669,10 +839,12 @@ fn segments<P: Point>(
         let pos = ev[i].0;
         while i < ev.len() && ev[i].0 == pos {
             let (_, start, slot) = ev[i];
-            if start {
-                active.insert(slot);
-            } else {
-                active.remove(&slot);
+            match (active.binary_search(&slot), start) {
+                (Err(at), true) => active.insert(at, slot),
+                (Ok(at), false) => {
+                    active.remove(at);
+                }
+                _ => {}
             }
             i += 1;
         }
@@ -725,4 +897,88 @@ fn top_table(starts: &[u32]) -> Vec<u32> {
         top.push(j as u32);
     }
     top
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Thousands of single adds, removes and expiries stack up several
+    /// levels; lookups must still equal a linear scan in insertion order.
+    #[test]
+    fn levels_stay_equivalent_to_a_linear_scan() {
+        let mut x = 0x9e37_79b9_u64;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let t0 = Instant::now();
+        let mut now = t0 + Duration::from_secs(1);
+        let mut set = RuleSet::new();
+        let mut model: Vec<(Rule, Option<Instant>)> = Vec::new();
+        let mut max_levels = 0;
+        let rule_at = |a: u32, len: u32| {
+            Rule::range(
+                IpAddr::V4(Ipv4Addr::from(a)),
+                IpAddr::V4(Ipv4Addr::from(a + len)),
+            )
+            .expect("ordered")
+        };
+        for step in 0..6000 {
+            model.retain(|e| e.1.is_none_or(|t| now < t));
+            match rnd(10) {
+                0..=6 => {
+                    let r = rule_at(rnd(5000) as u32, rnd(40) as u32);
+                    let exp = (rnd(4) == 0).then(|| now + Duration::from_secs(1 + rnd(50)));
+                    let changed = set.add_until_at(r, exp, now);
+                    let pos = model.iter().position(|e| e.0 == r);
+                    let want = match pos {
+                        Some(i) if model[i].1 == exp => false,
+                        Some(i) => {
+                            model.remove(i);
+                            model.push((r, exp));
+                            true
+                        }
+                        None => {
+                            model.push((r, exp));
+                            true
+                        }
+                    };
+                    assert_eq!(changed, want, "add {r} at step {step}");
+                }
+                7 | 8 if !model.is_empty() => {
+                    let i = rnd(model.len() as u64) as usize;
+                    let r = model.remove(i).0;
+                    assert!(set.remove_at(&r, now), "remove {r} at step {step}");
+                }
+                _ => now += Duration::from_secs(rnd(3)),
+            }
+            max_levels = max_levels.max(set.levels.len());
+            if step % 50 == 0 {
+                for _ in 0..40 {
+                    let ip = IpAddr::V4(Ipv4Addr::from(rnd(5100) as u32));
+                    let want = model
+                        .iter()
+                        .find(|e| e.0.contains(ip) && e.1.is_none_or(|t| now < t))
+                        .map(|e| e.0);
+                    assert_eq!(set.check_at(ip, now), want, "{ip} at step {step}");
+                }
+                let live = model.iter().filter(|e| e.1.is_none_or(|t| now < t)).count();
+                assert_eq!(set.len_at(now), live, "len at step {step}");
+            }
+        }
+        assert!(
+            max_levels >= 3,
+            "the test must exercise stacked levels, saw {max_levels}"
+        );
+        model.retain(|e| e.1.is_none_or(|t| now < t));
+        let listed: Vec<_> = set.iter_at(now).collect();
+        assert_eq!(listed, model);
+        set.compact();
+        assert!(set.levels.len() <= 1);
+        assert_eq!(set.iter_at(now).collect::<Vec<_>>(), model);
+    }
 }

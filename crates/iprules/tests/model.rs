@@ -103,7 +103,10 @@ fn v6_addr() -> impl Strategy<Value = Ipv6Addr> {
 }
 
 fn addr() -> impl Strategy<Value = IpAddr> {
-    prop_oneof![v4_addr().prop_map(IpAddr::V4), v6_addr().prop_map(IpAddr::V6)]
+    prop_oneof![
+        v4_addr().prop_map(IpAddr::V4),
+        v6_addr().prop_map(IpAddr::V6)
+    ]
 }
 
 fn subnet_of(a: IpAddr, p: u8) -> Rule {
@@ -166,7 +169,15 @@ fn probes() -> Vec<IpAddr> {
         .collect();
     v.extend((0..26u8).map(|x| IpAddr::V6(Ipv4Addr::new(10, 0, 0, x).to_ipv6_mapped())));
     v.extend((0..26u128).map(|x| IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | x))));
-    for k in [0, 1, MAPPED_LO - 1, MAPPED_LO, MAPPED_HI, MAPPED_HI + 1, u128::MAX] {
+    for k in [
+        0,
+        1,
+        MAPPED_LO - 1,
+        MAPPED_LO,
+        MAPPED_HI,
+        MAPPED_HI + 1,
+        u128::MAX,
+    ] {
         v.push(IpAddr::V6(Ipv6Addr::from(k)));
     }
     v.extend([Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST].map(IpAddr::V4));

@@ -32,7 +32,10 @@ fn forms_parse_and_print() {
         assert_eq!(r.to_string(), text);
     }
     // White space is tolerated and normalised away.
-    assert_eq!(rule(" 10.0.0.1 - 10.0.0.3 ").to_string(), "10.0.0.1-10.0.0.3");
+    assert_eq!(
+        rule(" 10.0.0.1 - 10.0.0.3 ").to_string(),
+        "10.0.0.1-10.0.0.3"
+    );
     assert_eq!(rule("10.0.0.0 / 8").to_string(), "10.0.0.0/8");
 }
 
@@ -41,24 +44,48 @@ fn errors_say_what_is_wrong() {
     let cases: [(&str, RuleError); 9] = [
         ("", RuleError::Empty),
         ("   ", RuleError::Empty),
-        ("10.0.0.256", RuleError::BadAddress { text: "10.0.0.256".into() }),
-        ("fe80::1%eth0", RuleError::BadAddress { text: "fe80::1%eth0".into() }),
+        (
+            "10.0.0.256",
+            RuleError::BadAddress {
+                text: "10.0.0.256".into(),
+            },
+        ),
+        (
+            "fe80::1%eth0",
+            RuleError::BadAddress {
+                text: "fe80::1%eth0".into(),
+            },
+        ),
         ("10.0.0.0/x", RuleError::BadPrefix { text: "x".into() }),
         (
             "10.0.0.0/33",
-            RuleError::PrefixTooLong { prefix: 33, max: 32, family: "IPv4" },
+            RuleError::PrefixTooLong {
+                prefix: 33,
+                max: 32,
+                family: "IPv4",
+            },
         ),
         (
             "10.0.0.1/8",
-            RuleError::HostBitsSet { addr: ip("10.0.0.1"), prefix: 8, network: ip("10.0.0.0") },
+            RuleError::HostBitsSet {
+                addr: ip("10.0.0.1"),
+                prefix: 8,
+                network: ip("10.0.0.0"),
+            },
         ),
         (
             "10.0.0.9-10.0.0.1",
-            RuleError::RangeReversed { start: ip("10.0.0.9"), end: ip("10.0.0.1") },
+            RuleError::RangeReversed {
+                start: ip("10.0.0.9"),
+                end: ip("10.0.0.1"),
+            },
         ),
         (
             "10.0.0.1-::ffff:10.0.0.9",
-            RuleError::MixedFamilies { start: ip("10.0.0.1"), end: ip("::ffff:10.0.0.9") },
+            RuleError::MixedFamilies {
+                start: ip("10.0.0.1"),
+                end: ip("::ffff:10.0.0.9"),
+            },
         ),
     ];
     for (text, want) in cases {
@@ -66,14 +93,25 @@ fn errors_say_what_is_wrong() {
     }
     assert_eq!(
         "2001:db8::/129".parse::<Rule>(),
-        Err(RuleError::PrefixTooLong { prefix: 129, max: 128, family: "IPv6" })
+        Err(RuleError::PrefixTooLong {
+            prefix: 129,
+            max: 128,
+            family: "IPv6"
+        })
     );
     assert_eq!(
         "1.2.3.4/99999999999999999999".parse::<Rule>(),
-        Err(RuleError::PrefixTooLong { prefix: u32::MAX, max: 32, family: "IPv4" })
+        Err(RuleError::PrefixTooLong {
+            prefix: u32::MAX,
+            max: 32,
+            family: "IPv4"
+        })
     );
     let msg = "10.0.0.1/8".parse::<Rule>().unwrap_err().to_string();
-    assert!(msg.contains("10.0.0.0/8"), "the error suggests the fix: {msg}");
+    assert!(
+        msg.contains("10.0.0.0/8"),
+        "the error suggests the fix: {msg}"
+    );
 }
 
 #[test]
@@ -108,9 +146,18 @@ fn seed_examples() {
     set.add(rule("::f8f8"));
     set.add(rule("10.0.0.1-10.0.0.10"));
     set.add(rule("123.123.0.0/16"));
-    assert_eq!(set.check(ip("123.123.123.123")), Some(rule("123.123.123.123")));
-    assert_eq!(set.check(ip("::ffff:123.123.123.123")), Some(rule("123.123.123.123")));
-    assert_eq!(set.check(ip("::ffff:7b7b:7b7b")), Some(rule("123.123.123.123")));
+    assert_eq!(
+        set.check(ip("123.123.123.123")),
+        Some(rule("123.123.123.123"))
+    );
+    assert_eq!(
+        set.check(ip("::ffff:123.123.123.123")),
+        Some(rule("123.123.123.123"))
+    );
+    assert_eq!(
+        set.check(ip("::ffff:7b7b:7b7b")),
+        Some(rule("123.123.123.123"))
+    );
     assert_eq!(set.check(ip("123.123.1.1")), Some(rule("123.123.0.0/16")));
     assert_eq!(set.check(ip("10.0.0.10")), Some(rule("10.0.0.1-10.0.0.10")));
     assert_eq!(set.check(ip("10.0.0.11")), None);
@@ -118,7 +165,10 @@ fn seed_examples() {
     assert_eq!(set.check(ip("::f8f9")), None);
     // And an IPv4 address matches a rule written in the mapped form.
     set.add(rule("::ffff:198.51.100.0/120"));
-    assert_eq!(set.check(ip("198.51.100.77")), Some(rule("::ffff:198.51.100.0/120")));
+    assert_eq!(
+        set.check(ip("198.51.100.77")),
+        Some(rule("::ffff:198.51.100.0/120"))
+    );
     // IPv4-compatible (deprecated, ::a.b.c.d) is not IPv4-mapped.
     assert_eq!(set.check(ip("::123.123.123.123")), None);
 }
@@ -137,9 +187,16 @@ fn duplicates_are_idempotent() {
 
 #[test]
 fn serde_uses_the_text_form() {
-    let rules = vec![rule("10.0.0.0/8"), rule("10.0.0.1-10.0.0.3"), rule("::ffff:1.2.3.4")];
+    let rules = vec![
+        rule("10.0.0.0/8"),
+        rule("10.0.0.1-10.0.0.3"),
+        rule("::ffff:1.2.3.4"),
+    ];
     let json = serde_json::to_string(&rules).expect("serialize");
-    assert_eq!(json, r#"["10.0.0.0/8","10.0.0.1-10.0.0.3","::ffff:1.2.3.4"]"#);
+    assert_eq!(
+        json,
+        r#"["10.0.0.0/8","10.0.0.1-10.0.0.3","::ffff:1.2.3.4"]"#
+    );
     let back: Vec<Rule> = serde_json::from_str(&json).expect("deserialize");
     assert_eq!(back, rules);
     let err = serde_json::from_str::<Rule>(r#""10.0.0.1/8""#).unwrap_err();

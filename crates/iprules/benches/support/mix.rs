@@ -47,7 +47,8 @@ pub fn rules(n: usize, seed: u64) -> Vec<Rule> {
             let prefix = 32 + rng.below(33) as u8;
             let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
             // Inside 2000::/3, global unicast.
-            let raw = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> 3 | (1u128 << 125);
+            let raw = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> 3
+                | (1u128 << 125);
             Rule::subnet(IpAddr::V6(Ipv6Addr::from(raw & mask)), prefix)
         };
         out.push(rule.expect("generated rules are valid"));
@@ -59,12 +60,15 @@ fn inside(rule: &Rule, rng: &mut Rng) -> IpAddr {
     match (rule.first(), rule.last()) {
         (IpAddr::V4(a), IpAddr::V4(b)) => {
             let (a, b) = (u32::from(a), u32::from(b));
-            IpAddr::V4(Ipv4Addr::from(a + (rng.next_u64() % (u64::from(b - a) + 1)) as u32))
+            IpAddr::V4(Ipv4Addr::from(
+                a + (rng.next_u64() % (u64::from(b - a) + 1)) as u32,
+            ))
         }
         (IpAddr::V6(a), IpAddr::V6(b)) => {
             let (a, b) = (u128::from(a), u128::from(b));
             let span = b - a;
-            let off = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) % span.saturating_add(1).max(1);
+            let off = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()))
+                % span.saturating_add(1).max(1);
             IpAddr::V6(Ipv6Addr::from(a + off))
         }
         (a, _) => a,
@@ -80,7 +84,8 @@ pub fn queries(rules: &[Rule], n: usize, seed: u64) -> Vec<IpAddr> {
                 let r = &rules[rng.below(rules.len() as u64) as usize];
                 inside(r, &mut rng)
             } else if rng.below(10) == 0 {
-                let raw = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> 3 | (1u128 << 125);
+                let raw = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> 3
+                    | (1u128 << 125);
                 IpAddr::V6(Ipv6Addr::from(raw))
             } else {
                 IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))
