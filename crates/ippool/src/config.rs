@@ -1,0 +1,670 @@
+//! The configuration file: its types, loading, validation and the
+//! effective (defaults filled in, secrets left out) view.
+//!
+//! Every section is a struct with `deny_unknown_fields`, so a misspelt key
+//! is an error, not a silently ignored line. Every error names the file, the
+//! line and column, and the key path (`rules.clients.deny[1]`).
+//!
+//! Paths in the file (`state_dir`, `admin.token_file`,
+//! `rules.<name>.allow_files`, `rules.<name>.deny_files`) are relative to the
+//! directory of the config file.
+//!
+//! Secrets never enter [`Config`]: the admin token is read at load time
+//! into a [`Secret`] kept beside it in [`Loaded`], so printing or serving
+//! the config cannot leak it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::rules::RuleSets;
+
+/// Where the admin API listens unless `admin.listen` says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9095);
+
+/// The shortest admin token accepted, in bytes.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for state kept across restarts (`"state"` by default,
+    /// relative to the config file). Not used yet; validated: if it exists
+    /// it must be a directory.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: Spanned<PathBuf>,
+    /// How long `serve` waits for in-flight requests after SIGINT/SIGTERM
+    /// before it stops anyway (`"10s"` by default).
+    #[serde(default = "default_shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// The admin API: `[admin]`.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Named rule policies: `[rules.<name>]`.
+    #[serde(default)]
+    pub rules: BTreeMap<SetName, RuleSetConfig>,
+}
+
+/// `[admin]`: the admin API listener and its token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP listener (`127.0.0.1:9095` by default).
+    /// A non-loopback address needs a token.
+    #[serde(default = "default_admin_listen")]
+    pub listen: Spanned<SocketAddr>,
+    /// A file whose content (trailing white space removed) is the admin
+    /// token. Exclusive with `token_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<Spanned<PathBuf>>,
+    /// The name of an environment variable holding the admin token.
+    /// Exclusive with `token_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<Spanned<String>>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            listen: default_admin_listen(),
+            token_file: None,
+            token_env: None,
+        }
+    }
+}
+
+/// `[rules.<name>]`: one named policy (an allow list, a deny list and a
+/// default; allow wins over deny).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSetConfig {
+    /// The verdict when no rule matches: `"allow"` or `"deny"`. Required.
+    pub default: DefaultVerdict,
+    /// Rules that let an address through whatever the deny list says.
+    #[serde(default)]
+    pub allow: Vec<iprules::Rule>,
+    /// Rules that refuse an address unless an allow rule matches.
+    #[serde(default)]
+    pub deny: Vec<iprules::Rule>,
+    /// Files of allow rules, one per line, `#` comments.
+    #[serde(default)]
+    pub allow_files: Vec<Spanned<PathBuf>>,
+    /// Files of deny rules, one per line, `#` comments.
+    #[serde(default)]
+    pub deny_files: Vec<Spanned<PathBuf>>,
+}
+
+/// The `default` of a rule set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultVerdict {
+    /// Addresses no rule matches are allowed.
+    Allow,
+    /// Addresses no rule matches are denied.
+    Deny,
+}
+
+impl From<DefaultVerdict> for iprules::Verdict {
+    fn from(v: DefaultVerdict) -> iprules::Verdict {
+        match v {
+            DefaultVerdict::Allow => iprules::Verdict::Allow,
+            DefaultVerdict::Deny => iprules::Verdict::Deny,
+        }
+    }
+}
+
+/// The name of a rule set: 1 to 64 ASCII letters, digits, `_` or `-`,
+/// since it appears in API paths and metric labels.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct SetName(String);
+
+impl SetName {
+    /// Validates a name.
+    pub fn new(name: &str) -> Result<SetName, String> {
+        let ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(SetName(name.to_owned()))
+        } else {
+            Err(format!(
+                "bad rule set name `{name}`: use 1 to 64 ASCII letters, digits, `_` or `-`"
+            ))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SetName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SetName, D::Error> {
+        let s = String::deserialize(d)?;
+        SetName::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_state_dir() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("state"))
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_admin_listen() -> Spanned<SocketAddr> {
+    Spanned::new(0..0, DEFAULT_ADMIN_LISTEN)
+}
+
+/// Serde helper for durations written as human strings (`"10s"`,
+/// `"1.5s"`, `"10m"`, `"1h 30m"`): `#[serde(with = "duration")]`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes a duration as a human string such as `"1m 30s"`.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    /// Reads a human duration string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    /// Parses a human duration string, with an error that shows examples.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            format!(
+                "bad duration `{text}`: {e} (write e.g. \"500ms\", \"1.5s\", \"10m\", \"1h 30m\")"
+            )
+        })
+    }
+
+    /// The same for an optional duration: `#[serde(default, with =
+    /// "duration::option")]`.
+    #[allow(dead_code, reason = "for the config sections to come")]
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Writes `Some` as a human string, `None` as nothing.
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads an optional human duration string.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|t| super::parse(&t).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}
+
+/// A secret value (the admin token). Its `Debug` and `Display` print
+/// `<redacted>`; only [`Secret::matches`] looks at it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Compares with `candidate` in time independent of where they differ.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let ours = self.0.as_bytes();
+        if ours.len() != candidate.len() {
+            return false;
+        }
+        ours.iter()
+            .zip(candidate)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A config file loaded and validated, with what it refers to read in.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The config file's path as given.
+    pub path: PathBuf,
+    /// The configuration, defaults filled in. Holds no secret.
+    pub config: Config,
+    /// The admin token, when `admin.token_file` or `admin.token_env` is set.
+    pub admin_token: Option<Secret>,
+    /// Where the token came from, for humans (`env IPPOOL_ADMIN_TOKEN`).
+    pub admin_token_source: Option<String>,
+    /// The rule policies built from `[rules.*]`.
+    pub rules: RuleSets,
+}
+
+impl Loaded {
+    /// The effective configuration as TOML: a comment header (source,
+    /// token presence, rule counts), then the config with defaults filled
+    /// in. The token itself is never printed.
+    pub fn effective_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut out = format!(
+            "# effective configuration of {} (defaults filled in)\n",
+            self.path.display()
+        );
+        match &self.admin_token_source {
+            Some(src) => out.push_str(&format!("# admin token: set, from {src} (redacted)\n")),
+            None => out.push_str("# admin token: none (reads from loopback only, no mutations)\n"),
+        }
+        for s in self.rules.summaries() {
+            out.push_str(&format!(
+                "# rules.{}: {} allow and {} deny rules loaded, default {}\n",
+                s.name, s.allow, s.deny, s.default
+            ));
+        }
+        out.push('\n');
+        out.push_str(&toml::to_string_pretty(&self.config)?);
+        Ok(out)
+    }
+}
+
+/// A config error, with where it is and which key it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line and column in the config file, when known.
+    pub at: Option<(usize, usize)>,
+    /// The key path, such as `rules.clients.deny[1]`, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+    /// The offending source line with a caret under the span, when known.
+    pub snippet: Option<String>,
+}
+
+impl ConfigError {
+    fn render(&self) -> String {
+        let mut s = self.file.display().to_string();
+        if let Some((line, col)) = self.at {
+            s.push_str(&format!(":{line}:{col}"));
+        }
+        s.push_str(": ");
+        if let Some(key) = &self.key {
+            s.push_str(key);
+            s.push_str(": ");
+        }
+        s.push_str(&self.message);
+        if let Some(snippet) = &self.snippet {
+            s.push('\n');
+            s.push_str(snippet);
+        }
+        s
+    }
+}
+
+/// Turns spans into line/column and snippets for one source text.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(
+        &self,
+        span: Option<Range<usize>>,
+        key: Option<String>,
+        message: String,
+    ) -> ConfigError {
+        // Defaults carry the empty span 0..0: no location for them.
+        let span = span.filter(|s| !(s.start == 0 && s.end == 0));
+        let (at, snippet) = match span {
+            Some(span) if span.start <= self.text.len() => {
+                let before = &self.text[..span.start];
+                let line = before.matches('\n').count() + 1;
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                let col = self.text[line_start..span.start].chars().count() + 1;
+                let line_end = self.text[span.start..]
+                    .find('\n')
+                    .map_or(self.text.len(), |i| span.start + i);
+                let src_line = &self.text[line_start..line_end];
+                let width = self.text[span.start..span.end.min(line_end).max(span.start)]
+                    .chars()
+                    .count()
+                    .max(1);
+                let gutter = " ".repeat(line.to_string().len());
+                let snippet = format!(
+                    "{gutter} |\n{line} | {src_line}\n{gutter} | {}{}",
+                    " ".repeat(col - 1),
+                    "^".repeat(width)
+                );
+                (Some((line, col)), Some(snippet))
+            }
+            _ => (None, None),
+        };
+        ConfigError {
+            file: self.file.to_owned(),
+            at,
+            key,
+            message,
+            snippet,
+        }
+    }
+}
+
+/// Renders a serde path as `a.b[0].c`, leaving out toml's `Spanned`
+/// internals.
+fn key_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } if key.starts_with("$__serde_spanned") => {}
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                let bare = !key.is_empty()
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if bare {
+                    out.push_str(key);
+                } else {
+                    out.push_str(&format!("{key:?}"));
+                }
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// How much of the config [`load`] resolves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything `serve` needs, the admin token included (`serve`,
+    /// `check`).
+    Full,
+    /// What offline tools need: the admin token is neither read nor
+    /// required (`rules check`).
+    Offline,
+}
+
+/// Loads, validates and resolves the config file at `path`.
+pub fn load(path: &Path, scope: Scope) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        at: None,
+        key: None,
+        message: format!("cannot read the config file: {e}"),
+        snippet: None,
+    })?;
+    load_str(path, &text, scope)
+}
+
+/// [`load`] from text already read; `path` names the file in errors and
+/// anchors relative paths.
+pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigError> {
+    let src = Source { file: path, text };
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| src.error(e.span(), None, e.message().to_owned()))?;
+    let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = key_path(e.path());
+        let inner = e.into_inner();
+        src.error(inner.span(), key, inner.message().to_owned())
+    })?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    let resolve = |p: &Path| -> PathBuf { base.join(p) };
+
+    // state_dir
+    let state_dir = config.state_dir.get_ref();
+    if state_dir.as_os_str().is_empty() {
+        return Err(src.error(
+            Some(config.state_dir.span()),
+            Some("state_dir".into()),
+            "must not be empty".into(),
+        ));
+    }
+    let state_path = resolve(state_dir);
+    if state_path.exists() && !state_path.is_dir() {
+        return Err(src.error(
+            Some(config.state_dir.span()),
+            Some("state_dir".into()),
+            format!("{} exists and is not a directory", state_path.display()),
+        ));
+    }
+
+    // admin token
+    let admin = &config.admin;
+    let tokens = match scope {
+        Scope::Full => (&admin.token_file, &admin.token_env),
+        Scope::Offline => (&None, &None),
+    };
+    let (admin_token, admin_token_source) = match tokens {
+        (Some(_), Some(env)) => {
+            return Err(src.error(
+                Some(env.span()),
+                Some("admin.token_env".into()),
+                "set one of admin.token_file and admin.token_env, not both".into(),
+            ));
+        }
+        (Some(file), None) => {
+            let p = resolve(file.get_ref());
+            let err = |m: String| src.error(Some(file.span()), Some("admin.token_file".into()), m);
+            let raw = std::fs::read_to_string(&p)
+                .map_err(|e| err(format!("{}: cannot read: {e}", p.display())))?;
+            let token =
+                check_token(raw.trim_end()).map_err(|m| err(format!("{}: {m}", p.display())))?;
+            (Some(token), Some(format!("file {}", p.display())))
+        }
+        (None, Some(env)) => {
+            let name = env.get_ref();
+            let err = |m: String| src.error(Some(env.span()), Some("admin.token_env".into()), m);
+            let raw = match std::env::var(name) {
+                Ok(v) => v,
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(err(format!("environment variable {name} is not set")));
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(err(format!("environment variable {name} is not UTF-8")));
+                }
+            };
+            let token = check_token(raw.trim_end())
+                .map_err(|m| err(format!("environment variable {name}: {m}")))?;
+            (Some(token), Some(format!("env {name}")))
+        }
+        (None, None) => (None, None),
+    };
+    let listen = *admin.listen.get_ref();
+    if scope == Scope::Full && !is_loopback(listen.ip()) && admin_token.is_none() {
+        return Err(src.error(
+            Some(admin.listen.span()),
+            Some("admin.listen".into()),
+            format!(
+                "{listen} is not a loopback address and no admin token is configured: \
+                 set admin.token_file or admin.token_env, or listen on 127.0.0.1"
+            ),
+        ));
+    }
+
+    // rules
+    let mut rules = RuleSets::default();
+    for (name, set) in &config.rules {
+        let mut policy = iprules::Policy::new(set.default.into());
+        policy.allow.extend(set.allow.iter().copied());
+        policy.deny.extend(set.deny.iter().copied());
+        for (list, files) in [
+            ("allow_files", &set.allow_files),
+            ("deny_files", &set.deny_files),
+        ] {
+            for (i, file) in files.iter().enumerate() {
+                let key = Some(format!("rules.{name}.{list}[{i}]"));
+                let p = resolve(file.get_ref());
+                let body = std::fs::read_to_string(&p).map_err(|e| {
+                    src.error(
+                        Some(file.span()),
+                        key.clone(),
+                        format!("{}: cannot read: {e}", p.display()),
+                    )
+                })?;
+                let parsed = iprules::parse_rules(&body).map_err(|e| {
+                    src.error(
+                        Some(file.span()),
+                        key.clone(),
+                        format!("{}: {e}", p.display()),
+                    )
+                })?;
+                if list == "allow_files" {
+                    policy.allow.extend(parsed);
+                } else {
+                    policy.deny.extend(parsed);
+                }
+            }
+        }
+        rules.insert(name.as_str(), policy);
+    }
+
+    Ok(Loaded {
+        path: path.to_owned(),
+        config,
+        admin_token,
+        admin_token_source,
+        rules,
+    })
+}
+
+fn check_token(token: &str) -> Result<Secret, String> {
+    if token.is_empty() {
+        return Err("the admin token is empty".into());
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the admin token is {} bytes; use at least {MIN_TOKEN_LEN}",
+            token.len()
+        ));
+    }
+    Ok(Secret(token.to_owned()))
+}
+
+/// Loopback, including IPv4-mapped `::ffff:127.x.y.z`.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ConfigError {
+        match load_str(Path::new("/nonexistent/t.toml"), text, Scope::Full) {
+            Ok(_) => panic!("expected an error for {text:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let l = load_str(Path::new("/nonexistent/t.toml"), "", Scope::Full).unwrap();
+        assert_eq!(*l.config.admin.listen.get_ref(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(l.config.shutdown_timeout, Duration::from_secs(10));
+        assert!(l.admin_token.is_none());
+        let t = l.effective_toml().unwrap();
+        assert!(t.contains("listen = \"127.0.0.1:9095\""), "{t}");
+        assert!(t.contains("shutdown_timeout = \"10s\""), "{t}");
+        // The effective config loads again to the same thing.
+        let again = load_str(Path::new("/nonexistent/t.toml"), &t, Scope::Full).unwrap();
+        assert_eq!(
+            again.config.admin.listen.get_ref(),
+            l.config.admin.listen.get_ref()
+        );
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let e = err("[rules.a]\ndefault = \"allow\"\ndeny = [\"10.0.0.0/8\",\n  \"10.0.0.1/8\"]\n");
+        assert_eq!(e.key.as_deref(), Some("rules.a.deny[1]"));
+        assert_eq!(e.at, Some((4, 3)));
+        assert!(
+            e.to_string()
+                .contains("t.toml:4:3: rules.a.deny[1]: 10.0.0.1/8"),
+            "{e}"
+        );
+
+        let e = err("[admin]\nlisten = \"nope\"\n");
+        assert_eq!(e.key.as_deref(), Some("admin.listen"));
+        assert_eq!(e.at, Some((2, 10)));
+
+        let e = err("[admin]\nlisten = \"0.0.0.0:9095\"\n");
+        assert_eq!(e.key.as_deref(), Some("admin.listen"));
+        assert!(e.message.contains("not a loopback"), "{e}");
+
+        let e = err("[rules.\"a b\"]\ndefault = \"deny\"\n");
+        assert!(e.message.contains("bad rule set name"), "{e}");
+
+        let e = err("shutdown_timeout = \"10 parsecs\"\n");
+        assert_eq!(e.key.as_deref(), Some("shutdown_timeout"));
+        assert!(e.message.contains("bad duration"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration::parse("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration::parse("10m"), Ok(Duration::from_secs(600)));
+        assert!(duration::parse("ten").is_err());
+        #[derive(Deserialize, Serialize)]
+        struct T {
+            #[serde(default, with = "duration::option")]
+            d: Option<Duration>,
+        }
+        let t: T = toml::from_str("d = \"1h 30m\"").unwrap();
+        assert_eq!(t.d, Some(Duration::from_secs(5400)));
+        assert_eq!(toml::to_string(&t).unwrap().trim(), "d = \"1h 30m\"");
+        let t: T = toml::from_str("").unwrap();
+        assert_eq!(t.d, None);
+    }
+
+    #[test]
+    fn secret_is_redacted() {
+        let s = check_token("0123456789abcdef-secret").unwrap();
+        assert_eq!(format!("{s} {s:?}"), "<redacted> <redacted>");
+        assert!(s.matches(b"0123456789abcdef-secret"));
+        assert!(!s.matches(b"0123456789abcdef-secreT"));
+        assert!(check_token("short").is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! `ippool`: the daemon and its command line. It wires the ippool crates
+//! together and nothing else: config parsing and validation
+//! ([`config`]), the admin API ([`admin`]), metrics ([`metrics`]) and the
+//! runtime ([`serve`]).
+
+mod admin;
+mod config;
+mod logging;
+mod metrics;
+mod rules;
+mod serve;
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+const ABOUT: &str = "Pools of IP addresses and the rules over them: a daemon and its tools.";
+
+const MAIN_HELP: &str = "\
+Examples:
+  ippool check -c examples/loopback.toml        validate, print the effective config
+  ippool serve -c examples/loopback.toml        run the daemon (admin API on 127.0.0.1:9095)
+  ippool rules check -c examples/loopback.toml --set clients 10.1.2.3 192.0.2.7
+
+Exit status: 0 success, 1 runtime failure (or a denied address for `rules check`),
+2 bad config or bad arguments.
+Log levels come from IPPOOL_LOG (e.g. `debug`, `info,ippool=debug`); logs go to stderr.";
+
+const SERVE_HELP: &str = "\
+Example:
+  ippool serve -c examples/loopback.toml
+  curl -s 127.0.0.1:9095/ping                                   # pong
+  curl -s '127.0.0.1:9095/api/rules/clients/check?ip=10.1.2.3'  # verdict and deciding rule
+  curl -s 127.0.0.1:9095/metrics
+
+Admin routes: GET /ping, /config, /metrics, /api/rules, /api/rules/{set}/check?ip=ADDR.
+Reads are open to loopback peers; others need `Authorization: Bearer <token>`
+(admin.token_file or admin.token_env). SIGINT or SIGTERM stops the daemon
+gracefully (waiting at most `shutdown_timeout`).";
+
+const CHECK_HELP: &str = "\
+Example:
+  ippool check -c examples/loopback.toml
+
+Prints the effective config as TOML (defaults filled in; the admin token is never
+printed) and exits 0. On an error, prints it with the file, line, column and key
+path (e.g. `ippool.toml:7:3: rules.clients.deny[1]: ...`) and exits 2.";
+
+const RULES_CHECK_HELP: &str = "\
+Example:
+  ippool rules check -c examples/loopback.toml --set clients 10.1.2.3 10.9.9.9 ::1
+
+Prints one line per address: the address, `allow` or `deny`, and what decided
+(`allow list: RULE`, `deny list: RULE` or `default`). Works offline: no daemon
+is needed and the admin token is not read.
+Exit status: 0 if every address is allowed, 1 if any is denied, 2 on a bad config,
+unknown set or bad address (like grep: usable in scripts).";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "ippool", version, about = ABOUT, after_help = MAIN_HELP)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: admin API, metrics and rule sets.
+    #[command(after_help = SERVE_HELP)]
+    Serve(ConfigArg),
+    /// Validate a config file and print the effective configuration.
+    #[command(after_help = CHECK_HELP)]
+    Check(ConfigArg),
+    /// Work with the rule sets of a config file.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Decide about addresses with a rule set, offline.
+    #[command(after_help = RULES_CHECK_HELP)]
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The rule set: the NAME of a `[rules.NAME]` section.
+        #[arg(long, value_name = "NAME")]
+        set: String,
+        /// Addresses to check (IPv4 or IPv6).
+        #[arg(required = true, value_name = "ADDR")]
+        addrs: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The config file (TOML).
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::Serve(arg) => serve_cmd(&arg),
+        Command::Check(arg) => check_cmd(&arg),
+        Command::Rules(RulesCommand::Check { config, set, addrs }) => {
+            rules_check_cmd(&config, &set, &addrs)
+        }
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
+}
+
+fn load(arg: &ConfigArg, scope: config::Scope) -> Result<config::Loaded, ExitCode> {
+    config::load(&arg.config, scope).map_err(|e| fail(2, e))
+}
+
+fn serve_cmd(arg: &ConfigArg) -> ExitCode {
+    let loaded = match load(arg, config::Scope::Full) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    match serve::run(loaded) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            fail(1, e)
+        }
+    }
+}
+
+fn check_cmd(arg: &ConfigArg) -> ExitCode {
+    let loaded = match load(arg, config::Scope::Full) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    match loaded.effective_toml() {
+        Ok(text) => print_out(&text),
+        Err(e) => fail(1, format_args!("cannot print the effective config: {e}")),
+    }
+}
+
+fn rules_check_cmd(arg: &ConfigArg, set: &str, addrs: &[String]) -> ExitCode {
+    let loaded = match load(arg, config::Scope::Offline) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    if loaded.rules.get(set).is_none() {
+        let known: Vec<&str> = loaded.rules.names().collect();
+        let known = if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.join(", ")
+        };
+        return fail(
+            2,
+            format_args!(
+                "{}: no rule set `{set}` (known: {known})",
+                arg.config.display()
+            ),
+        );
+    }
+    let mut ips = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        match a.trim().parse::<IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => return fail(2, format_args!("`{a}` is not an IPv4 or IPv6 address")),
+        }
+    }
+    let reports: Vec<_> = ips
+        .into_iter()
+        .filter_map(|ip| loaded.rules.check(set, ip))
+        .collect();
+    let width = reports
+        .iter()
+        .map(|r| r.ip.to_string().len())
+        .max()
+        .unwrap_or(0);
+    let mut text = String::new();
+    for r in &reports {
+        text.push_str(&format!(
+            "{:<width$}  {:<5}  {}\n",
+            r.ip.to_string(),
+            r.verdict,
+            r.reason_text()
+        ));
+    }
+    let code = print_out(&text);
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    if reports.iter().all(|r| r.is_allowed()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Prints to stdout; a closed pipe is not worth a panic.
+fn print_out(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(1, format_args!("cannot write to stdout: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

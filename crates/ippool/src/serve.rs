@@ -1,0 +1,164 @@
+//! `ippool serve`: the runtime, the listeners and graceful shutdown.
+//!
+//! Every long-running task is owned by one [`JoinSet`]; a
+//! [`CancellationToken`] tells them all to stop on SIGINT or SIGTERM, and
+//! they get `shutdown_timeout` to finish before being aborted. Later
+//! sections (egress proxy, ingress proxy, …) add their tasks to the same
+//! set.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::config::Loaded;
+use crate::metrics::Metrics;
+
+/// Why `serve` failed after the config was accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The tokio runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// A listener could not bind its address.
+    #[error("{key} = \"{addr}\": cannot listen: {source}")]
+    Bind {
+        /// The config key of the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+    /// The config could not be rendered for `/config`.
+    #[error("cannot render the effective config: {0}")]
+    Render(#[source] serde_json::Error),
+    /// A task stopped with an error, or stopped when it should not have.
+    #[error("{task}: {message}")]
+    Task {
+        /// Which task.
+        task: &'static str,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(loaded: Loaded) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(serve(loaded))
+}
+
+type TaskResult = (&'static str, Result<(), String>);
+
+async fn serve(loaded: Loaded) -> Result<(), ServeError> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServeError::Signal)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(ServeError::Signal)?;
+
+    let config_json = serde_json::to_string(&loaded.config).map_err(ServeError::Render)?;
+    let rules = Arc::new(loaded.rules);
+    let metrics = Arc::new(Metrics::new(&rules));
+    let state = AdminState {
+        config_json: Arc::from(config_json),
+        rules: Arc::clone(&rules),
+        metrics,
+        token: loaded.admin_token.map(Arc::new),
+    };
+
+    let want = *loaded.config.admin.listen.get_ref();
+    let listener = TcpListener::bind(want)
+        .await
+        .map_err(|source| ServeError::Bind {
+            key: "admin.listen",
+            addr: want,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ServeError::Bind {
+        key: "admin.listen",
+        addr: want,
+        source,
+    })?;
+
+    let shutdown = CancellationToken::new();
+    let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+    {
+        let router = admin::router(state);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let r = admin::run(listener, router, shutdown).await;
+            ("admin", r.map_err(|e| e.to_string()))
+        });
+    }
+    tracing::info!(
+        addr = %bound,
+        token = loaded.admin_token_source.is_some(),
+        rule_sets = rules.names().count(),
+        "admin API listening on http://{bound}"
+    );
+
+    let mut failure = None;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        Some(joined) = tasks.join_next() => {
+            failure = Some(task_failure(joined));
+        }
+    }
+    shutdown.cancel();
+
+    let grace = loaded.config.shutdown_timeout;
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let (task, Err(message)) = flatten(joined) {
+                tracing::warn!(task, %message, "task ended with an error during shutdown");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout = %humantime::format_duration(grace),
+            "tasks still running after shutdown_timeout; aborting them"
+        );
+        tasks.shutdown().await;
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+fn flatten(joined: Result<TaskResult, tokio::task::JoinError>) -> TaskResult {
+    match joined {
+        Ok(r) => r,
+        Err(e) => ("", Err(format!("task panicked or was cancelled: {e}"))),
+    }
+}
+
+fn task_failure(joined: Result<TaskResult, tokio::task::JoinError>) -> ServeError {
+    let (task, r) = flatten(joined);
+    let task = if task.is_empty() { "task" } else { task };
+    ServeError::Task {
+        task,
+        message: match r {
+            Ok(()) => "stopped unexpectedly".into(),
+            Err(e) => e,
+        },
+    }
+}
