@@ -157,40 +157,52 @@ impl Pool {
     ) -> Result<PooledStream, ConnectError> {
         let dest = canonical(dest);
         self.check_family(dest)?;
-        let timeout = self.inner.opts.connect_timeout;
-        let freebind = self.inner.mode.freebind();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let lease = self.lease_with(session).await?;
-            let src = lease.source();
-            let sock = match bound_socket(src, freebind) {
-                Ok(s) => s,
-                Err(error) => {
-                    tracing::warn!(%src, %error, "cannot bind pool address; retiring it");
-                    lease.report(Outcome::BindFailed);
-                    lease.retire();
-                    drop(lease);
-                    if attempt < BIND_ATTEMPTS {
-                        continue;
-                    }
-                    return Err(ConnectError::Bind { src, error });
-                }
-            };
-            return match tokio::time::timeout(timeout, sock.connect(dest)).await {
-                Ok(Ok(stream)) => {
-                    lease.report(Outcome::Connected);
-                    Ok(PooledStream { stream, lease })
-                }
-                Ok(Err(error)) => {
-                    lease.report(Outcome::ConnectFailed);
-                    Err(ConnectError::Connect { src, dest, error })
-                }
-                Err(_) => {
-                    lease.report(Outcome::ConnectTimeout);
-                    Err(ConnectError::Timeout { src, dest, timeout })
-                }
-            };
+            match self.connect_from(lease, dest).await {
+                Err(ConnectError::Bind { .. }) if attempt < BIND_ATTEMPTS => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Connects to `dest` from the address of `lease` (obtained from this
+    /// pool with [`Pool::lease`] or [`Pool::lease_with`]). Reports the
+    /// outcome like [`Pool::connect`]; a bind failure retires the address
+    /// and is returned (no retry with another address).
+    pub async fn connect_from(
+        &self,
+        lease: Lease,
+        dest: SocketAddr,
+    ) -> Result<PooledStream, ConnectError> {
+        let dest = canonical(dest);
+        self.check_family(dest)?;
+        let timeout = self.inner.opts.connect_timeout;
+        let src = lease.source();
+        let sock = match bound_socket(src, self.inner.mode.freebind()) {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(%src, %error, "cannot bind pool address; retiring it");
+                lease.report(Outcome::BindFailed);
+                lease.retire();
+                return Err(ConnectError::Bind { src, error });
+            }
+        };
+        match tokio::time::timeout(timeout, sock.connect(dest)).await {
+            Ok(Ok(stream)) => {
+                lease.report(Outcome::Connected);
+                Ok(PooledStream { stream, lease })
+            }
+            Ok(Err(error)) => {
+                lease.report(Outcome::ConnectFailed);
+                Err(ConnectError::Connect { src, dest, error })
+            }
+            Err(_) => {
+                lease.report(Outcome::ConnectTimeout);
+                Err(ConnectError::Timeout { src, dest, timeout })
+            }
         }
     }
 

@@ -70,6 +70,35 @@ pub enum PoolError {
     /// The pool has been shut down.
     #[error("the address pool is shut down")]
     Closed,
+    /// Per-address health is on and no held address can take a lease: they
+    /// are benched, or on probation with every probe slot in use, and
+    /// waiting would not help (or did not, within `lease_timeout`).
+    /// Proxies answer 503 with this message.
+    #[error(
+        "no source address available: {benched} of {held} held addresses benched, \
+         {probation_full} on probation with every probe slot in use"
+    )]
+    NoneAvailable {
+        /// Addresses the pool held.
+        held: usize,
+        /// Held addresses benched (cooldown not elapsed).
+        benched: usize,
+        /// Unleased addresses on probation with every probe slot in use.
+        probation_full: usize,
+    },
+    /// An outcome was recorded for an address the pool's health tracker
+    /// does not know (never held, or retired and forgotten).
+    #[error("address {ip} is not in this pool")]
+    UnknownAddress {
+        /// The address.
+        ip: IpAddr,
+    },
+    /// Per-address health is off for this pool (`PoolOptions::health`).
+    #[error("per-address health is not enabled for this pool")]
+    HealthDisabled,
+    /// An invalid `health` option; [`health::InvalidOption::field`] names it.
+    #[error("invalid health option: {0}")]
+    Health(#[from] health::InvalidOption),
 }
 
 /// Why an outbound connection was not made.

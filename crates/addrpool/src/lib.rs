@@ -15,8 +15,16 @@
 //! - [`Pool::connect`] binds a leased address and connects (family-aware:
 //!   an IPv6 pool never reaches an IPv4 destination from the host's default
 //!   address); [`Pool::connector`] is a `tower::Service<Uri>` for hyper-util.
-//! - Every outcome is reported per source address to an [`OutcomeSink`]
-//!   (the hook for per-address health); [`Pool::metrics`] gives counters.
+//! - Every outcome is reported per source address to an [`OutcomeSink`];
+//!   [`Pool::metrics`] gives counters.
+//! - With [`PoolOptions::health`] on, every address has an availability
+//!   state ([`health`]): benched after consecutive failures, cooled down,
+//!   probed, restored. A benched address is never leased; at most
+//!   `max_benched_percent` of the pool is benched; when nothing can be
+//!   leased, [`PoolError::NoneAvailable`]. Outcomes come from the connector,
+//!   from [`Lease::report`] / [`Lease::record`] (the proxies) and from
+//!   [`Pool::record_outcome`] (client feedback, access logs);
+//!   [`Pool::health_snapshot`] shows states and histories.
 //!
 //! All of 127.0.0.0/8 is local on Linux, so a loopback pool works without
 //! root or setup:
@@ -51,6 +59,7 @@
 //! for IPv4 CIDR sources the network and broadcast addresses are skipped by
 //! default.
 
+mod addr_health;
 mod connect;
 mod error;
 mod netlink;
@@ -60,8 +69,12 @@ mod pool;
 mod session;
 mod source;
 
+pub use addr_health::{AddressHealth, HealthSnapshot, TransitionSink};
 pub use connect::{PoolConnector, PooledStream};
 pub use error::{ConnectError, PoolError};
+/// The per-key availability state machine used for per-address health
+/// (its options, classifier, outcomes and transitions).
+pub use health;
 pub use options::{
     Assigner, Exclude, FreebindOptions, Interface, NetlinkOptions, PoolOptions, Strategy,
 };

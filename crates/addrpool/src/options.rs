@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Order;
+use crate::addr_health::TransitionSink;
 use crate::outcome::OutcomeSink;
 
 /// How a lease picks among the addresses the pool holds.
@@ -120,6 +121,17 @@ pub struct PoolOptions {
     /// Receives the outcome of every use of every source address (the hook
     /// for per-address health). Default: none.
     pub outcomes: Option<Arc<dyn OutcomeSink>>,
+    /// Per-address health: every address is benched after failures, cooled
+    /// down, probed and restored, and never leased while benched (see
+    /// [`crate::Pool`], "Health"). `None`: off. Default: off.
+    pub health: Option<health::HealthOptions>,
+    /// Which outcomes count against an address when `health` is on.
+    /// Default: 403, 429, connect errors, timeouts and an EOF right after
+    /// connecting; the destination's own 404 or 500 proves the address works.
+    pub classifier: health::Classifier,
+    /// Receives every health transition (benched, restored, suppressed),
+    /// when `health` is on. Default: none.
+    pub transitions: Option<Arc<dyn TransitionSink>>,
 }
 
 impl Default for PoolOptions {
@@ -138,6 +150,9 @@ impl Default for PoolOptions {
             exclude: None,
             include_network_broadcast: false,
             outcomes: None,
+            health: None,
+            classifier: health::Classifier::default(),
+            transitions: None,
         }
     }
 }
@@ -158,6 +173,9 @@ impl fmt::Debug for PoolOptions {
             .field("exclude", &self.exclude)
             .field("include_network_broadcast", &self.include_network_broadcast)
             .field("outcomes", &self.outcomes.as_ref().map(|_| "<sink>"))
+            .field("health", &self.health)
+            .field("classifier", &self.classifier)
+            .field("transitions", &self.transitions.as_ref().map(|_| "<sink>"))
             .finish()
     }
 }

@@ -26,12 +26,25 @@ pub enum Outcome {
     /// The caller reports that the exchange failed (e.g. the destination
     /// blocked this address).
     Failure,
+    /// The destination closed the connection without sending a byte right
+    /// after it was established (a tunnel, or a request with no response):
+    /// a common sign that the destination blocks this address.
+    EarlyEof,
+    /// The destination answered an HTTP request with this status code.
+    /// [`Outcome::is_failure`] counts 403 and 429 (the usual signs that a
+    /// destination blocks or throttles an address); the destination's own
+    /// 404 or 500 says nothing against the address.
+    Status(u16),
 }
 
 impl Outcome {
     /// Whether this outcome counts as a failure of the address.
     pub fn is_failure(self) -> bool {
-        !matches!(self, Outcome::Connected | Outcome::Success)
+        match self {
+            Outcome::Connected | Outcome::Success => false,
+            Outcome::Status(code) => matches!(code, 403 | 429),
+            _ => true,
+        }
     }
 }
 
@@ -91,6 +104,7 @@ impl Metrics {
             assign_latency_max: Duration::from_micros(get(&self.assign_latency_max_us)),
             held: held as u64,
             leased_now: leased_now as u64,
+            ..MetricsSnapshot::default()
         }
     }
 }
@@ -120,4 +134,16 @@ pub struct MetricsSnapshot {
     pub held: u64,
     /// Leases outstanding now.
     pub leased_now: u64,
+    /// Benchings of addresses (per-address health; 0 when it is off).
+    pub benched_total: u64,
+    /// Addresses restored by a successful probe after their cooldown.
+    pub restored_total: u64,
+    /// Benchings suppressed because `max_benched_percent` of the pool was
+    /// already out of service.
+    pub bench_suppressed_total: u64,
+    /// Addresses benched now (held, or retired and remembered until their
+    /// cooldown ends).
+    pub benched_now: u64,
+    /// Addresses on probation now.
+    pub probation_now: u64,
 }

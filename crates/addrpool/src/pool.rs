@@ -12,6 +12,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use health::{Observation, Permit, Tracker, Transition};
+
+use crate::addr_health::{self, AddressHealth, HealthSnapshot, LeaseHealth};
 use crate::error::PoolError;
 use crate::netlink::{self, Added, AssignError};
 use crate::outcome::{Metrics, inc};
@@ -36,6 +39,41 @@ const REMOVE_ATTEMPTS: u32 = 3;
 /// [`Pool::shutdown`], which removes the addresses it added. Dropping the
 /// last handle without `shutdown` stops the background task but cannot
 /// remove addresses.
+///
+/// # Health
+///
+/// With [`PoolOptions::health`] on, the pool keeps a [`health::Tracker`] of
+/// its addresses:
+///
+/// - An address enters it when it becomes usable (assigned, taken into the
+///   working set, adopted) and starts available.
+/// - Every outcome reported through the pool reaches it: the connector's own
+///   (connected, connect error, timeout), [`Lease::report`] and
+///   [`Lease::record`] (the proxies: statuses, EOF after CONNECT),
+///   [`Pool::report`] and [`Pool::record_outcome`] (client feedback, access
+///   logs). [`PoolOptions::classifier`] decides which count as failures.
+///   Through a lease, a plain "connected" counts only if nothing else is
+///   reported before the lease is released.
+/// - Selection (every [`Strategy`], sticky sessions included) never leases a
+///   benched address; an address on probation gets at most
+///   `probation_requests` leases at once (the lease holds the probe slot and
+///   frees it when dropped); a sticky session whose address is benched moves
+///   to another address. Benched addresses do not count as spare, so the
+///   pool draws fresh addresses to stand in for them while it may.
+/// - A benched address stays held (not leased) while it is held for other
+///   reasons. If it is retired meanwhile (use limit, idle time, exclusion,
+///   [`Lease::retire`]), the tracker remembers it until its cooldown ends
+///   and the source skips it meanwhile: a blocked address does not come
+///   back fresh from a cycling source a minute later. Once its cooldown has
+///   ended it is forgotten, and it starts over if drawn again.
+/// - At most `max_benched_percent` of the tracked addresses are out of
+///   service at once; a benching beyond that is suppressed (counted, and
+///   sent to [`PoolOptions::transitions`]): a pool does not empty itself.
+/// - When every candidate is refused (benched, or probation full) and
+///   waiting cannot help, [`Pool::lease`] fails at once with
+///   [`PoolError::NoneAvailable`]; if waiting may help (leases outstanding,
+///   addresses being assigned) it waits up to `lease_timeout` and then fails
+///   the same way.
 #[derive(Clone)]
 pub struct Pool {
     pub(crate) inner: Arc<Inner>,
@@ -143,11 +181,42 @@ struct State {
     waiting: usize,
     to_remove: Vec<IpAddr>,
     sessions: HashMap<String, SessionEntry>,
+    /// Per-address health (`PoolOptions::health`): held addresses, and
+    /// retired ones remembered while benched.
+    health: Option<Tracker<IpAddr>>,
 }
 
 impl State {
     fn leased_now(&self) -> usize {
         self.slots.values().map(|s| s.leases as usize).sum()
+    }
+
+    /// Whether health is on and `ip` is benched (cooldown not elapsed).
+    fn benched(&self, ip: &IpAddr, now: std::time::Instant) -> bool {
+        self.health
+            .as_ref()
+            .is_some_and(|t| matches!(t.state(ip, now), Some(health::State::Benched { .. })))
+    }
+
+    /// With health on and nothing leasable: why, as an error.
+    fn none_available(&self, now: std::time::Instant) -> Option<PoolError> {
+        let t = self.health.as_ref()?;
+        let benched = self.slots.keys().filter(|ip| self.benched(ip, now)).count();
+        let probation_full = self
+            .available
+            .iter()
+            .filter(|ip| {
+                matches!(
+                    t.acquire(ip, now),
+                    Err(health::Unavailable::ProbationFull { .. })
+                )
+            })
+            .count();
+        Some(PoolError::NoneAvailable {
+            held: self.slots.len(),
+            benched,
+            probation_full,
+        })
     }
 }
 
@@ -158,6 +227,7 @@ impl State {
 pub struct Lease {
     inner: Arc<Inner>,
     ip: IpAddr,
+    health: Mutex<LeaseHealth>,
 }
 
 impl fmt::Debug for Lease {
@@ -173,9 +243,44 @@ impl Lease {
     }
 
     /// Reports an outcome of this address (forwarded to the pool's
-    /// [`crate::OutcomeSink`]).
+    /// [`crate::OutcomeSink`], and to its health tracker when health is on).
     pub fn report(&self, outcome: Outcome) {
-        self.inner.report(self.ip, outcome);
+        self.inner.report_sink(self.ip, outcome);
+        if let Some(o) = addr_health::to_health(outcome) {
+            self.record(o);
+        }
+    }
+
+    /// Records a detailed outcome of this address (status, EOF after
+    /// CONNECT, target, latency) in the pool's health tracker; not sent to
+    /// the [`crate::OutcomeSink`]. Returns the transition it caused. Does
+    /// nothing when health is off.
+    ///
+    /// The first outcome settles the lease's permit (and frees its probe
+    /// slot on probation); a [`health::Outcome::Connected`] is deferred
+    /// until the lease is released and dropped if anything else is recorded
+    /// before.
+    pub fn record(&self, observation: impl Into<Observation>) -> Option<Transition> {
+        self.inner.opts.health.as_ref()?;
+        let (permit, observation) = self
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(observation.into())?;
+        self.inner
+            .record_health(self.ip, permit, observation)
+            .ok()
+            .flatten()
+    }
+
+    /// Whether this lease probes an address on probation (health on).
+    pub fn is_probe(&self) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .permit
+            .as_ref()
+            .is_some_and(Permit::is_probe)
     }
 
     /// Retires the address once this lease is released, whatever its use
@@ -190,6 +295,17 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        let LeaseHealth { permit, pending } = std::mem::take(
+            self.health
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if let Some(observation) = pending {
+            let _ = self.inner.record_health(self.ip, permit, observation);
+        } else {
+            // Frees a probe slot before the address is offered again.
+            drop(permit);
+        }
         self.inner.release(self.ip);
     }
 }
@@ -225,6 +341,13 @@ impl Pool {
         if opts.sweep_interval.is_zero() {
             return Err(PoolError::Options("sweep_interval must be positive".into()));
         }
+        let mut tracker = match &opts.health {
+            Some(h) => Some(Tracker::with_classifier(
+                h.clone(),
+                opts.classifier.clone(),
+            )?),
+            None => None,
+        };
         let stream = source.into_stream(opts.order, opts.include_network_broadcast)?;
         let family = stream.family();
         let mut tasks = Tasks::default();
@@ -307,6 +430,7 @@ impl Pool {
             waiting: 0,
             to_remove: Vec::new(),
             sessions: HashMap::new(),
+            health: None,
         };
         let metrics = Metrics::default();
         for (ip, ours) in adopted {
@@ -325,8 +449,12 @@ impl Pool {
                 },
             );
             state.available.push_back(ip);
+            if let Some(t) = tracker.as_mut() {
+                t.insert(ip);
+            }
             metrics.assign_done(Duration::ZERO);
         }
+        state.health = tracker;
         let wake = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             opts,
@@ -357,6 +485,7 @@ impl Pool {
         let inner = &self.inner;
         let start = Instant::now();
         let deadline = start + inner.opts.lease_timeout;
+        let mut refused: Option<PoolError>;
         loop {
             if inner.closed.load(Ordering::Acquire) {
                 return Err(PoolError::Closed);
@@ -370,14 +499,31 @@ impl Pool {
                 if inner.closed.load(Ordering::Acquire) {
                     return Err(PoolError::Closed);
                 }
-                if let Some(ip) = inner.try_pick(&mut st, session) {
+                if let Some((ip, permit)) = inner.try_pick(&mut st, session) {
                     return Ok(Lease {
                         inner: inner.clone(),
                         ip,
+                        health: Mutex::new(LeaseHealth::new(permit)),
                     });
                 }
                 if st.exhausted && st.slots.is_empty() {
                     return Err(PoolError::Exhausted);
+                }
+                // Health refused every candidate: fail now unless a release
+                // or an assignment may bring a leasable address.
+                refused = None;
+                if !st.available.is_empty() {
+                    refused = st.none_available(addr_health::now());
+                    let more = !inner.mode.instant()
+                        && !st.exhausted
+                        && st.slots.len() < inner.opts.max_assigned;
+                    if st.leased_now() == 0
+                        && st.assigning == 0
+                        && !more
+                        && let Some(e) = refused
+                    {
+                        return Err(e);
+                    }
                 }
                 held = st.slots.len();
                 st.waiting += 1;
@@ -385,6 +531,9 @@ impl Pool {
             let _waiting = Waiting(inner);
             inner.wake.notify_one();
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                if let Some(e) = refused {
+                    return Err(e);
+                }
                 return Err(PoolError::NoAddressAvailable {
                     waited: start.elapsed(),
                     held,
@@ -394,9 +543,69 @@ impl Pool {
     }
 
     /// Reports an outcome for `source` (forwarded to the pool's
-    /// [`crate::OutcomeSink`], counted in the metrics).
+    /// [`crate::OutcomeSink`], counted in the metrics, and recorded by the
+    /// health tracker when health is on and it knows `source`).
     pub fn report(&self, source: IpAddr, outcome: Outcome) {
         self.inner.report(source, outcome);
+    }
+
+    /// Records an outcome of `source` that came without a lease (client
+    /// feedback, an access-log line) in the health tracker, classified by
+    /// [`PoolOptions::classifier`]. Returns the transition it caused.
+    ///
+    /// Errors: [`PoolError::HealthDisabled`] when health is off,
+    /// [`PoolError::UnknownAddress`] for an address the tracker does not
+    /// know (not held, and not retired-while-benched).
+    pub fn record_outcome(
+        &self,
+        source: IpAddr,
+        observation: impl Into<Observation>,
+    ) -> Result<Option<Transition>, PoolError> {
+        if self.inner.opts.health.is_none() {
+            return Err(PoolError::HealthDisabled);
+        }
+        self.inner
+            .record_health(source, None, observation.into())
+            .map_err(|_| PoolError::UnknownAddress { ip: source })
+    }
+
+    /// The health state of `source` now; `None` when health is off or the
+    /// address is not tracked.
+    pub fn health_state(&self, source: IpAddr) -> Option<health::State> {
+        let st = self.inner.lock();
+        st.health.as_ref()?.state(&source, addr_health::now())
+    }
+
+    /// Per-address state, counters and the `recent` newest outcomes and
+    /// benchings of every tracked address (for the admin `/probe` view);
+    /// `None` when health is off.
+    pub fn health_snapshot(&self, recent: usize) -> Option<HealthSnapshot> {
+        let st = self.inner.lock();
+        let t = st.health.as_ref()?;
+        let at = addr_health::now();
+        let mut addresses: Vec<AddressHealth> = t
+            .snapshot(at, recent)
+            .into_iter()
+            .map(|k| {
+                let slot = st.slots.get(&k.key);
+                AddressHealth {
+                    held: slot.is_some(),
+                    leases: slot.map_or(0, |s| s.leases),
+                    health: k,
+                }
+            })
+            .collect();
+        addresses.sort_by_key(|a| a.health.key);
+        Some(HealthSnapshot {
+            at,
+            stats: t.stats(at),
+            addresses,
+        })
+    }
+
+    /// The options the pool was started with.
+    pub fn options(&self) -> &PoolOptions {
+        &self.inner.opts
     }
 
     /// The pool's address family (None only for an empty iterator source).
@@ -414,11 +623,20 @@ impl Pool {
 
     /// A snapshot of the counters.
     pub fn metrics(&self) -> MetricsSnapshot {
-        let (held, leased) = {
+        let (held, leased, stats) = {
             let st = self.inner.lock();
-            (st.slots.len(), st.leased_now())
+            let stats = st.health.as_ref().map(|t| t.stats(addr_health::now()));
+            (st.slots.len(), st.leased_now(), stats)
         };
-        self.inner.metrics.snapshot(held, leased)
+        let mut m = self.inner.metrics.snapshot(held, leased);
+        if let Some(s) = stats {
+            m.benched_total = s.counters.benched;
+            m.restored_total = s.counters.restored;
+            m.bench_suppressed_total = s.counters.bench_suppressed;
+            m.benched_now = s.benched as u64;
+            m.probation_now = s.probation as u64;
+        }
+        m
     }
 
     /// Stops the background task, then removes the addresses this pool
@@ -516,7 +734,57 @@ impl Inner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Metrics, sink and health (without a permit).
     pub(crate) fn report(&self, source: IpAddr, outcome: Outcome) {
+        self.report_sink(source, outcome);
+        if let Some(o) = addr_health::to_health(outcome) {
+            let _ = self.record_health(source, None, o.into());
+        }
+    }
+
+    /// Records one observation in the tracker (finishing `permit` if
+    /// given), then publishes the transition outside the lock. `Ok(None)`
+    /// when health is off.
+    pub(crate) fn record_health(
+        &self,
+        source: IpAddr,
+        permit: Option<Permit<IpAddr>>,
+        observation: Observation,
+    ) -> Result<Option<Transition>, health::UnknownKey> {
+        let change = {
+            let mut st = self.lock();
+            let Some(t) = st.health.as_mut() else {
+                return Ok(None);
+            };
+            let now = addr_health::now();
+            match permit {
+                Some(p) => t.finish(p, observation, now)?,
+                None => t.record(&source, observation, now)?,
+            }
+        };
+        if let Some(change) = change {
+            match change {
+                Transition::Benched { cause, cooldown } => {
+                    tracing::info!(ip = %source, ?cause, ?cooldown, "address benched")
+                }
+                Transition::BenchSuppressed { cause } => tracing::warn!(
+                    ip = %source,
+                    ?cause,
+                    "address not benched: max_benched_percent of the pool is out of service"
+                ),
+                Transition::Restored => tracing::info!(ip = %source, "address restored"),
+            }
+            if let Some(sink) = &self.opts.transitions {
+                sink.transition(source, change);
+            }
+            // A benched address no longer counts as spare: top up.
+            self.wake.notify_one();
+        }
+        Ok(change)
+    }
+
+    /// Metrics and the outcome sink.
+    pub(crate) fn report_sink(&self, source: IpAddr, outcome: Outcome) {
         if matches!(
             outcome,
             Outcome::ConnectFailed | Outcome::ConnectTimeout | Outcome::BindFailed
@@ -533,6 +801,18 @@ impl Inner {
     }
 
     fn spare(&self, st: &State) -> usize {
+        if st.health.is_some() {
+            let now = addr_health::now();
+            let any = self.opts.strategy == Strategy::LeastUsed
+                || self.opts.strategy == Strategy::Random
+                || self.opts.strategy == Strategy::RoundRobin;
+            return st
+                .available
+                .iter()
+                .filter(|ip| any || st.slots.get(ip).is_some_and(|s| s.uses == 0))
+                .filter(|ip| !st.benched(ip, now))
+                .count();
+        }
         if self.opts.strategy == Strategy::LeastUsed
             || self.opts.strategy == Strategy::Random
             || self.opts.strategy == Strategy::RoundRobin
@@ -552,13 +832,15 @@ impl Inner {
             return None;
         }
         let limit = st.stream.len().unwrap_or(ITER_MAX_SKIP).min(MAX_SKIP);
+        let now = addr_health::now();
         let mut skipped: u128 = 0;
         while skipped <= limit {
             let Some(ip) = st.stream.next_addr() else {
                 st.exhausted = true;
                 return None;
             };
-            if !st.slots.contains_key(&ip) && !self.excluded(ip) {
+            // Retired while benched: skipped until its cooldown ends.
+            if !st.slots.contains_key(&ip) && !self.excluded(ip) && !st.benched(&ip, now) {
                 return Some(ip);
             }
             skipped += 1;
@@ -581,6 +863,9 @@ impl Inner {
             },
         );
         st.available.push_back(ip);
+        if let Some(t) = st.health.as_mut() {
+            t.insert(ip);
+        }
     }
 
     /// Static and freebind: take addresses into the working set on demand.
@@ -593,8 +878,14 @@ impl Inner {
         }
     }
 
-    fn try_pick(&self, st: &mut State, session: Option<&Session>) -> Option<IpAddr> {
+    /// Picks an address (and its health permit, when health is on).
+    fn try_pick(
+        &self,
+        st: &mut State,
+        session: Option<&Session>,
+    ) -> Option<(IpAddr, Option<Permit<IpAddr>>)> {
         let now = Instant::now();
+        let hnow = now.into_std();
         let session = session.filter(|_| self.opts.strategy == Strategy::Sticky);
         if let Some(sess) = session
             && let Some(e) = st.sessions.get(&sess.key)
@@ -607,12 +898,24 @@ impl Inner {
                     .get(&ip)
                     .is_some_and(|s| s.state == SlotState::Ready)
             {
-                if let Some(slot) = st.slots.get_mut(&ip) {
-                    slot.leases += 1;
-                    slot.last_used = now;
+                let permit = match st.health.as_ref().map(|t| t.acquire(&ip, hnow)) {
+                    None => Ok(None),
+                    Some(Ok(p)) => Ok(Some(p)),
+                    Some(Err(e)) => Err(e),
+                };
+                match permit {
+                    Ok(permit) => {
+                        if let Some(slot) = st.slots.get_mut(&ip) {
+                            slot.leases += 1;
+                            slot.last_used = now;
+                        }
+                        inc(&self.metrics.leased);
+                        return Some((ip, permit));
+                    }
+                    Err(why) => {
+                        tracing::debug!(%ip, session = %sess.key, %why, "session address unavailable; moving the session");
+                    }
                 }
-                inc(&self.metrics.leased);
-                return Some(ip);
             }
             self.end_session(st, &sess.key);
         }
@@ -636,27 +939,12 @@ impl Inner {
         } else {
             self.opts.strategy
         };
-        let pos = match strategy {
-            Strategy::Fresh => st
-                .available
-                .iter()
-                .position(|ip| st.slots.get(ip).is_some_and(|s| s.uses == 0))
-                .or(if st.available.is_empty() {
-                    None
-                } else {
-                    Some(0)
-                }),
-            Strategy::RoundRobin | Strategy::Sticky => (!st.available.is_empty()).then_some(0),
-            Strategy::Random => {
-                (!st.available.is_empty()).then(|| rand::random_range(0..st.available.len()))
-            }
-            Strategy::LeastUsed => st
-                .available
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, ip)| st.slots.get(ip).map_or(u64::MAX, |s| s.uses))
-                .map(|(i, _)| i),
-        }?;
+        let (pos, permit) = if st.health.is_some() {
+            let (pos, permit) = self.pick_healthy(st, strategy, hnow)?;
+            (pos, Some(permit))
+        } else {
+            (self.pick(st, strategy)?, None)
+        };
         let ip = st.available.remove(pos)?;
         let slot = st.slots.get_mut(&ip)?;
         slot.leases += 1;
@@ -677,7 +965,66 @@ impl Inner {
         if !self.mode.instant() && self.spare(st) < self.opts.keep_assigned {
             self.wake.notify_one();
         }
-        Some(ip)
+        Some((ip, permit))
+    }
+
+    /// With health on: the first address, in the strategy's order of
+    /// preference, that the tracker gives a permit for (never a benched
+    /// one; one on probation only while it has a free probe slot).
+    fn pick_healthy(
+        &self,
+        st: &State,
+        strategy: Strategy,
+        now: std::time::Instant,
+    ) -> Option<(usize, Permit<IpAddr>)> {
+        let tracker = st.health.as_ref()?;
+        let uses = |i: &usize| {
+            st.available
+                .get(*i)
+                .and_then(|ip| st.slots.get(ip))
+                .map_or(u64::MAX, |s| s.uses)
+        };
+        let mut order: Vec<usize> = (0..st.available.len()).collect();
+        match strategy {
+            // Never used first, then the least recently released.
+            Strategy::Fresh => order.sort_by_key(|i| uses(i) != 0),
+            Strategy::RoundRobin | Strategy::Sticky => {}
+            Strategy::Random => {
+                for i in (1..order.len()).rev() {
+                    order.swap(i, rand::random_range(0..=i));
+                }
+            }
+            Strategy::LeastUsed => order.sort_by_key(uses),
+        }
+        order.into_iter().find_map(|i| {
+            let ip = st.available.get(i)?;
+            tracker.acquire(ip, now).ok().map(|p| (i, p))
+        })
+    }
+
+    /// Without health: the position in `available` the strategy picks.
+    fn pick(&self, st: &State, strategy: Strategy) -> Option<usize> {
+        match strategy {
+            Strategy::Fresh => st
+                .available
+                .iter()
+                .position(|ip| st.slots.get(ip).is_some_and(|s| s.uses == 0))
+                .or(if st.available.is_empty() {
+                    None
+                } else {
+                    Some(0)
+                }),
+            Strategy::RoundRobin | Strategy::Sticky => (!st.available.is_empty()).then_some(0),
+            Strategy::Random => {
+                (!st.available.is_empty()).then(|| rand::random_range(0..st.available.len()))
+            }
+            Strategy::LeastUsed => st
+                .available
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, ip)| st.slots.get(ip).map_or(u64::MAX, |s| s.uses))
+                .map(|(i, _)| i),
+        }
     }
 
     fn end_session(&self, st: &mut State, key: &str) {
@@ -719,6 +1066,14 @@ impl Inner {
 
     fn retire(&self, st: &mut State, ip: IpAddr) {
         st.available.retain(|a| *a != ip);
+        // A benched address is remembered until its cooldown ends (the
+        // source skips it meanwhile); any other is forgotten.
+        let now = addr_health::now();
+        if !st.benched(&ip, now)
+            && let Some(t) = st.health.as_mut()
+        {
+            t.remove(&ip);
+        }
         let owned = st.slots.get(&ip).is_some_and(|s| s.owned);
         inc(&self.metrics.retired);
         if owned && matches!(self.mode, Mode::Netlink { .. }) {
@@ -743,6 +1098,22 @@ impl Inner {
                 .collect();
             for k in expired {
                 self.end_session(&mut st, &k);
+            }
+            // Forget retired addresses whose cooldown has ended.
+            let hnow = now.into_std();
+            if st.health.is_some() {
+                let done: Vec<IpAddr> = st
+                    .health
+                    .iter()
+                    .flat_map(|t| t.keys())
+                    .filter(|ip| !st.slots.contains_key(ip) && !st.benched(ip, hnow))
+                    .copied()
+                    .collect();
+                if let Some(t) = st.health.as_mut() {
+                    for ip in done {
+                        t.remove(&ip);
+                    }
+                }
             }
             // Idle retirement frees interface addresses; static and freebind
             // addresses cost nothing while idle and are kept.
@@ -891,6 +1262,9 @@ impl Inner {
                             slot.last_used = Instant::now();
                         }
                         st.available.push_back(ip);
+                        if let Some(t) = st.health.as_mut() {
+                            t.insert(ip);
+                        }
                     }
                     Err(e) => {
                         inc(&self.metrics.assign_failures);
