@@ -1,0 +1,545 @@
+//! HTTP/1.1 side of the listener: absolute-form forwarding and CONNECT.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use addrpool::{Outcome, Pool, Session};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::auth::{self, AuthError, Identity};
+use super::body::{Exchange, ProxyBody, UpBody};
+use super::dial::{self, DialError};
+use super::metrics::{Protocol, RequestResult};
+use super::tunnel::{self, Activity, Metered, Side};
+use super::{Ctx, SessionFrom};
+
+/// The response header that tells the client the source address used.
+pub const SOURCE_HEADER: &str = "x-ippool-source";
+/// The response header with the reason of an error made by the proxy.
+pub const ERROR_HEADER: &str = "x-ippool-error";
+
+type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Per client connection: a tunnel to run once hyper hands over the IO.
+#[derive(Default)]
+struct ConnState {
+    tunnel: Mutex<Option<Tunnel>>,
+}
+
+/// A request the proxy answers itself.
+struct Reject {
+    status: StatusCode,
+    result: RequestResult,
+    message: String,
+}
+
+impl Reject {
+    fn bad_request(message: impl Into<String>) -> Reject {
+        Reject {
+            status: StatusCode::BAD_REQUEST,
+            result: RequestResult::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<DialError> for Reject {
+    fn from(e: DialError) -> Reject {
+        Reject {
+            status: e.status,
+            result: e.result,
+            message: e.message,
+        }
+    }
+}
+
+impl From<AuthError> for Reject {
+    fn from(e: AuthError) -> Reject {
+        Reject {
+            status: StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            result: RequestResult::AuthFailed,
+            message: e.reason().to_owned(),
+        }
+    }
+}
+
+/// A header value from any text (control and non-ASCII bytes replaced).
+fn header_text(s: &str) -> HeaderValue {
+    let clean: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(1024)
+        .collect();
+    HeaderValue::from_str(&clean).unwrap_or(HeaderValue::from_static("error"))
+}
+
+fn error_response(r: &Reject) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(format!("{}\n", r.message)));
+    *resp.status_mut() = r.status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(ERROR_HEADER, header_text(&r.message));
+    if r.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        h.insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"ippool\""),
+        );
+    }
+    if r.status == StatusCode::BAD_REQUEST {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Serves one client connection speaking HTTP/1.x.
+pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
+    let act = Activity::new();
+    act.touch();
+    let io = Metered::new(
+        stream,
+        Side::Client,
+        act.clone(),
+        ctx.metrics.clone(),
+        Default::default(),
+    )
+    .uncounted();
+    let state = Arc::new(ConnState::default());
+    let svc = {
+        let (ctx, state) = (ctx.clone(), state.clone());
+        service_fn(move |req| {
+            let (ctx, state) = (ctx.clone(), state.clone());
+            async move { Ok::<_, Infallible>(handle(&ctx, &state, req).await) }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.opts.header_read_timeout)
+        .max_header_size(ctx.opts.max_header_bytes)
+        .keep_alive(true);
+    let conn = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut shutdown = ctx.shutdown.clone();
+    let mut draining = *shutdown.borrow();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = act.idle(ctx.opts.idle_timeout) => {
+                tracing::debug!(%peer, "client connection idle; closing");
+                return;
+            }
+        }
+    }
+    let tunnel = state
+        .tunnel
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(t) = tunnel {
+        t.await;
+    }
+}
+
+async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Response<ProxyBody> {
+    let protocol = if req.method() == Method::CONNECT {
+        Protocol::Connect
+    } else {
+        Protocol::Http
+    };
+    let r = if protocol == Protocol::Connect {
+        connect(ctx, state, req).await
+    } else {
+        forward(ctx, req).await
+    };
+    match r {
+        Ok(resp) => {
+            ctx.metrics.request(protocol, RequestResult::Ok);
+            resp
+        }
+        Err(reject) => {
+            ctx.metrics.request(protocol, reject.result);
+            tracing::debug!(status = %reject.status, reason = %reject.message, "request refused");
+            error_response(&reject)
+        }
+    }
+}
+
+fn authenticate(ctx: &Ctx, headers: &HeaderMap) -> Result<Identity, AuthError> {
+    let creds = match headers.get(header::PROXY_AUTHORIZATION) {
+        Some(v) => Some(auth::parse_basic(v.as_bytes())?),
+        None => None,
+    };
+    auth::check(
+        &ctx.opts.users,
+        creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+    )
+}
+
+/// The sticky session of a request.
+pub(crate) fn session_for(ctx: &Ctx, id: &Identity, host: &str) -> Option<Session> {
+    match ctx.opts.session_from {
+        SessionFrom::Username => id.session.clone(),
+        SessionFrom::Host => Some(Session::new(format!(
+            "{}@{}",
+            id.user.as_deref().unwrap_or(""),
+            host.to_ascii_lowercase()
+        ))),
+    }
+}
+
+/// `host` (brackets kept for IPv6) and port of a target.
+fn target(uri: &Uri, default_port: Option<u16>) -> Result<(String, u16), &'static str> {
+    let auth = uri.authority().ok_or("no host")?;
+    let host = auth.host();
+    if host.is_empty() || host == "[]" {
+        return Err("empty host");
+    }
+    let port = match auth.port_u16().or(default_port) {
+        Some(0) | None => return Err("missing or zero port"),
+        Some(p) => p,
+    };
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+/// `Transfer-Encoding` is left to hyper, which re-frames bodies itself.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        if *n != header::TRANSFER_ENCODING && *n != header::CONTENT_LENGTH {
+            h.remove(n);
+        }
+    }
+}
+
+async fn connect(
+    ctx: &Arc<Ctx>,
+    state: &ConnState,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Reject> {
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(Reject::bad_request("CONNECT target must be host:port"));
+    }
+    let (host, port) = target(uri, None)
+        .map_err(|why| Reject::bad_request(format!("bad CONNECT target: {why}")))?;
+    let id = authenticate(ctx, req.headers())?;
+    let session = session_for(ctx, &id, &host);
+    let pool = ctx.opts.pool.pick(id.user.as_deref());
+    let stream = dial::dial(ctx, pool, &host, port, session.as_ref()).await?;
+    let src = stream.source();
+    let (idle, metrics, pool) = (ctx.opts.idle_timeout, ctx.metrics.clone(), pool.clone());
+    let run: Tunnel = Box::pin(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(up) => tunnel::run(TokioIo::new(up), stream, pool, idle, metrics).await,
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    *state.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(run);
+    let mut resp = Response::new(ProxyBody::Full(None));
+    resp.headers_mut()
+        .insert(SOURCE_HEADER, header_text(&src.to_string()));
+    resp.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(
+            b"Connection established",
+        ));
+    Ok(resp)
+}
+
+/// The request sent upstream (origin-form, hop-by-hop headers removed,
+/// `Host` set from the absolute URI).
+fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    host_header: &HeaderValue,
+    body: UpBody,
+) -> Request<UpBody> {
+    let path = uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse::<Uri>()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = path;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers.clone();
+    req.headers_mut().insert(header::HOST, host_header.clone());
+    req
+}
+
+async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Reject> {
+    match req.uri().scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(Reject::bad_request(format!(
+                "only http:// URIs are forwarded ({other}:// given); use CONNECT for TLS"
+            )));
+        }
+        None => {
+            return Err(Reject::bad_request(
+                "origin-form request to a forward proxy: send an absolute URI \
+                 (GET http://host/path) or use CONNECT",
+            ));
+        }
+    }
+    let (host, port) = target(req.uri(), Some(80))
+        .map_err(|why| Reject::bad_request(format!("bad request URI: {why}")))?;
+    let id = authenticate(ctx, req.headers())?;
+    let session = session_for(ctx, &id, &host);
+    let pool = ctx.opts.pool.pick(id.user.as_deref()).clone();
+    let host_header = header_text(&if port == 80 {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
+    });
+    let key_authority = format!("{host}:{port}");
+
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let retryable = body.is_end_stream();
+    let body = if retryable {
+        UpBody::Empty
+    } else {
+        UpBody::Client(body, ctx.metrics.clone())
+    };
+
+    let deadline = Instant::now() + ctx.opts.connect_timeout;
+    let addrs = dial::resolve_checked(ctx, &pool, &host, port, deadline).await?;
+    let reuse = ctx.keep_alive(&pool);
+    let lease = dial::lease(&pool, session.as_ref(), deadline).await?;
+    let mut idle = None;
+    if reuse {
+        let key = (lease.source(), key_authority.clone());
+        while let Some((mut s, dest)) = ctx.idle.take(&key, &addrs) {
+            if dial::allowed(ctx, dest)
+                && tokio::time::timeout(Duration::from_secs(1), s.ready())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
+                idle = Some((s, dest));
+                break;
+            }
+        }
+    }
+    let (mut sender, lease, dest, reused) = match idle {
+        Some((s, dest)) => (s, lease, dest, true),
+        None => {
+            let (s, lease, dest) = fresh(
+                ctx,
+                &pool,
+                session.as_ref(),
+                Some(lease),
+                &addrs,
+                port,
+                deadline,
+            )
+            .await?;
+            (s, lease, dest, false)
+        }
+    };
+    let up_req = upstream_request(&parts.method, &parts.uri, &headers, &host_header, body);
+    let idle_timeout = ctx.opts.idle_timeout;
+    let mut result = tokio::time::timeout(idle_timeout, sender.send_request(up_req)).await;
+    let (sender, lease, dest) = match (&result, reused && retryable) {
+        // A kept-alive connection the destination closed meanwhile: retry a
+        // request without body once on a new connection.
+        (Ok(Err(e)), true) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
+            drop(sender);
+            let src = lease.source();
+            drop(lease);
+            tracing::debug!(%src, error = %e, "kept-alive connection failed; retrying on a new one");
+            let (mut s, lease, dest) = fresh(
+                ctx,
+                &pool,
+                session.as_ref(),
+                None,
+                &addrs,
+                port,
+                Instant::now() + ctx.opts.connect_timeout,
+            )
+            .await?;
+            let again = upstream_request(
+                &parts.method,
+                &parts.uri,
+                &headers,
+                &host_header,
+                UpBody::Empty,
+            );
+            result = tokio::time::timeout(idle_timeout, s.send_request(again)).await;
+            (s, lease, dest)
+        }
+        _ => (sender, lease, dest),
+    };
+    let src = lease.source();
+    let resp = match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let (outcome, message) =
+                if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+                    (
+                        Outcome::EarlyEof,
+                        format!("{dest} closed the connection from {src} without a response"),
+                    )
+                } else {
+                    (
+                        Outcome::Failure,
+                        format!("upstream error from {src} to {dest}: {e}"),
+                    )
+                };
+            lease.report(outcome);
+            return Err(Reject {
+                status: StatusCode::BAD_GATEWAY,
+                result: RequestResult::BadGateway,
+                message,
+            });
+        }
+        Err(_) => {
+            lease.report(Outcome::Failure);
+            return Err(Reject {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                result: RequestResult::Timeout,
+                message: format!("{dest} sent no response within {idle_timeout:?}"),
+            });
+        }
+    };
+    lease.report(Outcome::Status(resp.status().as_u16()));
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(SOURCE_HEADER, header_text(&src.to_string()));
+    // Keep the connection only if the destination did not ask to close it.
+    let keep = reuse && !sender.is_closed();
+    let exchange = Exchange {
+        lease,
+        sender,
+        key: (src, key_authority),
+        dest,
+        reuse: keep.then(|| ctx.idle.clone()),
+    };
+    let body = ProxyBody::Upstream {
+        inner: body,
+        exchange: Some(Box::new(exchange)),
+        done: false,
+        metrics: ctx.metrics.clone(),
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A new upstream connection and its HTTP/1.1 handshake.
+async fn fresh(
+    ctx: &Arc<Ctx>,
+    pool: &Pool,
+    session: Option<&Session>,
+    first: Option<addrpool::Lease>,
+    addrs: &[IpAddr],
+    port: u16,
+    deadline: Instant,
+) -> Result<(SendRequest<UpBody>, addrpool::Lease, IpAddr), Reject> {
+    let stream = dial::connect(pool, session, first, addrs, port, deadline).await?;
+    let dest = stream
+        .get_ref()
+        .peer_addr()
+        .map(|a| a.ip().to_canonical())
+        .unwrap_or_else(|_| addrs.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])));
+    let (tcp, lease) = stream.into_parts();
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, UpBody>(TokioIo::new(tcp))
+        .await
+        .map_err(|e| Reject {
+            status: StatusCode::BAD_GATEWAY,
+            result: RequestResult::BadGateway,
+            message: format!("HTTP handshake with {dest} failed: {e}"),
+        })?;
+    ctx.tasks.spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok((sender, lease, dest))
+}
+
+/// Answers 400 on a connection that is not HTTP, then closes it.
+pub(crate) async fn refuse_raw(mut stream: TcpStream, why: &str) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!("{why}\n");
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n{ERROR_HEADER}: {why}\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(head.as_bytes())).await;
+    linger_close(stream).await;
+}
+
+/// Closes after a reply: half-closes, then reads what the client still
+/// sends (at most 256 KiB or 1 s) so that closing with unread data does not
+/// turn into a reset that could discard the reply.
+pub(crate) async fn linger_close(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        for _ in 0..64 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}

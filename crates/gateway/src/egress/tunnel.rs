@@ -1,0 +1,231 @@
+//! Byte tunnels (CONNECT, SOCKS5) with an idle timeout, byte counters and
+//! early-EOF detection.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use addrpool::{Outcome, Pool, PooledStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::metrics::EgressMetrics;
+
+/// The time of the last byte moved, in ms since `base`.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `idle`.
+    pub(crate) async fn idle(&self, idle: Duration) {
+        loop {
+            let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let until = last + idle;
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep_until(until).await;
+        }
+    }
+}
+
+/// Which side of a tunnel ended first.
+const NOBODY: u8 = 0;
+const CLIENT: u8 = 1;
+const UPSTREAM: u8 = 2;
+
+/// Direction of a metered stream's reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Side {
+    /// Reads come from the client (bytes up).
+    Client,
+    /// Reads come from the destination (bytes down).
+    Upstream,
+}
+
+/// A stream that records activity, counts the bytes read from it, and
+/// notes which side of the tunnel reached end of stream first.
+pub(crate) struct Metered<T> {
+    pub(crate) io: T,
+    side: Side,
+    act: Arc<Activity>,
+    metrics: Arc<EgressMetrics>,
+    read: u64,
+    first_end: Arc<AtomicU8>,
+    count: bool,
+    /// Called once if this (upstream) side ends before sending a byte and
+    /// before the client ended.
+    on_early_eof: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<T> Metered<T> {
+    pub(crate) fn new(
+        io: T,
+        side: Side,
+        act: Arc<Activity>,
+        metrics: Arc<EgressMetrics>,
+        first_end: Arc<AtomicU8>,
+    ) -> Metered<T> {
+        Metered {
+            io,
+            side,
+            act,
+            metrics,
+            read: 0,
+            first_end,
+            count: true,
+            on_early_eof: None,
+        }
+    }
+
+    /// Records activity only (bytes are counted elsewhere).
+    pub(crate) fn uncounted(mut self) -> Metered<T> {
+        self.count = false;
+        self
+    }
+
+    fn ended(&mut self) {
+        let me = match self.side {
+            Side::Client => CLIENT,
+            Side::Upstream => UPSTREAM,
+        };
+        let first = self
+            .first_end
+            .compare_exchange(NOBODY, me, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if first
+            && self.read == 0
+            && let Some(f) = self.on_early_eof.take()
+        {
+            f();
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        match &r {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                if n == 0 {
+                    self.ended();
+                } else {
+                    self.read += n as u64;
+                    self.act.touch();
+                    match self.side {
+                        _ if !self.count => {}
+                        Side::Client => self.metrics.up(n),
+                        Side::Upstream => self.metrics.down(n),
+                    }
+                }
+            }
+            Poll::Ready(Err(_)) => self.ended(),
+            Poll::Pending => {}
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r
+            && *n > 0
+        {
+            self.act.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Copies both ways between `client` and `upstream` until both ends close,
+/// an error, or `idle` without a byte either way. Reports
+/// [`Outcome::EarlyEof`] for the source when the destination closed (or
+/// reset) before sending a byte and before the client closed (at once, not
+/// when the tunnel ends), and [`Outcome::Success`] when it sent something.
+pub(crate) async fn run<C>(
+    client: C,
+    upstream: PooledStream,
+    pool: Pool,
+    idle: Duration,
+    metrics: Arc<EgressMetrics>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let _open = metrics.tunnel_opened();
+    let act = Activity::new();
+    act.touch();
+    let first_end = Arc::new(AtomicU8::new(NOBODY));
+    let mut client = Metered::new(
+        client,
+        Side::Client,
+        act.clone(),
+        metrics.clone(),
+        first_end.clone(),
+    );
+    let mut up = Metered::new(
+        upstream,
+        Side::Upstream,
+        act.clone(),
+        metrics.clone(),
+        first_end.clone(),
+    );
+    let source = up.io.source();
+    let early = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let early = early.clone();
+        up.on_early_eof = Some(Box::new(move || {
+            early.store(true, Ordering::Relaxed);
+            pool.report(source, Outcome::EarlyEof);
+        }));
+    }
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut up) => {
+            if let Err(e) = r {
+                tracing::debug!(%source, error = %e, "tunnel ended with an error");
+            }
+        }
+        () = act.idle(idle) => {
+            tracing::debug!(%source, ?idle, "tunnel idle; closing");
+        }
+    }
+    if up.read > 0 && !early.load(Ordering::Relaxed) {
+        up.io.lease().report(Outcome::Success);
+    }
+}
