@@ -7,27 +7,31 @@
 //! | `GET /metrics` | Prometheus / OpenMetrics text |
 //! | `GET /api/rules` | the rule sets, their defaults and rule counts |
 //! | `GET /api/rules/{set}/check?ip=ADDR` | the verdict for `ADDR` and the rule that decided |
+//! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
+//! | `POST /api/pools/{pool}/addresses/{ip}/outcome` | client feedback: `{"outcome": "success"\|"failure"\|"status", "status": 429, "detail": "captcha"}` |
 //!
 //! Access: `/ping` is open. Other reads are open to loopback peers and
 //! need `Authorization: Bearer <token>` from anywhere else. Mutations
-//! (none yet) always need the token.
+//! always need the token.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Secret, is_loopback};
 use crate::metrics::{self, Metrics};
+use crate::pools::{Pools, Report};
 use crate::rules::RuleSets;
 
 /// What the handlers share.
@@ -39,6 +43,8 @@ pub struct AdminState {
     pub rules: Arc<RuleSets>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The pools whose address health is tracked.
+    pub pools: Arc<Pools>,
     /// The admin token, if configured.
     pub token: Option<Arc<Secret>>,
 }
@@ -50,6 +56,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/rules", get(list_rules))
         .route("/api/rules/{set}/check", get(check))
+        .route("/probe", get(probe))
+        .route("/api/pools/{pool}/addresses/{ip}/outcome", post(outcome))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/ping", get(|| async { "pong" }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -116,6 +124,9 @@ async fn config(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    state
+        .pools
+        .refresh_metrics(&state.metrics, std::time::Instant::now());
     match state.metrics.encode() {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(_) => error(
@@ -172,4 +183,196 @@ async fn check(
         }
         None => error(StatusCode::NOT_FOUND, format!("no rule set `{set}`")),
     }
+}
+
+/// Outcomes shown per address by `/probe` unless `recent=` says otherwise.
+const DEFAULT_RECENT: usize = 20;
+
+#[derive(Debug, Deserialize)]
+struct ProbeQuery {
+    pool: Option<String>,
+    ip: Option<String>,
+    recent: Option<String>,
+}
+
+fn unknown_pool(state: &AdminState, pool: &str) -> Response {
+    let known: Vec<&str> = state.pools.names().collect();
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no pool `{pool}` (known: {})",
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        ),
+    )
+}
+
+async fn probe(State(state): State<AdminState>, Query(q): Query<ProbeQuery>) -> Response {
+    let ip = match q.ip.as_deref().map(|t| (t, t.trim().parse::<IpAddr>())) {
+        None => None,
+        Some((_, Ok(ip))) => Some(ip),
+        Some((text, Err(_))) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("ip: `{text}` is not an IPv4 or IPv6 address"),
+            );
+        }
+    };
+    let recent = match q.recent.as_deref().map(str::parse::<usize>) {
+        None => DEFAULT_RECENT,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "recent: `{}` is not a number",
+                    q.recent.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+    };
+    let selected: Vec<_> = match &q.pool {
+        Some(name) => match state.pools.get(name) {
+            Some(p) => vec![Arc::clone(p)],
+            None => return unknown_pool(&state, name),
+        },
+        None => state.pools.iter().cloned().collect(),
+    };
+    let now = std::time::Instant::now();
+    let pools: Vec<_> = selected
+        .iter()
+        .filter(|p| ip.is_none_or(|ip| p.contains(ip)))
+        .map(|p| p.probe(now, recent, ip))
+        .collect();
+    if let Some(ip) = ip
+        && pools.is_empty()
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("address {ip} is in no monitored pool"),
+        );
+    }
+    Json(serde_json::json!({ "pools": pools })).into_response()
+}
+
+/// The body of a client report.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeBody {
+    outcome: OutcomeKind,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum OutcomeKind {
+    Success,
+    Failure,
+    Status,
+}
+
+/// Longest `detail` kept, in bytes.
+const MAX_DETAIL: usize = 256;
+
+async fn outcome(
+    State(state): State<AdminState>,
+    Path((pool_name, ip_text)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let Some(pool) = state.pools.get(&pool_name) else {
+        return unknown_pool(&state, &pool_name);
+    };
+    let Ok(ip) = ip_text.trim().parse::<IpAddr>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`{ip_text}` is not an IPv4 or IPv6 address"),
+        );
+    };
+    let body: OutcomeBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")),
+    };
+    let (observation, kind): (health::Observation, &'static str) = match (body.outcome, body.status)
+    {
+        (OutcomeKind::Success, None) => (health::Verdict::Success.into(), "success"),
+        (OutcomeKind::Failure, None) => (health::Verdict::Failure.into(), "failure"),
+        (OutcomeKind::Status, Some(s)) if (100..=999).contains(&s) => {
+            (health::Outcome::Status(s).into(), "status")
+        }
+        (OutcomeKind::Status, Some(s)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("status: {s} is not an HTTP status (100 to 999)"),
+            );
+        }
+        (OutcomeKind::Status, None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "status: required when outcome is \"status\"".into(),
+            );
+        }
+        (_, Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "status: only allowed when outcome is \"status\"".into(),
+            );
+        }
+    };
+    let mut detail = body.detail;
+    if let Some(d) = &mut detail {
+        let mut cut = d.len().min(MAX_DETAIL);
+        while !d.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        d.truncate(cut);
+    }
+    if !pool.contains(ip) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("address {ip} is not in pool `{pool_name}`"),
+        );
+    }
+    let now = std::time::Instant::now();
+    let verdict =
+        crate::pools::verdict_str(pool.tracker().classifier().classify(&observation.outcome));
+    let transition = match pool.record(ip, observation, now, &state.metrics) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
+    };
+    tracing::info!(
+        pool = pool.name(),
+        %ip,
+        outcome = kind,
+        status = body.status,
+        detail = detail.as_deref().unwrap_or(""),
+        verdict,
+        "client reported an outcome"
+    );
+    pool.add_report(
+        ip,
+        Report {
+            at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            outcome: kind,
+            status: body.status,
+            detail,
+        },
+    );
+    let state_now = pool
+        .tracker()
+        .state(&ip, now)
+        .map(|s| crate::pools::state_str(&s));
+    Json(serde_json::json!({
+        "pool": pool_name,
+        "ip": ip,
+        "verdict": verdict,
+        "transition": transition.as_ref().map(crate::pools::transition_kind),
+        "state": state_now,
+    }))
+    .into_response()
 }

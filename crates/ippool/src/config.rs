@@ -6,8 +6,9 @@
 //! line and column, and the key path (`rules.clients.deny[1]`).
 //!
 //! Paths in the file (`state_dir`, `admin.token_file`,
-//! `rules.<name>.allow_files`, `rules.<name>.deny_files`) are relative to the
-//! directory of the config file.
+//! `rules.<name>.allow_files`, `rules.<name>.deny_files`,
+//! `monitor.<name>.access_log`, `.nginx_conf`, `.format_from`) are relative
+//! to the directory of the config file.
 //!
 //! Secrets never enter [`Config`]: the admin token is read at load time
 //! into a [`Secret`] kept beside it in [`Loaded`], so printing or serving
@@ -24,6 +25,10 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::rules::RuleSets;
+
+mod monitor;
+
+pub use monitor::{MonitorConfig, MonitorSpec, PoolAddresses, PoolName};
 
 /// Where the admin API listens unless `admin.listen` says otherwise.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9095);
@@ -50,6 +55,9 @@ pub struct Config {
     /// Named rule policies: `[rules.<name>]`.
     #[serde(default)]
     pub rules: BTreeMap<SetName, RuleSetConfig>,
+    /// nginx pools watched through their access logs: `[monitor.<name>]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub monitor: BTreeMap<PoolName, MonitorConfig>,
 }
 
 /// `[admin]`: the admin API listener and its token.
@@ -269,6 +277,8 @@ pub struct Loaded {
     pub admin_token_source: Option<String>,
     /// The rule policies built from `[rules.*]`.
     pub rules: RuleSets,
+    /// The monitors of `[monitor.*]`, resolved.
+    pub monitors: Vec<MonitorSpec>,
 }
 
 impl Loaded {
@@ -288,6 +298,17 @@ impl Loaded {
             out.push_str(&format!(
                 "# rules.{}: {} allow and {} deny rules loaded, default {}\n",
                 s.name, s.allow, s.deny, s.default
+            ));
+        }
+        for m in &self.monitors {
+            let addresses = match &m.addresses {
+                PoolAddresses::Fixed(a) => format!("{} addresses", a.len()),
+                PoolAddresses::Discover => "addresses discovered from the log".into(),
+            };
+            out.push_str(&format!(
+                "# monitor.{}: {}, {addresses}\n",
+                m.name,
+                m.access_log.display()
             ));
         }
         out.push('\n');
@@ -560,12 +581,19 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         rules.insert(name.as_str(), policy);
     }
 
+    // monitors
+    let mut monitors = Vec::with_capacity(config.monitor.len());
+    for (name, m) in &config.monitor {
+        monitors.push(monitor::resolve(&src, base, name, m)?);
+    }
+
     Ok(Loaded {
         path: path.to_owned(),
         config,
         admin_token,
         admin_token_source,
         rules,
+        monitors,
     })
 }
 
@@ -640,6 +668,64 @@ mod tests {
         let e = err("shutdown_timeout = \"10 parsecs\"\n");
         assert_eq!(e.key.as_deref(), Some("shutdown_timeout"));
         assert!(e.message.contains("bad duration"), "{e}");
+    }
+
+    #[test]
+    fn monitor_errors_name_key_and_line() {
+        let m = "[monitor.web]\naccess_log = \"a.log\"\nformat = \"$remote_addr $upstream_addr $upstream_status\"\naddress = \"upstream_addr\"\n";
+        let l = load_str(Path::new("/nonexistent/t.toml"), m, Scope::Full).unwrap();
+        assert_eq!(l.monitors.len(), 1);
+        assert_eq!(l.monitors[0].addresses, PoolAddresses::Discover);
+        assert_eq!(l.monitors[0].poll_interval, Duration::from_millis(250));
+        assert_eq!(l.monitors[0].access_log, Path::new("/nonexistent/a.log"));
+
+        let e = err(&format!("{m}[monitor.web.health]\ncooldown = \"0s\"\n"));
+        assert_eq!(e.key.as_deref(), Some("monitor.web.health.cooldown"));
+        assert_eq!(e.at, Some((6, 12)));
+
+        let e = err(&format!("{m}poll_interval = \"1 fortnight\"\n"));
+        assert_eq!(e.key.as_deref(), Some("monitor.web.poll_interval"));
+        assert_eq!(e.at.map(|a| a.0), Some(5));
+
+        let e = err(&format!(
+            "{m}[monitor.web.health]\nstrategy = \"rate\"\nmax_failure_ratio = 1.5\n"
+        ));
+        assert_eq!(
+            e.key.as_deref(),
+            Some("monitor.web.health.max_failure_ratio")
+        );
+        assert_eq!(e.at.map(|a| a.0), Some(7));
+
+        let e = err(&format!(
+            "{m}[monitor.web.health]\nneutral_statuses = [1000]\n"
+        ));
+        assert_eq!(
+            e.key.as_deref(),
+            Some("monitor.web.health.neutral_statuses")
+        );
+
+        let e = err(&format!("{m}upstream = \"pool\"\n"));
+        assert_eq!(e.key.as_deref(), Some("monitor.web.upstream"));
+        assert!(e.message.contains("nginx_conf"), "{e}");
+
+        let e = err(&format!("{m}addresses = [\"10.0.0.1\", \"10.0.0.x\"]\n"));
+        assert_eq!(e.key.as_deref(), Some("monitor.web.addresses[1]"));
+
+        let e = err(&m
+            .replace("upstream_addr\"\n", "server_port\"\n")
+            .replace(" $upstream_addr", " $server_port"));
+        assert_eq!(e.key.as_deref(), Some("monitor.web.address"));
+        assert!(e.message.contains("nginx_conf"), "{e}");
+
+        let e = err(&m.replace(
+            "format = \"$remote_addr $upstream_addr $upstream_status\"",
+            "format = \"common\"",
+        ));
+        assert_eq!(e.key.as_deref(), Some("monitor.web.format"));
+        assert_eq!(e.at, Some((3, 10)));
+
+        let e = err("[monitor.\"a b\"]\naccess_log = \"a\"\naddress = \"server_addr\"\n");
+        assert!(e.message.contains("bad pool name"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,10 @@
 mod admin;
 mod config;
 mod logging;
+mod logscan;
 mod metrics;
+mod monitor;
+mod pools;
 mod rules;
 mod serve;
 
@@ -26,6 +29,8 @@ Examples:
   ippool check -c examples/loopback.toml        validate, print the effective config
   ippool serve -c examples/loopback.toml        run the daemon (admin API on 127.0.0.1:9095)
   ippool rules check -c examples/loopback.toml --set clients 10.1.2.3 192.0.2.7
+  ippool serve -c examples/nginx-monitor.toml   watch an nginx pool's access log (GET /probe)
+  ippool logscan /var/log/nginx/access.log --format '<log_format>' --address upstream_addr
 
 Exit status: 0 success, 1 runtime failure (or a denied address for `rules check`),
 2 bad config or bad arguments.
@@ -38,7 +43,9 @@ Example:
   curl -s '127.0.0.1:9095/api/rules/clients/check?ip=10.1.2.3'  # verdict and deciding rule
   curl -s 127.0.0.1:9095/metrics
 
-Admin routes: GET /ping, /config, /metrics, /api/rules, /api/rules/{set}/check?ip=ADDR.
+Admin routes: GET /ping, /config, /metrics, /api/rules, /api/rules/{set}/check?ip=ADDR,
+/probe[?pool=NAME][&ip=ADDR][&recent=N] (address health of every pool),
+POST /api/pools/{pool}/addresses/{ip}/outcome (client feedback, token required).
 Reads are open to loopback peers; others need `Authorization: Bearer <token>`
 (admin.token_file or admin.token_env). SIGINT or SIGTERM stops the daemon
 gracefully (waiting at most `shutdown_timeout`).";
@@ -60,6 +67,18 @@ Prints one line per address: the address, `allow` or `deny`, and what decided
 is needed and the admin token is not read.
 Exit status: 0 if every address is allowed, 1 if any is denied, 2 on a bad config,
 unknown set or bad address (like grep: usable in scripts).";
+
+const LOGSCAN_HELP: &str = "\
+Examples:
+  ippool logscan access.log --format '$remote_addr [$time_local] \"$request\" $status up=$upstream_addr us=$upstream_status urt=$upstream_response_time'
+  ippool logscan access.log --nginx-conf /etc/nginx/nginx.conf --format pool --address server_port --json
+
+Prints one row per pool address, most requests first: requests, 2xx/3xx/4xx/5xx,
+failures (statuses in --blocked-statuses, as the daemon's health tracking counts them),
+failure percent and mean time (upstream response time for upstream_addr, request time
+otherwise). A progress bar shows on stderr when it is a terminal. Malformed lines are
+counted and the first few shown on stderr. See examples/nginx-monitor.toml.
+Exit status: 0 success, 1 unreadable log, 2 bad arguments.";
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -83,6 +102,38 @@ enum Command {
     /// Work with the rule sets of a config file.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Summarise an nginx access log per pool address.
+    #[command(after_help = LOGSCAN_HELP)]
+    Logscan(LogscanArgs),
+}
+
+#[derive(Debug, Args)]
+struct LogscanArgs {
+    /// The access log.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// `combined`, `main`, an nginx log_format string, or the name of a
+    /// log_format declared in --nginx-conf.
+    #[arg(long, default_value = "combined", value_name = "FORMAT")]
+    format: String,
+    /// Which log variable names the pool address.
+    #[arg(long, value_enum, default_value_t = logscan::AddressArg::UpstreamAddr)]
+    address: logscan::AddressArg,
+    /// nginx configuration: named log_formats, and the port → address map
+    /// for `--address server_port`.
+    #[arg(long, value_name = "FILE")]
+    nginx_conf: Option<PathBuf>,
+    /// Statuses counted as failures.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "403,429",
+        value_name = "LIST"
+    )]
+    blocked_statuses: Vec<u16>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +168,22 @@ fn main() -> ExitCode {
         Command::Rules(RulesCommand::Check { config, set, addrs }) => {
             rules_check_cmd(&config, &set, &addrs)
         }
+        Command::Logscan(args) => logscan_cmd(args),
+    }
+}
+
+fn logscan_cmd(args: LogscanArgs) -> ExitCode {
+    let opts = logscan::Options {
+        file: args.file,
+        format: args.format,
+        address: args.address,
+        nginx_conf: args.nginx_conf,
+        blocked_statuses: args.blocked_statuses,
+        json: args.json,
+    };
+    match logscan::run(&opts) {
+        Ok(text) => print_out(&text),
+        Err(e) => fail(e.exit_code(), e),
     }
 }
 

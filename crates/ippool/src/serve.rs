@@ -4,7 +4,8 @@
 //! [`CancellationToken`] tells them all to stop on SIGINT or SIGTERM, and
 //! they get `shutdown_timeout` to finish before being aborted. Later
 //! sections (egress proxy, ingress proxy, …) add their tasks to the same
-//! set.
+//! set. Each `[monitor.<name>]` runs as one task of the set (see
+//! [`crate::monitor`]) feeding its pool in the shared [`Pools`] registry.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::Loaded;
+use crate::config::PoolAddresses;
 use crate::metrics::Metrics;
+use crate::pools::Pools;
 
 /// Why `serve` failed after the config was accepted.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,14 @@ pub enum ServeError {
     /// The config could not be rendered for `/config`.
     #[error("cannot render the effective config: {0}")]
     Render(#[source] serde_json::Error),
+    /// A pool could not be set up.
+    #[error("monitor.{pool}: {message}")]
+    Pool {
+        /// The pool.
+        pool: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A task stopped with an error, or stopped when it should not have.
     #[error("{task}: {message}")]
     Task {
@@ -71,10 +82,42 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let config_json = serde_json::to_string(&loaded.config).map_err(ServeError::Render)?;
     let rules = Arc::new(loaded.rules);
     let metrics = Arc::new(Metrics::new(&rules));
+
+    // Pools: one per monitor (egress pools will register here too).
+    let mut pools = Pools::default();
+    let mut monitors = Vec::new();
+    for spec in loaded.monitors {
+        let pool_err = |message: String| ServeError::Pool {
+            pool: spec.name.clone(),
+            message,
+        };
+        let mut tracker =
+            health::Tracker::with_classifier(spec.options.clone(), spec.classifier.clone())
+                .map_err(|e| pool_err(e.to_string()))?;
+        let discover = match &spec.addresses {
+            PoolAddresses::Fixed(ips) => {
+                for ip in ips {
+                    tracker.insert(*ip);
+                }
+                false
+            }
+            PoolAddresses::Discover => true,
+        };
+        let pool = pools
+            .register(&spec.name, "nginx", tracker, discover)
+            .map_err(|e| pool_err(e.to_string()))?;
+        metrics.add_pool(&spec.name);
+        metrics.add_monitor(&spec.name);
+        monitors.push((spec, pool));
+    }
+    let pools = Arc::new(pools);
+    pools.refresh_metrics(&metrics, std::time::Instant::now());
+
     let state = AdminState {
         config_json: Arc::from(config_json),
         rules: Arc::clone(&rules),
-        metrics,
+        metrics: Arc::clone(&metrics),
+        pools: Arc::clone(&pools),
         token: loaded.admin_token.map(Arc::new),
     };
 
@@ -102,8 +145,17 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             ("admin", r.map_err(|e| e.to_string()))
         });
     }
+    let monitor_count = monitors.len();
+    for (spec, pool) in monitors {
+        let (metrics, shutdown) = (Arc::clone(&metrics), shutdown.clone());
+        tasks.spawn(async move {
+            let r = crate::monitor::run(spec, pool, metrics, shutdown).await;
+            ("monitor", r)
+        });
+    }
     tracing::info!(
         addr = %bound,
+        monitors = monitor_count,
         token = loaded.admin_token_source.is_some(),
         rule_sets = rules.names().count(),
         "admin API listening on http://{bound}"

@@ -1,0 +1,533 @@
+//! The registry of address pools whose health the daemon tracks, shared by
+//! the monitors, the admin API (`/probe`, client feedback) and the metrics.
+//!
+//! # The seam for other pool kinds
+//!
+//! A pool is a name, a kind (`"nginx"` for a `[monitor.<name>]`) and a
+//! `Mutex<health::Tracker<IpAddr>>`. Anything that tracks addresses with a
+//! [`health::Tracker`] registers here with [`Pools::register`] before
+//! `serve` starts its tasks — the egress pools of `addrpool` will register
+//! with kind `"egress"` — and gets `/probe`, client feedback
+//! (`POST /api/pools/{pool}/addresses/{ip}/outcome`) and the
+//! `ippool_pool_*` metrics with no change here. The registry is built once
+//! and then only read, so lookups take no lock; each tracker has its own.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use health::{Observation, Tracker, Transition};
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+/// Client reports kept per address (with their `detail`) for `/probe`.
+pub const MAX_REPORTS: usize = 10;
+
+/// One pool of addresses and its health.
+#[derive(Debug)]
+pub struct Pool {
+    name: String,
+    kind: &'static str,
+    /// Whether addresses join the pool when first seen (monitors without a
+    /// fixed address list).
+    discover: bool,
+    tracker: Mutex<Tracker<IpAddr>>,
+    reports: Mutex<HashMap<IpAddr, VecDeque<Report>>>,
+}
+
+/// A client report (`POST …/outcome`), kept for `/probe`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// When it arrived (RFC 3339).
+    pub at: String,
+    /// `success`, `failure` or `status`.
+    pub outcome: &'static str,
+    /// The status, for `status` reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The client's words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Why an outcome could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The address is not in the pool (and the pool does not discover).
+    #[error("address {ip} is not in pool `{pool}`")]
+    UnknownAddress {
+        /// The pool.
+        pool: String,
+        /// The address.
+        ip: IpAddr,
+    },
+}
+
+impl Pool {
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Locks the tracker. A poisoned lock (a panic while holding it) is
+    /// taken over: the tracker's state is updated field by field and stays
+    /// usable.
+    pub fn tracker(&self) -> MutexGuard<'_, Tracker<IpAddr>> {
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records one outcome of `ip`, adding `ip` first when the pool
+    /// discovers its addresses; logs and counts the transition it caused.
+    pub fn record(
+        &self,
+        ip: IpAddr,
+        observation: impl Into<Observation>,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Result<Option<Transition>, RecordError> {
+        let mut tracker = self.tracker();
+        if self.discover && tracker.insert(ip) {
+            tracing::info!(pool = %self.name, %ip, "new address in the pool");
+        }
+        let t = tracker
+            .record(&ip, observation, now)
+            .map_err(|_| RecordError::UnknownAddress {
+                pool: self.name.clone(),
+                ip,
+            })?;
+        drop(tracker);
+        if let Some(t) = t {
+            self.publish(ip, t, metrics);
+        }
+        Ok(t)
+    }
+
+    /// Whether `ip` is in the pool.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.tracker().contains(&ip)
+    }
+
+    /// Keeps a client report for `/probe`.
+    pub fn add_report(&self, ip: IpAddr, report: Report) {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let q = reports.entry(ip).or_default();
+        if q.len() >= MAX_REPORTS {
+            q.pop_front();
+        }
+        q.push_back(report);
+    }
+
+    fn reports_of(&self, ip: IpAddr) -> Vec<Report> {
+        let reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        reports
+            .get(&ip)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn publish(&self, ip: IpAddr, t: Transition, metrics: &Metrics) {
+        match t {
+            Transition::Benched { cause, cooldown } => tracing::info!(
+                pool = %self.name,
+                %ip,
+                cause = ?cause,
+                cooldown = %humantime::format_duration(cooldown),
+                "address benched"
+            ),
+            Transition::BenchSuppressed { cause } => tracing::warn!(
+                pool = %self.name,
+                %ip,
+                cause = ?cause,
+                "address not benched: max_benched_percent of the pool is already out"
+            ),
+            Transition::Restored => tracing::info!(pool = %self.name, %ip, "address restored"),
+        }
+        metrics.count_transition(&self.name, transition_kind(&t));
+    }
+
+    /// The `/probe` view of the pool at `now`, with each address's `recent`
+    /// newest outcomes; only `only` when given.
+    pub fn probe(&self, now: Instant, recent: usize, only: Option<IpAddr>) -> PoolView {
+        let wall = SystemTime::now();
+        let tracker = self.tracker();
+        let stats = tracker.stats(now);
+        let mut snaps = match only {
+            Some(ip) => tracker.snapshot_key(&ip, now, recent).into_iter().collect(),
+            None => tracker.snapshot(now, recent),
+        };
+        drop(tracker);
+        snaps.sort_by_key(|s| s.key);
+        let addresses = snaps
+            .into_iter()
+            .map(|s| {
+                let mut a = AddressView::new(s, now, wall);
+                a.reports = self.reports_of(a.ip);
+                a
+            })
+            .collect();
+        PoolView {
+            name: self.name.clone(),
+            kind: self.kind,
+            size: stats.total,
+            available: stats.available,
+            benched: stats.benched,
+            probation: stats.probation,
+            max_benched: stats.max_benched,
+            addresses,
+        }
+    }
+}
+
+/// `benched`, `bench_suppressed` or `restored`: the `kind` label of
+/// `ippool_pool_transitions_total`.
+pub fn transition_kind(t: &Transition) -> &'static str {
+    match t {
+        Transition::Benched { .. } => "benched",
+        Transition::BenchSuppressed { .. } => "bench_suppressed",
+        Transition::Restored => "restored",
+    }
+}
+
+/// `/probe`'s view of one pool.
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    /// The pool's name.
+    pub name: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Addresses in the pool.
+    pub size: usize,
+    /// Addresses available.
+    pub available: usize,
+    /// Addresses benched.
+    pub benched: usize,
+    /// Addresses on probation.
+    pub probation: usize,
+    /// Most addresses out of service at once.
+    pub max_benched: usize,
+    /// The addresses (all, or the one asked for), sorted.
+    pub addresses: Vec<AddressView>,
+}
+
+/// `/probe`'s view of one address.
+#[derive(Debug, Serialize)]
+pub struct AddressView {
+    /// The address.
+    pub ip: IpAddr,
+    /// `available`, `benched` or `probation`.
+    pub state: &'static str,
+    /// When benched: since when (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub benched_since: Option<String>,
+    /// When benched: until when (RFC 3339); then on probation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub benched_until: Option<String>,
+    /// When benched: seconds left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining_seconds: Option<f64>,
+    /// Probe requests in flight (on probation).
+    pub probes_in_flight: u32,
+    /// Current run of failures.
+    pub consecutive_failures: u32,
+    /// Rate strategy: failures in the window.
+    pub window_failures: u32,
+    /// Rate strategy: outcomes in the window.
+    pub window_requests: u32,
+    /// The next benching's cooldown, in seconds.
+    pub next_cooldown_seconds: f64,
+    /// Running totals.
+    pub counters: CountersView,
+    /// The newest outcomes, oldest first.
+    pub recent: Vec<OutcomeView>,
+    /// The newest client reports, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<Report>,
+}
+
+/// Counters of an address.
+#[derive(Debug, Serialize)]
+pub struct CountersView {
+    /// Outcomes read as success.
+    pub successes: u64,
+    /// Outcomes read as failure.
+    pub failures: u64,
+    /// Outcomes read as neutral.
+    pub neutral: u64,
+    /// Outcomes that changed nothing (arrived while benched).
+    pub ignored: u64,
+    /// Benchings.
+    pub benched: u64,
+    /// Benchings suppressed by `max_benched_percent`.
+    pub bench_suppressed: u64,
+    /// Restorations.
+    pub restored: u64,
+}
+
+/// One recorded outcome.
+#[derive(Debug, Serialize)]
+pub struct OutcomeView {
+    /// When (RFC 3339).
+    pub at: String,
+    /// The raw outcome: `status`, `connected`, `connect_error`, `timeout`,
+    /// `early_eof` or `reported`.
+    pub outcome: &'static str,
+    /// The HTTP status, for `status` outcomes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `success`, `failure` or `neutral`.
+    pub verdict: &'static str,
+    /// Whether it counted (not while benched).
+    pub counted: bool,
+    /// Where the request went, if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// How long it took, in milliseconds, if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+/// `success`, `failure` or `neutral`.
+pub fn verdict_str(v: health::Verdict) -> &'static str {
+    match v {
+        health::Verdict::Success => "success",
+        health::Verdict::Failure => "failure",
+        health::Verdict::Neutral => "neutral",
+    }
+}
+
+/// `available`, `benched` or `probation`.
+pub fn state_str(s: &health::State) -> &'static str {
+    match s {
+        health::State::Available => "available",
+        health::State::Benched { .. } => "benched",
+        health::State::Probation => "probation",
+    }
+}
+
+/// An `Instant` as wall-clock RFC 3339, given a matching (`now`, `wall`).
+fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> String {
+    let t = if at <= now {
+        wall.checked_sub(now - at)
+    } else {
+        wall.checked_add(at - now)
+    };
+    t.map_or_else(String::new, |t| {
+        humantime::format_rfc3339_millis(t).to_string()
+    })
+}
+
+impl AddressView {
+    fn new(s: health::KeySnapshot<IpAddr>, now: Instant, wall: SystemTime) -> AddressView {
+        let (since, until, remaining) = match s.state {
+            health::State::Benched { since, cooldown } => {
+                let until = since.checked_add(cooldown);
+                (
+                    Some(wall_time(since, now, wall)),
+                    until.map(|u| wall_time(u, now, wall)),
+                    until.map(|u| u.saturating_duration_since(now).as_secs_f64()),
+                )
+            }
+            _ => (None, None, None),
+        };
+        let c = s.counters;
+        AddressView {
+            ip: s.key,
+            state: state_str(&s.state),
+            benched_since: since,
+            benched_until: until,
+            remaining_seconds: remaining,
+            probes_in_flight: s.probes_in_flight,
+            consecutive_failures: s.consecutive_failures,
+            window_failures: s.window_failures,
+            window_requests: s.window_requests,
+            next_cooldown_seconds: s.next_cooldown.as_secs_f64(),
+            counters: CountersView {
+                successes: c.successes,
+                failures: c.failures,
+                neutral: c.neutral,
+                ignored: c.ignored,
+                benched: c.benched,
+                bench_suppressed: c.bench_suppressed,
+                restored: c.restored,
+            },
+            recent: s
+                .recent
+                .iter()
+                .map(|h| {
+                    let (outcome, status) = match h.observation.outcome {
+                        health::Outcome::Status(st) => ("status", Some(st)),
+                        health::Outcome::Connected => ("connected", None),
+                        health::Outcome::ConnectError(_) => ("connect_error", None),
+                        health::Outcome::Timeout => ("timeout", None),
+                        health::Outcome::EarlyEof => ("early_eof", None),
+                        health::Outcome::Reported(_) => ("reported", None),
+                    };
+                    OutcomeView {
+                        at: wall_time(h.at, now, wall),
+                        outcome,
+                        status,
+                        verdict: verdict_str(h.verdict),
+                        counted: h.counted,
+                        target: h.observation.target.as_deref().map(str::to_owned),
+                        latency_ms: h.observation.latency.map(|d| d.as_secs_f64() * 1e3),
+                    }
+                })
+                .collect(),
+            reports: Vec::new(),
+        }
+    }
+}
+
+/// Every pool, by name.
+#[derive(Debug, Default)]
+pub struct Pools {
+    pools: BTreeMap<String, Arc<Pool>>,
+}
+
+/// A pool name registered twice.
+#[derive(Debug, thiserror::Error)]
+#[error("a pool named `{0}` is already registered")]
+pub struct DuplicatePool(pub String);
+
+impl Pools {
+    /// Registers a pool with its tracker (see the module docs). `discover`
+    /// lets unknown addresses join on their first outcome.
+    pub fn register(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        tracker: Tracker<IpAddr>,
+        discover: bool,
+    ) -> Result<Arc<Pool>, DuplicatePool> {
+        if self.pools.contains_key(name) {
+            return Err(DuplicatePool(name.to_owned()));
+        }
+        let pool = Arc::new(Pool {
+            name: name.to_owned(),
+            kind,
+            discover,
+            tracker: Mutex::new(tracker),
+            reports: Mutex::new(HashMap::new()),
+        });
+        self.pools.insert(name.to_owned(), Arc::clone(&pool));
+        Ok(pool)
+    }
+
+    /// A pool by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+
+    /// The pools, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.values()
+    }
+
+    /// The pool names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.pools.keys().map(String::as_str)
+    }
+
+    /// Sets `ippool_pool_addresses` from every pool's state at `now`
+    /// (benched → probation happens lazily, so this runs at scrape time).
+    pub fn refresh_metrics(&self, metrics: &Metrics, now: Instant) {
+        for p in self.pools.values() {
+            let s = p.tracker().stats(now);
+            metrics.set_pool_addresses(&p.name, s.available, s.benched, s.probation);
+        }
+    }
+}
+
+/// `Instant` of a log timestamp: `now` minus its age (a line from the
+/// future, or older than the monotonic clock can express, is `now`).
+pub fn instant_of(t: SystemTime, now: Instant, wall: SystemTime) -> Instant {
+    let age = wall.duration_since(t).unwrap_or(Duration::ZERO);
+    now.checked_sub(age).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(ips: &[&str]) -> Tracker<IpAddr> {
+        let mut t = Tracker::new(health::HealthOptions::default()).unwrap();
+        for ip in ips {
+            t.insert(ip.parse().unwrap());
+        }
+        t
+    }
+
+    #[test]
+    fn fixed_and_discovered_pools() {
+        let metrics = Metrics::new(&crate::rules::RuleSets::default());
+        let mut pools = Pools::default();
+        let fixed = pools
+            .register("fixed", "nginx", tracker(&["10.0.0.1", "10.0.0.2"]), false)
+            .unwrap();
+        let open = pools.register("open", "nginx", tracker(&[]), true).unwrap();
+        assert!(
+            pools
+                .register("open", "egress", tracker(&[]), false)
+                .is_err()
+        );
+        assert_eq!(pools.names().collect::<Vec<_>>(), ["fixed", "open"]);
+
+        let now = Instant::now();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let outsider: IpAddr = "10.9.9.9".parse().unwrap();
+        assert!(matches!(
+            fixed.record(outsider, health::Outcome::Status(200), now, &metrics),
+            Err(RecordError::UnknownAddress { .. })
+        ));
+        assert!(
+            open.record(outsider, health::Outcome::Status(200), now, &metrics)
+                .is_ok()
+        );
+        assert!(open.contains(outsider));
+
+        let mut last = None;
+        for _ in 0..3 {
+            last = fixed
+                .record(ip, health::Outcome::Status(429), now, &metrics)
+                .unwrap();
+        }
+        assert_eq!(last.as_ref().map(transition_kind), Some("benched"));
+        let view = fixed.probe(now, 2, None);
+        assert_eq!((view.size, view.benched, view.available), (2, 1, 1));
+        let a = &view.addresses[0];
+        assert_eq!((a.ip, a.state), (ip, "benched"));
+        assert_eq!(a.recent.len(), 2);
+        assert_eq!(a.recent[1].status, Some(429));
+        assert!(a.benched_until.is_some());
+        assert_eq!(a.remaining_seconds, Some(600.0));
+        let only = fixed.probe(now, 2, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(only.addresses.len(), 1);
+        assert_eq!(only.addresses[0].state, "available");
+
+        pools.refresh_metrics(&metrics, now);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains("ippool_pool_addresses{pool=\"fixed\",state=\"benched\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ippool_pool_transitions_total{pool=\"fixed\",kind=\"benched\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn log_times_map_to_instants() {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let ten_ago = wall - Duration::from_secs(10);
+        assert_eq!(
+            instant_of(ten_ago, now, wall),
+            now - Duration::from_secs(10)
+        );
+        // From the future: now.
+        assert_eq!(instant_of(wall + Duration::from_secs(5), now, wall), now);
+    }
+}
