@@ -78,7 +78,7 @@ pub use health;
 pub use options::{
     Assigner, Exclude, FreebindOptions, Interface, NetlinkOptions, PoolOptions, Strategy,
 };
-pub use outcome::{MetricsSnapshot, Outcome, OutcomeSink};
+pub use outcome::{ASSIGN_LATENCY_BOUNDS_US, MetricsSnapshot, Outcome, OutcomeSink};
 pub use pool::{Lease, Pool};
 pub use session::{ProxyUsername, Session, UsernameError, parse_username};
 pub use source::{Family, Order, Source, SourceError};

@@ -77,7 +77,16 @@ pub(crate) struct Metrics {
     pub(crate) connect_failures: AtomicU64,
     pub(crate) assign_latency_us: AtomicU64,
     pub(crate) assign_latency_max_us: AtomicU64,
+    pub(crate) assign_latency_buckets: [AtomicU64; ASSIGN_LATENCY_BOUNDS_US.len() + 1],
 }
+
+/// Upper bounds, in microseconds, of the buckets of the assignment latency
+/// histogram ([`MetricsSnapshot::assign_latency_buckets`]); a last bucket
+/// holds everything slower. From 100 µs (a NODAD netlink add) to 2 s (a
+/// DAD wait near its timeout).
+pub const ASSIGN_LATENCY_BOUNDS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 250_000, 1_000_000, 2_000_000,
+];
 
 pub(crate) fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -89,6 +98,8 @@ impl Metrics {
         inc(&self.assigned);
         self.assign_latency_us.fetch_add(us, Ordering::Relaxed);
         self.assign_latency_max_us.fetch_max(us, Ordering::Relaxed);
+        let i = ASSIGN_LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        inc(&self.assign_latency_buckets[i]);
     }
 
     pub(crate) fn snapshot(&self, held: usize, leased_now: usize) -> MetricsSnapshot {
@@ -102,6 +113,7 @@ impl Metrics {
             connect_failures_total: get(&self.connect_failures),
             assign_latency_sum: Duration::from_micros(get(&self.assign_latency_us)),
             assign_latency_max: Duration::from_micros(get(&self.assign_latency_max_us)),
+            assign_latency_buckets: std::array::from_fn(|i| get(&self.assign_latency_buckets[i])),
             held: held as u64,
             leased_now: leased_now as u64,
             ..MetricsSnapshot::default()
@@ -130,6 +142,10 @@ pub struct MetricsSnapshot {
     pub assign_latency_sum: Duration,
     /// Largest assignment latency seen.
     pub assign_latency_max: Duration,
+    /// Assignments per latency bucket (not cumulative): entry `i` counts
+    /// those slower than bound `i - 1` and at most
+    /// [`ASSIGN_LATENCY_BOUNDS_US`]`[i]`; the last entry, the slower rest.
+    pub assign_latency_buckets: [u64; ASSIGN_LATENCY_BOUNDS_US.len() + 1],
     /// Addresses the pool holds now (ready, leased, being assigned or removed).
     pub held: u64,
     /// Leases outstanding now.

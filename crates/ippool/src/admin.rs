@@ -9,6 +9,7 @@
 //! | `GET /api/rules/{set}/check?ip=ADDR` | the verdict for `ADDR` and the rule that decided |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
 //! | `POST /api/pools/{pool}/addresses/{ip}/outcome` | client feedback: `{"outcome": "success"\|"failure"\|"status", "status": 429, "detail": "captcha"}` |
+//! | `POST /api/egress/{pool}/addresses/{ip}/outcome` | the same (the path a crawler behind an egress pool is told about) |
 //!
 //! Access: `/ping` is open. Other reads are open to loopback peers and
 //! need `Authorization: Bearer <token>` from anywhere else. Mutations
@@ -58,6 +59,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/rules/{set}/check", get(check))
         .route("/probe", get(probe))
         .route("/api/pools/{pool}/addresses/{ip}/outcome", post(outcome))
+        .route("/api/egress/{pool}/addresses/{ip}/outcome", post(outcome))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/ping", get(|| async { "pong" }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -339,8 +341,7 @@ async fn outcome(
         );
     }
     let now = std::time::Instant::now();
-    let verdict =
-        crate::pools::verdict_str(pool.tracker().classifier().classify(&observation.outcome));
+    let verdict = crate::pools::verdict_str(pool.classify(&observation.outcome));
     let transition = match pool.record(ip, observation, now, &state.metrics) {
         Ok(t) => t,
         Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
@@ -363,10 +364,7 @@ async fn outcome(
             detail,
         },
     );
-    let state_now = pool
-        .tracker()
-        .state(&ip, now)
-        .map(|s| crate::pools::state_str(&s));
+    let state_now = pool.state(ip, now).map(|s| crate::pools::state_str(&s));
     Json(serde_json::json!({
         "pool": pool_name,
         "ip": ip,

@@ -26,8 +26,10 @@ use toml::Spanned;
 
 use crate::rules::RuleSets;
 
+mod egress;
 mod monitor;
 
+pub use egress::{EgressConfig, EgressSpec, PoolConfig, PoolSpec};
 pub use monitor::{MonitorConfig, MonitorSpec, PoolAddresses, PoolName};
 
 /// Where the admin API listens unless `admin.listen` says otherwise.
@@ -58,6 +60,12 @@ pub struct Config {
     /// nginx pools watched through their access logs: `[monitor.<name>]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub monitor: BTreeMap<PoolName, MonitorConfig>,
+    /// Egress address pools: `[pools.<name>]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<PoolName, PoolConfig>,
+    /// Forward-proxy listeners over the pools: `[egress.<name>]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress: BTreeMap<PoolName, EgressConfig>,
 }
 
 /// `[admin]`: the admin API listener and its token.
@@ -279,6 +287,11 @@ pub struct Loaded {
     pub rules: RuleSets,
     /// The monitors of `[monitor.*]`, resolved.
     pub monitors: Vec<MonitorSpec>,
+    /// The pools of `[pools.*]`, resolved.
+    pub pools: Vec<PoolSpec>,
+    /// The listeners of `[egress.*]`, resolved (users included: a secret,
+    /// never printed).
+    pub egress: Vec<EgressSpec>,
 }
 
 impl Loaded {
@@ -309,6 +322,42 @@ impl Loaded {
                 "# monitor.{}: {}, {addresses}\n",
                 m.name,
                 m.access_log.display()
+            ));
+        }
+        for p in &self.pools {
+            out.push_str(&format!(
+                "# pools.{}: {} assigner, {} strategy, health on\n",
+                p.name,
+                match p.assigner {
+                    addrpool::Assigner::Static => "static",
+                    addrpool::Assigner::Freebind(_) => "freebind",
+                    addrpool::Assigner::Netlink(_) => "netlink",
+                },
+                match p.options.strategy {
+                    addrpool::Strategy::Fresh => "fresh",
+                    addrpool::Strategy::RoundRobin => "round_robin",
+                    addrpool::Strategy::Random => "random",
+                    addrpool::Strategy::LeastUsed => "least_used",
+                    addrpool::Strategy::Sticky => "sticky",
+                }
+            ));
+        }
+        for e in &self.egress {
+            let users = match &e.users_file {
+                Some(f) => format!(
+                    "{} users from {} (passwords redacted)",
+                    e.users.len(),
+                    f.display()
+                ),
+                None => "no authentication".into(),
+            };
+            out.push_str(&format!(
+                "# egress.{}: {} from pool {}, {users}, {} allow and {} deny destination rules\n",
+                e.name,
+                e.listen,
+                e.pool,
+                e.policy.allow.len(),
+                e.policy.deny.len()
             ));
         }
         out.push('\n');
@@ -587,6 +636,41 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         monitors.push(monitor::resolve(&src, base, name, m)?);
     }
 
+    // egress pools and listeners; a pool and a monitor share the
+    // namespace of /probe and the metrics, so their names must differ.
+    let mut pools = Vec::with_capacity(config.pools.len());
+    for (name, p) in &config.pools {
+        if config.monitor.contains_key(name) {
+            return Err(src.error(
+                None,
+                Some(format!("pools.{name}")),
+                format!("a [monitor.{name}] has the same name; pool names must be unique"),
+            ));
+        }
+        pools.push(egress::resolve_pool(&src, base, name, p)?);
+    }
+    let mut listeners = Vec::with_capacity(config.egress.len());
+    for (name, e) in &config.egress {
+        let spec = egress::resolve_egress(&src, base, name, e, &config.pools)?;
+        // Port 0 (any free port) never clashes.
+        let clash = (spec.listen.port() != 0 && spec.listen == listen)
+            .then_some("admin.listen".to_owned())
+            .or_else(|| {
+                listeners
+                    .iter()
+                    .find(|o: &&EgressSpec| spec.listen.port() != 0 && o.listen == spec.listen)
+                    .map(|o| format!("egress.{}.listen", o.name))
+            });
+        if let Some(other) = clash {
+            return Err(src.error(
+                Some(e.listen.span()),
+                Some(format!("egress.{name}.listen")),
+                format!("{} is already used by {other}", spec.listen),
+            ));
+        }
+        listeners.push(spec);
+    }
+
     Ok(Loaded {
         path: path.to_owned(),
         config,
@@ -594,6 +678,8 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         admin_token_source,
         rules,
         monitors,
+        pools,
+        egress: listeners,
     })
 }
 
@@ -726,6 +812,71 @@ mod tests {
 
         let e = err("[monitor.\"a b\"]\naccess_log = \"a\"\naddress = \"server_addr\"\n");
         assert!(e.message.contains("bad pool name"), "{e}");
+    }
+
+    #[test]
+    fn egress_sections() {
+        let base = "[pools.loop]\nsource = \"127.0.0.0/29\"\n[egress.main]\npool = \"loop\"\n";
+        let l = load_str(Path::new("/nonexistent/t.toml"), base, Scope::Full).unwrap();
+        assert_eq!(l.pools.len(), 1);
+        assert_eq!(l.pools[0].options.max_uses, Some(1));
+        assert!(l.pools[0].options.health.is_some());
+        assert!(matches!(l.pools[0].assigner, addrpool::Assigner::Static));
+        assert_eq!(l.egress[0].listen, "127.0.0.1:3128".parse().unwrap());
+        // The default destination policy refuses loopback and metadata.
+        let p = &l.egress[0].policy;
+        assert!(!p.allows("169.254.169.254".parse().unwrap()));
+        assert!(p.allows("93.184.216.34".parse().unwrap()));
+        let t = l.effective_toml().unwrap();
+        assert!(
+            t.contains("# egress.main: 127.0.0.1:3128 from pool loop"),
+            "{t}"
+        );
+
+        let e = err(&base.replace("pool = \"loop\"", "pool = \"nope\""));
+        assert_eq!(e.key.as_deref(), Some("egress.main.pool"));
+        assert!(e.message.contains("pools: loop"), "{e}");
+        assert_eq!(e.at.map(|a| a.0), Some(4));
+
+        let e = err(&format!("{base}listen = \"0.0.0.0:3128\"\n"));
+        assert_eq!(e.key.as_deref(), Some("egress.main.listen"));
+        assert!(e.message.contains("open proxy"), "{e}");
+
+        let e = err(&format!("{base}listen = \"127.0.0.1:9095\"\n"));
+        assert!(e.message.contains("already used by admin.listen"), "{e}");
+
+        let e = err(&base.replace("0/29\"\n", "0/29\"\ninterface = \"eth0\"\n"));
+        assert_eq!(e.key.as_deref(), Some("pools.loop.interface"));
+        assert!(
+            e.message.contains("only applies to assigner = \"netlink\""),
+            "{e}"
+        );
+        assert_eq!(e.at.map(|a| a.0), Some(3));
+
+        let e = err(&base.replace("0/29\"\n", "0/29\"\nassigner = \"netlink\"\n"));
+        assert_eq!(e.key.as_deref(), Some("pools.loop.interface"));
+        assert!(e.message.contains("needs interface"), "{e}");
+
+        let e = err(&base.replace("127.0.0.0/29", "127.0.0.0/33"));
+        assert_eq!(e.key.as_deref(), Some("pools.loop.source"));
+
+        let e = err(&base.replace("127.0.0.0/29", "10.0.0.1, 2001:db8::1"));
+        assert!(e.message.contains("mixes IPv4 and IPv6"), "{e}");
+
+        let e = err(&base.replace("0/29\"\n", "0/29\"\nkeep_assigned = 60\n"));
+        assert_eq!(e.key.as_deref(), Some("pools.loop.keep_assigned"));
+
+        let e = err(&format!("{base}[pools.loop.health]\nbackoff = 0.5\n"));
+        assert_eq!(e.key.as_deref(), Some("pools.loop.health.backoff"));
+        assert_eq!(e.at.map(|a| a.0), Some(6));
+
+        let e = err("[pools.x]\nassigner = \"static\"\n");
+        assert_eq!(e.key.as_deref(), Some("pools.x"));
+        assert!(e.message.contains("no addresses"), "{e}");
+
+        let e = err(&format!("{base}users_file = \"missing-users\"\n"));
+        assert_eq!(e.key.as_deref(), Some("egress.main.users_file"));
+        assert!(e.message.contains("cannot read"), "{e}");
     }
 
     #[test]

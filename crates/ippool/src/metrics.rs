@@ -9,11 +9,25 @@
 //!   `bench_suppressed`, `restored`).
 //! - `ippool_accesslog_lines_total{monitor,result}`: access-log lines read
 //!   by each monitor (`parsed`, `malformed`).
+//! - Egress pools, read from [`addrpool::Pool::metrics`] at scrape time:
+//!   `ippool_egress_pool_{assigned,removed,leased,retired,assign_failures,connect_failures}_total{pool}`,
+//!   `ippool_egress_pool_{held,leased_now}{pool}` and the histogram
+//!   `ippool_egress_pool_assign_latency_seconds{pool}` (demand to a
+//!   bindable address).
+//! - Egress listeners, from [`gateway::egress::EgressMetrics`]:
+//!   `ippool_egress_requests_total{listener,protocol,result}`,
+//!   `ippool_egress_connections_total{listener}`,
+//!   `ippool_egress_bytes_total{listener,direction}` and
+//!   `ippool_egress_tunnels_open{listener}`.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
@@ -61,6 +75,7 @@ pub struct Metrics {
     pool_addresses: Family<PoolStateLabels, Gauge>,
     pool_transitions: Family<TransitionLabels, Counter>,
     accesslog_lines: Family<LineLabels, Counter>,
+    egress: Arc<EgressCollector>,
 }
 
 impl Metrics {
@@ -103,7 +118,10 @@ impl Metrics {
             "Access-log lines read by each monitor, parsed or malformed",
             accesslog_lines.clone(),
         );
+        let egress = Arc::new(EgressCollector::default());
+        registry.register_collector(Box::new(Arc::clone(&egress)));
         let m = Metrics {
+            egress,
             registry,
             rule_checks,
             rules,
@@ -213,10 +231,282 @@ impl Metrics {
         }
     }
 
+    /// Exports the counters of egress pool `name` from now on.
+    pub fn add_egress_pool(&self, name: &str, pool: addrpool::Pool) {
+        lock(&self.egress.pools).push((name.to_owned(), pool));
+    }
+
+    /// Exports the counters of egress listener `name` from now on.
+    pub fn add_egress_listener(&self, name: &str, m: Arc<gateway::egress::EgressMetrics>) {
+        lock(&self.egress.listeners).push((name.to_owned(), m));
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: String,
+    protocol: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    listener: String,
+    direction: &'static str,
+}
+
+/// Reads the egress pools' and listeners' own counters at scrape time, so
+/// the data path keeps its plain atomics and nothing is counted twice.
+#[derive(Debug, Default)]
+struct EgressCollector {
+    pools: Mutex<Vec<(String, addrpool::Pool)>>,
+    listeners: Mutex<Vec<(String, Arc<gateway::egress::EgressMetrics>)>>,
+}
+
+/// A histogram from bucket counts (not cumulative) and a sum.
+struct ConstHistogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Encodes one metric family: `rows` of (labels, metric).
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[(L, M)],
+) -> Result<(), std::fmt::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, m) in rows {
+        m.encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for EgressCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pools: Vec<(PoolLabel, addrpool::MetricsSnapshot)> = lock(&self.pools)
+            .iter()
+            .map(|(name, p)| (PoolLabel { pool: name.clone() }, p.metrics()))
+            .collect();
+        type Get = fn(&addrpool::MetricsSnapshot) -> u64;
+        let counters: [(&str, &str, Get); 6] = [
+            (
+                "egress_pool_assigned",
+                "Addresses made usable (added, adopted or taken into the working set)",
+                |m| m.assigned_total,
+            ),
+            (
+                "egress_pool_removed",
+                "Addresses removed from the interface (netlink)",
+                |m| m.removed_total,
+            ),
+            ("egress_pool_leased", "Leases handed out", |m| {
+                m.leased_total
+            }),
+            (
+                "egress_pool_retired",
+                "Addresses retired (use limit, idle time, bind failure)",
+                |m| m.retired_total,
+            ),
+            (
+                "egress_pool_assign_failures",
+                "Assignments that failed or timed out",
+                |m| m.assign_failures_total,
+            ),
+            (
+                "egress_pool_connect_failures",
+                "Outbound connections that failed (bind, connect, timeout)",
+                |m| m.connect_failures_total,
+            ),
+        ];
+        for (name, help, get) in counters {
+            let rows: Vec<_> = pools
+                .iter()
+                .map(|(l, m)| (l.clone(), ConstCounter::new(get(m))))
+                .collect();
+            family(&mut encoder, name, help, MetricType::Counter, &rows)?;
+        }
+        let gauges: [(&str, &str, Get); 2] = [
+            (
+                "egress_pool_held",
+                "Addresses the pool holds now (ready, leased, being assigned or removed)",
+                |m| m.held,
+            ),
+            ("egress_pool_leased_now", "Leases outstanding now", |m| {
+                m.leased_now
+            }),
+        ];
+        for (name, help, get) in gauges {
+            let rows: Vec<_> = pools
+                .iter()
+                .map(|(l, m)| {
+                    (
+                        l.clone(),
+                        ConstGauge::new(i64::try_from(get(m)).unwrap_or(i64::MAX)),
+                    )
+                })
+                .collect();
+            family(&mut encoder, name, help, MetricType::Gauge, &rows)?;
+        }
+        let rows: Vec<_> = pools
+            .iter()
+            .map(|(l, m)| {
+                let mut buckets: Vec<(f64, u64)> = addrpool::ASSIGN_LATENCY_BOUNDS_US
+                    .iter()
+                    .zip(m.assign_latency_buckets)
+                    .map(|(&us, n)| (us as f64 / 1e6, n))
+                    .collect();
+                buckets.push((
+                    f64::MAX,
+                    m.assign_latency_buckets[addrpool::ASSIGN_LATENCY_BOUNDS_US.len()],
+                ));
+                let count = m.assign_latency_buckets.iter().sum();
+                (
+                    l.clone(),
+                    ConstHistogram {
+                        sum: m.assign_latency_sum.as_secs_f64(),
+                        count,
+                        buckets,
+                    },
+                )
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "egress_pool_assign_latency_seconds",
+            "Time from demand to a bindable address",
+            MetricType::Histogram,
+            &rows,
+        )?;
+
+        let listeners: Vec<(String, gateway::egress::EgressMetricsSnapshot)> =
+            lock(&self.listeners)
+                .iter()
+                .map(|(n, m)| (n.clone(), m.snapshot()))
+                .collect();
+        let rows: Vec<_> = listeners
+            .iter()
+            .flat_map(|(n, s)| {
+                s.iter_requests().map(move |(p, r, v)| {
+                    (
+                        RequestLabels {
+                            listener: n.clone(),
+                            protocol: p.as_str(),
+                            result: r.as_str(),
+                        },
+                        ConstCounter::new(v),
+                    )
+                })
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "egress_requests",
+            "Egress requests and tunnels by protocol and result",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    ListenerLabel {
+                        listener: n.clone(),
+                    },
+                    ConstCounter::new(s.connections_total),
+                )
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "egress_connections",
+            "Client connections accepted",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = listeners
+            .iter()
+            .flat_map(|(n, s)| {
+                [("up", s.bytes_up_total), ("down", s.bytes_down_total)].map(|(direction, v)| {
+                    (
+                        BytesLabels {
+                            listener: n.clone(),
+                            direction,
+                        },
+                        ConstCounter::new(v),
+                    )
+                })
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "egress_bytes",
+            "Bytes carried: up (client to destination) and down",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    ListenerLabel {
+                        listener: n.clone(),
+                    },
+                    ConstGauge::new(i64::try_from(s.active_tunnels).unwrap_or(i64::MAX)),
+                )
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "egress_tunnels_open",
+            "CONNECT and SOCKS5 tunnels open now",
+            MetricType::Gauge,
+            &rows,
+        )
     }
 }

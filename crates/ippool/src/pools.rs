@@ -1,16 +1,18 @@
 //! The registry of address pools whose health the daemon tracks, shared by
 //! the monitors, the admin API (`/probe`, client feedback) and the metrics.
 //!
-//! # The seam for other pool kinds
+//! # Two kinds of pool, one view
 //!
-//! A pool is a name, a kind (`"nginx"` for a `[monitor.<name>]`) and a
-//! `Mutex<health::Tracker<IpAddr>>`. Anything that tracks addresses with a
-//! [`health::Tracker`] registers here with [`Pools::register`] before
-//! `serve` starts its tasks — the egress pools of `addrpool` will register
-//! with kind `"egress"` — and gets `/probe`, client feedback
+//! - `"nginx"` pools (`[monitor.<name>]`): the registry owns a
+//!   `Mutex<health::Tracker<IpAddr>>` that the monitor feeds.
+//! - `"egress"` pools (`[pools.<name>]`): an [`addrpool::Pool`] owns its
+//!   tracker (leasing must consult it under the pool's own lock); the
+//!   registry holds a handle and reads through it.
+//!
+//! Both get `/probe`, client feedback
 //! (`POST /api/pools/{pool}/addresses/{ip}/outcome`) and the
-//! `ippool_pool_*` metrics with no change here. The registry is built once
-//! and then only read, so lookups take no lock; each tracker has its own.
+//! `ippool_pool_*` metrics the same way. The registry is built once and
+//! then only read, so lookups take no lock; each tracker has its own.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -30,11 +32,22 @@ pub const MAX_REPORTS: usize = 10;
 pub struct Pool {
     name: String,
     kind: &'static str,
-    /// Whether addresses join the pool when first seen (monitors without a
-    /// fixed address list).
-    discover: bool,
-    tracker: Mutex<Tracker<IpAddr>>,
+    backend: Backend,
     reports: Mutex<HashMap<IpAddr, VecDeque<Report>>>,
+}
+
+/// Where a pool's health lives.
+#[derive(Debug)]
+enum Backend {
+    /// The registry owns the tracker (nginx pools).
+    Tracked {
+        /// Whether addresses join the pool when first seen (monitors
+        /// without a fixed address list).
+        discover: bool,
+        tracker: Box<Mutex<Tracker<IpAddr>>>,
+    },
+    /// The egress pool owns it (with health on).
+    Egress(addrpool::Pool),
 }
 
 /// A client report (`POST …/outcome`), kept for `/probe`.
@@ -71,15 +84,17 @@ impl Pool {
         &self.name
     }
 
-    /// Locks the tracker. A poisoned lock (a panic while holding it) is
-    /// taken over: the tracker's state is updated field by field and stays
-    /// usable.
-    pub fn tracker(&self) -> MutexGuard<'_, Tracker<IpAddr>> {
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks a registry-owned tracker. A poisoned lock (a panic while
+    /// holding it) is taken over: the tracker's state is updated field by
+    /// field and stays usable.
+    fn lock(tracker: &Mutex<Tracker<IpAddr>>) -> MutexGuard<'_, Tracker<IpAddr>> {
+        tracker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records one outcome of `ip`, adding `ip` first when the pool
     /// discovers its addresses; logs and counts the transition it caused.
+    /// (An egress pool logs and counts its transitions through its own
+    /// [`addrpool::TransitionSink`], set up by `serve`.)
     pub fn record(
         &self,
         ip: IpAddr,
@@ -87,26 +102,60 @@ impl Pool {
         now: Instant,
         metrics: &Metrics,
     ) -> Result<Option<Transition>, RecordError> {
-        let mut tracker = self.tracker();
-        if self.discover && tracker.insert(ip) {
-            tracing::info!(pool = %self.name, %ip, "new address in the pool");
+        let unknown = || RecordError::UnknownAddress {
+            pool: self.name.clone(),
+            ip,
+        };
+        match &self.backend {
+            Backend::Tracked { discover, tracker } => {
+                let mut tracker = Self::lock(tracker);
+                if *discover && tracker.insert(ip) {
+                    tracing::info!(pool = %self.name, %ip, "new address in the pool");
+                }
+                let t = tracker
+                    .record(&ip, observation, now)
+                    .map_err(|_| unknown())?;
+                drop(tracker);
+                if let Some(t) = t {
+                    self.publish(ip, t, metrics);
+                }
+                Ok(t)
+            }
+            Backend::Egress(pool) => pool.record_outcome(ip, observation).map_err(|_| unknown()),
         }
-        let t = tracker
-            .record(&ip, observation, now)
-            .map_err(|_| RecordError::UnknownAddress {
-                pool: self.name.clone(),
-                ip,
-            })?;
-        drop(tracker);
-        if let Some(t) = t {
-            self.publish(ip, t, metrics);
-        }
-        Ok(t)
     }
 
-    /// Whether `ip` is in the pool.
+    /// Whether `ip` is in the pool (for an egress pool: held, or retired
+    /// while benched and still remembered).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.tracker().contains(&ip)
+        match &self.backend {
+            Backend::Tracked { tracker, .. } => Self::lock(tracker).contains(&ip),
+            Backend::Egress(pool) => pool.health_state(ip).is_some(),
+        }
+    }
+
+    /// What the pool's classifier makes of `outcome`.
+    pub fn classify(&self, outcome: &health::Outcome) -> health::Verdict {
+        match &self.backend {
+            Backend::Tracked { tracker, .. } => Self::lock(tracker).classifier().classify(outcome),
+            Backend::Egress(pool) => pool.options().classifier.classify(outcome),
+        }
+    }
+
+    /// The state of `ip` at `now`, if the pool knows it.
+    pub fn state(&self, ip: IpAddr, now: Instant) -> Option<health::State> {
+        match &self.backend {
+            Backend::Tracked { tracker, .. } => Self::lock(tracker).state(&ip, now),
+            Backend::Egress(pool) => pool.health_state(ip),
+        }
+    }
+
+    /// Counts by state at `now`.
+    pub fn stats(&self, now: Instant) -> health::PoolStats {
+        match &self.backend {
+            Backend::Tracked { tracker, .. } => Self::lock(tracker).stats(now),
+            Backend::Egress(pool) => pool.health_snapshot(0).map(|s| s.stats).unwrap_or_default(),
+        }
     }
 
     /// Keeps a client report for `/probe`.
@@ -128,22 +177,7 @@ impl Pool {
     }
 
     fn publish(&self, ip: IpAddr, t: Transition, metrics: &Metrics) {
-        match t {
-            Transition::Benched { cause, cooldown } => tracing::info!(
-                pool = %self.name,
-                %ip,
-                cause = ?cause,
-                cooldown = %humantime::format_duration(cooldown),
-                "address benched"
-            ),
-            Transition::BenchSuppressed { cause } => tracing::warn!(
-                pool = %self.name,
-                %ip,
-                cause = ?cause,
-                "address not benched: max_benched_percent of the pool is already out"
-            ),
-            Transition::Restored => tracing::info!(pool = %self.name, %ip, "address restored"),
-        }
+        log_transition(&self.name, ip, &t);
         metrics.count_transition(&self.name, transition_kind(&t));
     }
 
@@ -151,18 +185,40 @@ impl Pool {
     /// newest outcomes; only `only` when given.
     pub fn probe(&self, now: Instant, recent: usize, only: Option<IpAddr>) -> PoolView {
         let wall = SystemTime::now();
-        let tracker = self.tracker();
-        let stats = tracker.stats(now);
-        let mut snaps = match only {
-            Some(ip) => tracker.snapshot_key(&ip, now, recent).into_iter().collect(),
-            None => tracker.snapshot(now, recent),
+        // (snapshot, held, leases); the last two for egress pools only.
+        let (stats, mut snaps, now) = match &self.backend {
+            Backend::Tracked { tracker, .. } => {
+                let tracker = Self::lock(tracker);
+                let snaps: Vec<_> = match only {
+                    Some(ip) => tracker.snapshot_key(&ip, now, recent).into_iter().collect(),
+                    None => tracker.snapshot(now, recent),
+                };
+                let snaps = snaps
+                    .into_iter()
+                    .map(|s| (s, None, None))
+                    .collect::<Vec<_>>();
+                (tracker.stats(now), snaps, now)
+            }
+            Backend::Egress(pool) => match pool.health_snapshot(recent) {
+                Some(h) => {
+                    let snaps = h
+                        .addresses
+                        .into_iter()
+                        .filter(|a| only.is_none_or(|ip| ip == a.health.key))
+                        .map(|a| (a.health, Some(a.held), Some(a.leases)))
+                        .collect();
+                    (h.stats, snaps, h.at)
+                }
+                None => (health::PoolStats::default(), Vec::new(), now),
+            },
         };
-        drop(tracker);
-        snaps.sort_by_key(|s| s.key);
+        snaps.sort_by_key(|s| s.0.key);
         let addresses = snaps
             .into_iter()
-            .map(|s| {
+            .map(|(s, held, leases)| {
                 let mut a = AddressView::new(s, now, wall);
+                a.held = held;
+                a.leases = leases;
                 a.reports = self.reports_of(a.ip);
                 a
             })
@@ -177,6 +233,26 @@ impl Pool {
             max_benched: stats.max_benched,
             addresses,
         }
+    }
+}
+
+/// Logs a transition of `ip` in pool `pool`.
+pub fn log_transition(pool: &str, ip: IpAddr, t: &Transition) {
+    match t {
+        Transition::Benched { cause, cooldown } => tracing::info!(
+            pool,
+            %ip,
+            cause = ?cause,
+            cooldown = %humantime::format_duration(*cooldown),
+            "address benched"
+        ),
+        Transition::BenchSuppressed { cause } => tracing::warn!(
+            pool,
+            %ip,
+            cause = ?cause,
+            "address not benched: max_benched_percent of the pool is already out"
+        ),
+        Transition::Restored => tracing::info!(pool, %ip, "address restored"),
     }
 }
 
@@ -244,6 +320,14 @@ pub struct AddressView {
     /// The newest client reports, oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reports: Vec<Report>,
+    /// Egress pools: whether the pool holds the address now (`false`: it
+    /// was retired while benched and is remembered until its cooldown
+    /// ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<bool>,
+    /// Egress pools: leases of the address outstanding now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leases: Option<u32>,
 }
 
 /// Counters of an address.
@@ -376,6 +460,8 @@ impl AddressView {
                 })
                 .collect(),
             reports: Vec::new(),
+            held: None,
+            leases: None,
         }
     }
 }
@@ -401,14 +487,39 @@ impl Pools {
         tracker: Tracker<IpAddr>,
         discover: bool,
     ) -> Result<Arc<Pool>, DuplicatePool> {
+        self.insert(
+            name,
+            kind,
+            Backend::Tracked {
+                discover,
+                tracker: Box::new(Mutex::new(tracker)),
+            },
+        )
+    }
+
+    /// Registers an egress pool (started with health on; without it the
+    /// pool shows no address).
+    pub fn register_egress(
+        &mut self,
+        name: &str,
+        pool: addrpool::Pool,
+    ) -> Result<Arc<Pool>, DuplicatePool> {
+        self.insert(name, "egress", Backend::Egress(pool))
+    }
+
+    fn insert(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        backend: Backend,
+    ) -> Result<Arc<Pool>, DuplicatePool> {
         if self.pools.contains_key(name) {
             return Err(DuplicatePool(name.to_owned()));
         }
         let pool = Arc::new(Pool {
             name: name.to_owned(),
             kind,
-            discover,
-            tracker: Mutex::new(tracker),
+            backend,
             reports: Mutex::new(HashMap::new()),
         });
         self.pools.insert(name.to_owned(), Arc::clone(&pool));
@@ -434,7 +545,7 @@ impl Pools {
     /// (benched → probation happens lazily, so this runs at scrape time).
     pub fn refresh_metrics(&self, metrics: &Metrics, now: Instant) {
         for p in self.pools.values() {
-            let s = p.tracker().stats(now);
+            let s = p.stats(now);
             metrics.set_pool_addresses(&p.name, s.available, s.benched, s.probation);
         }
     }

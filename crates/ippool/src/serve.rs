@@ -6,6 +6,10 @@
 //! sections (egress proxy, ingress proxy, …) add their tasks to the same
 //! set. Each `[monitor.<name>]` runs as one task of the set (see
 //! [`crate::monitor`]) feeding its pool in the shared [`Pools`] registry.
+//! Each `[pools.<name>]` is an [`addrpool::Pool`] started before the
+//! listeners and shut down after them (so a netlink pool removes the
+//! addresses it added, even when start-up fails half-way); each
+//! `[egress.<name>]` is a [`gateway::egress::EgressProxy`] task.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +34,7 @@ pub enum ServeError {
     #[error("{key} = \"{addr}\": cannot listen: {source}")]
     Bind {
         /// The config key of the address.
-        key: &'static str,
+        key: String,
         /// The address.
         addr: SocketAddr,
         /// The OS error.
@@ -43,11 +47,11 @@ pub enum ServeError {
     /// The config could not be rendered for `/config`.
     #[error("cannot render the effective config: {0}")]
     Render(#[source] serde_json::Error),
-    /// A pool could not be set up.
-    #[error("monitor.{pool}: {message}")]
+    /// A pool or listener could not be set up.
+    #[error("{section}: {message}")]
     Pool {
-        /// The pool.
-        pool: String,
+        /// The config section (`monitor.web`, `pools.v6`, `egress.main`).
+        section: String,
         /// What is wrong.
         message: String,
     },
@@ -88,7 +92,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let mut monitors = Vec::new();
     for spec in loaded.monitors {
         let pool_err = |message: String| ServeError::Pool {
-            pool: spec.name.clone(),
+            section: format!("monitor.{}", spec.name),
             message,
         };
         let mut tracker =
@@ -110,6 +114,23 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         metrics.add_monitor(&spec.name);
         monitors.push((spec, pool));
     }
+    // Egress pools, then their listeners. Whatever fails, the pools
+    // started so far are shut down (netlink addresses removed) first.
+    let mut egress_pools: Vec<(String, addrpool::Pool)> = Vec::new();
+    let mut proxies = Vec::new();
+    let started = start_egress(
+        &loaded.pools,
+        &loaded.egress,
+        &metrics,
+        &mut pools,
+        &mut egress_pools,
+        &mut proxies,
+    )
+    .await;
+    if let Err(e) = started {
+        stop_pools(&egress_pools).await;
+        return Err(e);
+    }
     let pools = Arc::new(pools);
     pools.refresh_metrics(&metrics, std::time::Instant::now());
 
@@ -122,18 +143,21 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     };
 
     let want = *loaded.config.admin.listen.get_ref();
-    let listener = TcpListener::bind(want)
-        .await
-        .map_err(|source| ServeError::Bind {
-            key: "admin.listen",
-            addr: want,
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| ServeError::Bind {
-        key: "admin.listen",
-        addr: want,
-        source,
-    })?;
+    let bound = match TcpListener::bind(want).await {
+        Ok(l) => l.local_addr().map(|a| (l, a)),
+        Err(e) => Err(e),
+    };
+    let (listener, bound) = match bound {
+        Ok(b) => b,
+        Err(source) => {
+            stop_pools(&egress_pools).await;
+            return Err(ServeError::Bind {
+                key: "admin.listen".into(),
+                addr: want,
+                source,
+            });
+        }
+    };
 
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
@@ -143,6 +167,14 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         tasks.spawn(async move {
             let r = admin::run(listener, router, shutdown).await;
             ("admin", r.map_err(|e| e.to_string()))
+        });
+    }
+    for (name, proxy) in proxies {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            proxy.serve(shutdown.cancelled_owned()).await;
+            tracing::debug!(listener = %name, "egress listener stopped");
+            ("egress", Ok(()))
         });
     }
     let monitor_count = monitors.len();
@@ -187,12 +219,100 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         );
         tasks.shutdown().await;
     }
+    stop_pools(&egress_pools).await;
     match failure {
         Some(e) => Err(e),
         None => {
             tracing::info!("stopped");
             Ok(())
         }
+    }
+}
+
+/// Starts the `[pools.*]` and binds the `[egress.*]` listeners, registering
+/// each pool for `/probe` and the metrics. What was started is left in
+/// `started` and `proxies` even on error, for the caller to shut down.
+async fn start_egress(
+    specs: &[crate::config::PoolSpec],
+    listeners: &[crate::config::EgressSpec],
+    metrics: &Arc<Metrics>,
+    registry: &mut Pools,
+    started: &mut Vec<(String, addrpool::Pool)>,
+    proxies: &mut Vec<(String, gateway::egress::EgressProxy)>,
+) -> Result<(), ServeError> {
+    for spec in specs {
+        let section = format!("pools.{}", spec.name);
+        let err = |message: String| ServeError::Pool {
+            section: section.clone(),
+            message,
+        };
+        let source = spec.source.build().map_err(err)?;
+        let mut options = spec.options.clone();
+        let (name, m) = (spec.name.clone(), Arc::clone(metrics));
+        // addrpool logs the transition itself; count it here.
+        options.transitions = Some(Arc::new(
+            move |_: std::net::IpAddr, t: health::Transition| {
+                m.count_transition(&name, crate::pools::transition_kind(&t));
+            },
+        ));
+        let pool = addrpool::Pool::start(source, spec.assigner.clone(), options)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        started.push((spec.name.clone(), pool.clone()));
+        registry
+            .register_egress(&spec.name, pool.clone())
+            .map_err(|e| err(e.to_string()))?;
+        metrics.add_pool(&spec.name);
+        metrics.add_egress_pool(&spec.name, pool.clone());
+        tracing::info!(
+            pool = %spec.name,
+            assigner = ?spec.assigner,
+            held = pool.held().len(),
+            "egress pool started"
+        );
+    }
+    for spec in listeners {
+        let pool = started
+            .iter()
+            .find(|(n, _)| *n == spec.pool)
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| ServeError::Pool {
+                section: format!("egress.{}", spec.name),
+                message: format!("pool `{}` did not start", spec.pool),
+            })?;
+        let proxy = gateway::egress::EgressProxy::bind(spec.options(pool))
+            .await
+            .map_err(|e| match e {
+                gateway::egress::EgressError::Bind { addr, source } => ServeError::Bind {
+                    key: format!("egress.{}.listen", spec.name),
+                    addr,
+                    source,
+                },
+                other => ServeError::Pool {
+                    section: format!("egress.{}", spec.name),
+                    message: other.to_string(),
+                },
+            })?;
+        let addr = proxy.local_addr();
+        metrics.add_egress_listener(&spec.name, proxy.metrics());
+        tracing::info!(
+            listener = %spec.name,
+            pool = %spec.pool,
+            users = spec.users.len(),
+            "egress.{}: proxy (HTTP, CONNECT, SOCKS5) listening on {addr}",
+            spec.name
+        );
+        proxies.push((spec.name.clone(), proxy));
+    }
+    Ok(())
+}
+
+/// Shuts the egress pools down: netlink pools remove the addresses they
+/// added, freebind pools the routes they added.
+async fn stop_pools(pools: &[(String, addrpool::Pool)]) {
+    for (name, pool) in pools {
+        pool.shutdown().await;
+        tracing::debug!(pool = %name, "egress pool stopped");
     }
 }
 

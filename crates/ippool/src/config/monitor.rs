@@ -297,7 +297,7 @@ impl Default for HealthConfig {
 
 impl HealthConfig {
     /// The span of a field by its key, for errors.
-    fn span_of(&self, field: &str) -> Option<std::ops::Range<usize>> {
+    pub(super) fn span_of(&self, field: &str) -> Option<std::ops::Range<usize>> {
         Some(match field {
             "consecutive_failures" => self.consecutive_failures.span(),
             "max_failure_ratio" => self.max_failure_ratio.span(),

@@ -1,0 +1,272 @@
+//! Helpers shared by the end-to-end tests of the `ippool` binary: a temp
+//! directory, the daemon as a child process, a tiny HTTP/1.1 client and an
+//! upstream that answers with the peer address it saw.
+
+#![allow(dead_code, reason = "each test file uses a subset")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ippool");
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ippool-e2e-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// Writes `text` to `name` inside the directory.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `ippool serve` as a child; killed on drop if the test failed first.
+pub struct Daemon {
+    /// The child process.
+    pub child: Child,
+    /// Where the admin API listens.
+    pub admin: SocketAddr,
+    /// The log lines seen before the admin API was up.
+    pub startup: Vec<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts `ippool serve -c config` and waits for the admin API.
+    pub fn start(config: &Path, envs: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "-c"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ippool serve");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("admin API listening on http://").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or("");
+                        return Daemon {
+                            child,
+                            admin: addr.parse().expect("bound address in the log"),
+                            startup: seen,
+                            stderr: rx,
+                        };
+                    }
+                    seen.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "daemon did not report its address; stderr:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    /// The address `egress.<name>` listens on, from the start-up log.
+    pub fn egress(&self, name: &str) -> SocketAddr {
+        let needle = format!("egress.{name}: proxy (HTTP, CONNECT, SOCKS5) listening on ");
+        self.startup
+            .iter()
+            .find_map(|l| l.split(&needle).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
+    }
+
+    /// Log lines that arrived since start-up, waiting up to `wait` for one
+    /// containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, wait: Duration) -> Option<String> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(50))
+                && line.contains(needle)
+            {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// SIGTERM, then the exit status (within 15 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The header block, lower-cased.
+    pub headers: String,
+    /// The body.
+    pub body: String,
+}
+
+impl Response {
+    /// The value of header `name` (lower-case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then(|| v.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close` to `addr` (the request
+/// target may be absolute-form, for a proxy); reads to EOF.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Response {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let host = target
+        .strip_prefix("http://")
+        .and_then(|t| t.split('/').next())
+        .map_or_else(|| addr.to_string(), str::to_owned);
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    parse_response(&String::from_utf8_lossy(&raw))
+}
+
+/// Parses a whole `Connection: close` response.
+pub fn parse_response(raw: &str) -> Response {
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header/body separator in {raw:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    Response {
+        status,
+        headers: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+    }
+}
+
+/// An HTTP upstream on 127.0.0.1 that answers every request with the peer
+/// address it saw as the body, one request per connection.
+pub struct PeerEcho {
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl PeerEcho {
+    /// Starts the server on a thread (it lives as long as the test).
+    pub fn start() -> PeerEcho {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = l.local_addr().expect("upstream addr");
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match conn.read(&mut b) {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let peer = conn
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{peer}",
+                        peer.len()
+                    );
+                });
+            }
+        });
+        PeerEcho { addr }
+    }
+}
+
+/// The value of the first Prometheus sample line starting with `series`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
