@@ -7,6 +7,9 @@
 //! | `GET /metrics` | Prometheus / OpenMetrics text |
 //! | `GET /api/rules` | the rule sets, their defaults and rule counts |
 //! | `GET /api/rules/{set}/check?ip=ADDR` | the verdict for `ADDR` and the rule that decided |
+//! | `GET /api/rules/{set}` | every rule of the set: `rule`, `source` (`config` or `runtime`), `expires_in_seconds` |
+//! | `POST /api/rules/{set}/{list}` | add a runtime rule: `{"rule": "192.0.2.0/24", "ttl": "1h"}` (`ttl` optional); durable before the answer |
+//! | `DELETE /api/rules/{set}/{list}?rule=RULE` | remove a runtime rule (config rules: 409, edit the file) |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
 //! | `POST /api/pools/{pool}/addresses/{ip}/outcome` | client feedback: `{"outcome": "success"\|"failure"\|"status", "status": 429, "detail": "captcha"}` |
 //! | `POST /api/egress/{pool}/addresses/{ip}/outcome` | the same (the path a crawler behind an egress pool is told about) |
@@ -33,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Secret, is_loopback};
 use crate::metrics::{self, Metrics};
 use crate::pools::{Pools, Report};
-use crate::rules::RuleSets;
+use crate::rules::{List, RuleSets};
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
@@ -48,6 +51,8 @@ pub struct AdminState {
     pub pools: Arc<Pools>,
     /// The admin token, if configured.
     pub token: Option<Arc<Secret>>,
+    /// Where runtime changes are persisted.
+    pub store: store::Store,
 }
 
 /// The admin API's routes.
@@ -57,6 +62,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/rules", get(list_rules))
         .route("/api/rules/{set}/check", get(check))
+        .route("/api/rules/{set}", get(list_set))
+        .route(
+            "/api/rules/{set}/{list}",
+            post(add_rule).delete(remove_rule),
+        )
         .route("/probe", get(probe))
         .route("/api/pools/{pool}/addresses/{ip}/outcome", post(outcome))
         .route("/api/egress/{pool}/addresses/{ip}/outcome", post(outcome))
@@ -184,6 +194,200 @@ async fn check(
             Json(report).into_response()
         }
         None => error(StatusCode::NOT_FOUND, format!("no rule set `{set}`")),
+    }
+}
+
+async fn list_set(State(state): State<AdminState>, Path(set): Path<String>) -> Response {
+    match state.rules.listing(&set, std::time::Instant::now()) {
+        Some(l) => Json(l).into_response(),
+        None => unknown_set(&state, &set),
+    }
+}
+
+fn unknown_set(state: &AdminState, set: &str) -> Response {
+    let known: Vec<&str> = state.rules.names().collect();
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no rule set `{set}` (known: {})", known.join(", ")),
+    )
+}
+
+/// An API error: a status and the reason, answered as `{"error": …}`.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+/// Parses the `{set}/{list}` of a rule route.
+fn set_and_list(state: &AdminState, set: &str, list: &str) -> Result<List, ApiError> {
+    if state.rules.get(set).is_none() {
+        let known: Vec<&str> = state.rules.names().collect();
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no rule set `{set}` (known: {})", known.join(", ")),
+        ));
+    }
+    List::parse(list).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no list `{list}`: use `allow` or `deny`"),
+        )
+    })
+}
+
+fn parse_rule(text: &str) -> Result<iprules::Rule, ApiError> {
+    text.trim()
+        .parse()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("rule: `{text}`: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddRuleBody {
+    rule: String,
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+/// Runs a store call off the async workers (it waits for an fsync).
+async fn persist<T: Send + 'static>(
+    store: &store::Store,
+    f: impl FnOnce(&store::Store) -> Result<T, store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "state store write failed");
+            Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("not saved, nothing changed: {e}"),
+            ))
+        }
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("not saved, nothing changed: {e}"),
+        )),
+    }
+}
+
+async fn add_rule(
+    State(state): State<AdminState>,
+    Path((set, list)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let list = match set_and_list(&state, &set, &list) {
+        Ok(l) => l,
+        Err(r) => return r.into_response(),
+    };
+    let body: AddRuleBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")),
+    };
+    let rule = match parse_rule(&body.rule) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    let ttl = match body.ttl.as_deref().map(crate::config::duration::parse) {
+        None => None,
+        Some(Ok(d)) if !d.is_zero() => Some(d),
+        Some(Ok(_)) => return error(StatusCode::BAD_REQUEST, "ttl: must be more than 0s".into()),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
+    };
+    if state.rules.is_config_rule(&set, list, &rule) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{rule} is already in the {} list of the config file",
+                list.as_str()
+            ),
+        );
+    }
+    let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let expires = ttl.and_then(|d| now.checked_add(d));
+    let record = store::RuntimeRule {
+        set: set.clone(),
+        list: list.as_str().to_owned(),
+        rule: rule.to_string(),
+        until_unix_ms: expires.map(|t| crate::rules::unix_ms(t, now, wall)),
+    };
+    // Durable first, then live: a failed write changes nothing.
+    if let Err(r) = persist(&state.store, move |s| s.put_rule(&record)).await {
+        return r;
+    }
+    match state.rules.add_runtime(&set, list, rule, expires) {
+        Ok(changed) => {
+            state
+                .metrics
+                .set_rule_count(&set, list.as_str(), state.rules.len(&set, list));
+            tracing::info!(set, list = list.as_str(), %rule, ttl = ?ttl, "rule added");
+            Json(serde_json::json!({
+                "set": set,
+                "list": list.as_str(),
+                "rule": rule.to_string(),
+                "changed": changed,
+                "expires_in_seconds": ttl.map(|d| d.as_secs_f64()),
+            }))
+            .into_response()
+        }
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RuleQuery {
+    rule: Option<String>,
+}
+
+async fn remove_rule(
+    State(state): State<AdminState>,
+    Path((set, list)): Path<(String, String)>,
+    Query(q): Query<RuleQuery>,
+) -> Response {
+    let list = match set_and_list(&state, &set, &list) {
+        Ok(l) => l,
+        Err(r) => return r.into_response(),
+    };
+    let Some(text) = q.rule else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing query parameter `rule`".into(),
+        );
+    };
+    let rule = match parse_rule(&text) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    match state.rules.check_removable(&set, list, &rule) {
+        Ok(()) => {}
+        Err(e @ crate::rules::ChangeError::FromConfig { .. }) => {
+            return error(StatusCode::CONFLICT, e.to_string());
+        }
+        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
+    }
+    let record = store::RuntimeRule {
+        set: set.clone(),
+        list: list.as_str().to_owned(),
+        rule: rule.to_string(),
+        until_unix_ms: None,
+    };
+    if let Err(r) = persist(&state.store, move |s| s.remove_rule(&record)).await {
+        return r;
+    }
+    match state.rules.remove_runtime(&set, list, &rule) {
+        Ok(()) => {
+            state
+                .metrics
+                .set_rule_count(&set, list.as_str(), state.rules.len(&set, list));
+            tracing::info!(set, list = list.as_str(), %rule, "rule removed");
+            Json(serde_json::json!({"set": set, "list": list.as_str(), "rule": rule.to_string(), "removed": true}))
+                .into_response()
+        }
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
     }
 }
 

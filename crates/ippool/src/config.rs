@@ -43,8 +43,9 @@ pub const MIN_TOKEN_LEN: usize = 16;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Directory for state kept across restarts (`"state"` by default,
-    /// relative to the config file). Not used yet; validated: if it exists
-    /// it must be a directory.
+    /// relative to the config file): `state.redb` holds the rules added
+    /// through the API. Created by `serve` if missing; if it exists it must
+    /// be a directory.
     #[serde(default = "default_state_dir")]
     pub state_dir: Spanned<PathBuf>,
     /// How long `serve` waits for in-flight requests after SIGINT/SIGTERM
@@ -277,6 +278,8 @@ impl fmt::Display for Secret {
 pub struct Loaded {
     /// The config file's path as given.
     pub path: PathBuf,
+    /// `state_dir`, resolved against the config file's directory.
+    pub state_dir: PathBuf,
     /// The configuration, defaults filled in. Holds no secret.
     pub config: Config,
     /// The admin token, when `admin.token_file` or `admin.token_env` is set.
@@ -673,6 +676,7 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
 
     Ok(Loaded {
         path: path.to_owned(),
+        state_dir: state_path,
         config,
         admin_token,
         admin_token_source,

@@ -1,8 +1,15 @@
 //! The named rule policies of `[rules.<name>]`, shared by the admin API,
 //! the `rules check` command and (later) the listeners.
+//!
+//! A set holds the rules of the config file (its *base*) plus rules added
+//! at run time through the admin API, which `serve` persists in the store
+//! and re-applies at start-up. Config rules are changed by editing the
+//! file; the API refuses to remove them (they would come back on restart).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use iprules::{Policy, Reason, Rule, Shared, Verdict};
 use serde::Serialize;
@@ -12,7 +19,14 @@ use serde::Serialize;
 /// replace it.
 #[derive(Debug, Default)]
 pub struct RuleSets {
-    sets: BTreeMap<String, Shared<Policy>>,
+    sets: BTreeMap<String, Set>,
+}
+
+#[derive(Debug)]
+struct Set {
+    live: Arc<Shared<Policy>>,
+    /// The rules of the config file.
+    base: Policy,
 }
 
 /// Which list of a policy a rule belongs to.
@@ -26,6 +40,15 @@ pub enum List {
 }
 
 impl List {
+    /// `"allow"` → Allow, `"deny"` → Deny.
+    pub fn parse(text: &str) -> Option<List> {
+        match text {
+            "allow" => Some(List::Allow),
+            "deny" => Some(List::Deny),
+            _ => None,
+        }
+    }
+
     /// `"allow"` or `"deny"`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,15 +122,232 @@ pub struct SetSummary {
     pub deny: usize,
 }
 
+/// One rule of a listing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleEntry {
+    /// The rule as text.
+    pub rule: String,
+    /// `"config"` (from the file) or `"runtime"` (added through the API).
+    pub source: &'static str,
+    /// Seconds until it expires, if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<f64>,
+}
+
+/// Every rule of a set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SetListing {
+    /// The set's name.
+    pub name: String,
+    /// The verdict when no rule matches.
+    pub default: &'static str,
+    /// The allow list, in insertion order.
+    pub allow: Vec<RuleEntry>,
+    /// The deny list, in insertion order.
+    pub deny: Vec<RuleEntry>,
+}
+
+/// Why a runtime change was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChangeError {
+    /// No such set.
+    #[error("no rule set `{0}`")]
+    NoSet(String),
+    /// The rule comes from the config file.
+    #[error("{rule} is in the {list} list of the config file: edit the file and reload")]
+    FromConfig {
+        /// The rule.
+        rule: String,
+        /// The list.
+        list: &'static str,
+    },
+    /// The rule is not in the list.
+    #[error("{rule} is not in the {list} list")]
+    Absent {
+        /// The rule.
+        rule: String,
+        /// The list.
+        list: &'static str,
+    },
+}
+
+/// An `Instant` `until` as Unix milliseconds, given a matching (`now`,
+/// `wall`).
+pub fn unix_ms(until: Instant, now: Instant, wall: SystemTime) -> u64 {
+    let t = wall + until.saturating_duration_since(now);
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Unix milliseconds as an `Instant`; `None` when already past.
+pub fn instant_of_unix_ms(ms: u64, now: Instant, wall: SystemTime) -> Option<Instant> {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    let left = at.duration_since(wall).ok().filter(|d| !d.is_zero())?;
+    now.checked_add(left)
+}
+
 impl RuleSets {
-    /// Adds (or replaces) a set.
+    /// Adds (or replaces) a set; `policy` is its config-file base.
     pub fn insert(&mut self, name: &str, policy: Policy) {
-        self.sets.insert(name.to_owned(), Shared::new(policy));
+        self.sets.insert(
+            name.to_owned(),
+            Set {
+                live: Arc::new(Shared::new(policy.clone())),
+                base: policy,
+            },
+        );
     }
 
-    /// The set called `name`.
-    pub fn get(&self, name: &str) -> Option<&Shared<Policy>> {
-        self.sets.get(name)
+    /// The live policy of set `name` (share it with listeners).
+    pub fn get(&self, name: &str) -> Option<&Arc<Shared<Policy>>> {
+        self.sets.get(name).map(|s| &s.live)
+    }
+
+    /// Adds `rule` to `list` of set `name` at run time, expiring at
+    /// `expires`; whether it changed anything (a rule already there with
+    /// the same expiry does not).
+    pub fn add_runtime(
+        &self,
+        name: &str,
+        list: List,
+        rule: Rule,
+        expires: Option<Instant>,
+    ) -> Result<bool, ChangeError> {
+        let set = self
+            .sets
+            .get(name)
+            .ok_or_else(|| ChangeError::NoSet(name.to_owned()))?;
+        Ok(set.live.update(|p| {
+            let l = match list {
+                List::Allow => &mut p.allow,
+                List::Deny => &mut p.deny,
+            };
+            match expires {
+                Some(t) => l.add_until(rule, t),
+                None => l.add(rule),
+            }
+        }))
+    }
+
+    /// Whether `rule` is in `list` of set `name`'s config-file base.
+    pub fn is_config_rule(&self, name: &str, list: List, rule: &Rule) -> bool {
+        self.sets.get(name).is_some_and(|s| {
+            let l = match list {
+                List::Allow => &s.base.allow,
+                List::Deny => &s.base.deny,
+            };
+            l.get(rule).is_some()
+        })
+    }
+
+    /// Checks that `rule` can be removed from `list` of `name` at run
+    /// time (exists, not from the config file).
+    pub fn check_removable(&self, name: &str, list: List, rule: &Rule) -> Result<(), ChangeError> {
+        let set = self
+            .sets
+            .get(name)
+            .ok_or_else(|| ChangeError::NoSet(name.to_owned()))?;
+        if self.is_config_rule(name, list, rule) {
+            return Err(ChangeError::FromConfig {
+                rule: rule.to_string(),
+                list: list.as_str(),
+            });
+        }
+        let present = set.live.read(|p| match list {
+            List::Allow => p.allow.get(rule).is_some(),
+            List::Deny => p.deny.get(rule).is_some(),
+        });
+        if present {
+            Ok(())
+        } else {
+            Err(ChangeError::Absent {
+                rule: rule.to_string(),
+                list: list.as_str(),
+            })
+        }
+    }
+
+    /// Removes a runtime rule (see [`RuleSets::check_removable`]).
+    pub fn remove_runtime(&self, name: &str, list: List, rule: &Rule) -> Result<(), ChangeError> {
+        self.check_removable(name, list, rule)?;
+        if let Some(set) = self.sets.get(name) {
+            set.live.update(|p| match list {
+                List::Allow => p.allow.remove(rule),
+                List::Deny => p.deny.remove(rule),
+            });
+        }
+        Ok(())
+    }
+
+    /// Rules in `list` of set `name` (0 for an unknown set).
+    pub fn len(&self, name: &str, list: List) -> usize {
+        self.sets.get(name).map_or(0, |s| {
+            s.live.read(|p| match list {
+                List::Allow => p.allow.len(),
+                List::Deny => p.deny.len(),
+            })
+        })
+    }
+
+    /// Re-applies runtime rules saved in the store (at start-up); returns
+    /// how many were applied. Expired ones are dropped from the store;
+    /// ones whose set or list is gone, or whose text does not parse, are
+    /// logged and kept (a config edit may bring their set back).
+    pub fn restore(&self, saved: Vec<store::RuntimeRule>, st: &store::Store) -> usize {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut applied = 0;
+        for r in saved {
+            let Some(until) = r
+                .until_unix_ms
+                .map(|ms| instant_of_unix_ms(ms, now, wall))
+                .map_or(Some(None), |t| t.map(Some))
+            else {
+                if let Err(e) = st.remove_rule(&r) {
+                    tracing::warn!(error = %e, "cannot drop an expired runtime rule");
+                }
+                continue;
+            };
+            let (Some(list), Ok(rule)) = (List::parse(&r.list), r.rule.parse::<Rule>()) else {
+                tracing::warn!(
+                    set = r.set,
+                    list = r.list,
+                    rule = r.rule,
+                    "saved rule unreadable; kept in the store, not applied"
+                );
+                continue;
+            };
+            match self.add_runtime(&r.set, list, rule, until) {
+                Ok(_) => applied += 1,
+                Err(e) => {
+                    tracing::warn!(rule = r.rule, error = %e, "saved rule not applied; kept in the store")
+                }
+            }
+        }
+        applied
+    }
+
+    /// Every rule of set `name` at `now`, config and runtime.
+    pub fn listing(&self, name: &str, now: Instant) -> Option<SetListing> {
+        let set = self.sets.get(name)?;
+        let entries = |l: &iprules::RuleSet, base: &iprules::RuleSet| -> Vec<RuleEntry> {
+            l.iter_at(now)
+                .map(|(r, exp)| RuleEntry {
+                    rule: r.to_string(),
+                    source: if base.get(&r).is_some() {
+                        "config"
+                    } else {
+                        "runtime"
+                    },
+                    expires_in_seconds: exp.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+                })
+                .collect()
+        };
+        Some(set.live.read(|p| SetListing {
+            name: name.to_owned(),
+            default: verdict_str(p.default),
+            allow: entries(&p.allow, &set.base.allow),
+            deny: entries(&p.deny, &set.base.deny),
+        }))
     }
 
     /// The names of all sets, sorted.
@@ -125,8 +365,8 @@ impl RuleSets {
     pub fn summaries(&self) -> Vec<SetSummary> {
         self.sets
             .iter()
-            .map(|(name, shared)| {
-                shared.read(|p| SetSummary {
+            .map(|(name, set)| {
+                set.live.read(|p| SetSummary {
                     name: name.clone(),
                     default: verdict_str(p.default),
                     allow: p.allow.len(),
@@ -174,6 +414,50 @@ mod tests {
             json,
             r#"{"ip":"10.9.9.9","verdict":"deny","rule":"10.0.0.0/8","list":"deny"}"#
         );
+        // Runtime changes: config rules stay, runtime ones come and go.
+        let r: Rule = "192.0.2.0/24".parse().unwrap();
+        assert_eq!(sets.add_runtime("clients", List::Deny, r, None), Ok(true));
+        assert_eq!(sets.add_runtime("clients", List::Deny, r, None), Ok(false));
+        assert!(
+            !sets
+                .check("clients", "192.0.2.1".parse().unwrap())
+                .unwrap()
+                .is_allowed()
+        );
+        let cfg: Rule = "10.0.0.0/8".parse().unwrap();
+        assert!(matches!(
+            sets.remove_runtime("clients", List::Deny, &cfg),
+            Err(ChangeError::FromConfig { .. })
+        ));
+        let l = sets.listing("clients", Instant::now()).unwrap();
+        assert_eq!(
+            l.deny
+                .iter()
+                .map(|e| (e.rule.as_str(), e.source))
+                .collect::<Vec<_>>(),
+            [("10.0.0.0/8", "config"), ("192.0.2.0/24", "runtime")]
+        );
+        assert_eq!(sets.remove_runtime("clients", List::Deny, &r), Ok(()));
+        assert!(matches!(
+            sets.remove_runtime("clients", List::Deny, &r),
+            Err(ChangeError::Absent { .. })
+        ));
+        assert!(
+            sets.check("clients", "192.0.2.1".parse().unwrap())
+                .unwrap()
+                .is_allowed()
+        );
+        assert!(matches!(
+            sets.add_runtime("nope", List::Deny, r, None),
+            Err(ChangeError::NoSet(_))
+        ));
+        // Unix-time round trip of expiries.
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let ms = unix_ms(now + Duration::from_secs(90), now, wall);
+        let back = instant_of_unix_ms(ms, now, wall).unwrap();
+        assert!(back.duration_since(now).as_secs_f64() - 90.0 < 0.01);
+        assert_eq!(instant_of_unix_ms(1, now, wall), None, "already past");
+
         assert_eq!(
             sets.summaries()[0],
             SetSummary {

@@ -44,6 +44,19 @@ pub enum ServeError {
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    /// The state store could not be opened (see its message for what to
+    /// do; nothing was changed).
+    #[error("state_dir: {0}")]
+    Store(#[source] store::StoreError),
+    /// The state directory could not be created.
+    #[error("state_dir = \"{path}\": cannot create: {source}")]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The config could not be rendered for `/config`.
     #[error("cannot render the effective config: {0}")]
     Render(#[source] serde_json::Error),
@@ -84,6 +97,23 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         .map_err(ServeError::Signal)?;
 
     let config_json = serde_json::to_string(&loaded.config).map_err(ServeError::Render)?;
+
+    // The state store: runtime rules come back before anything listens.
+    std::fs::create_dir_all(&loaded.state_dir).map_err(|source| ServeError::StateDir {
+        path: loaded.state_dir.clone(),
+        source,
+    })?;
+    let dir = loaded.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open_dir(&dir))
+        .await
+        .map_err(|e| ServeError::Task {
+            task: "store",
+            message: e.to_string(),
+        })?
+        .map_err(ServeError::Store)?;
+    let saved = store.rules().map_err(ServeError::Store)?;
+    let restored = loaded.rules.restore(saved, &store);
+    tracing::info!(store = ?store, runtime_rules = restored, "state store open");
     let rules = Arc::new(loaded.rules);
     let metrics = Arc::new(Metrics::new(&rules));
 
@@ -140,6 +170,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         metrics: Arc::clone(&metrics),
         pools: Arc::clone(&pools),
         token: loaded.admin_token.map(Arc::new),
+        store,
     };
 
     let want = *loaded.config.admin.listen.get_ref();

@@ -352,11 +352,18 @@ fn json_logs() {
         .expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let mut guard = KillOnDrop(child);
-    let mut line = String::new();
-    BufReader::new(stderr)
-        .read_line(&mut line)
-        .expect("first log line");
-    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    // Every line is JSON; the admin listener's carries its address.
+    let mut found = None;
+    for line in BufReader::new(stderr).lines().take(20) {
+        let line = line.expect("a log line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        if v["fields"]["addr"].is_string() {
+            found = Some((v, line));
+            break;
+        }
+    }
+    let (v, line) = found.expect("a log line with the admin address");
     assert_eq!(v["level"], "INFO", "{line}");
     let addr = v["fields"]["addr"].as_str().expect("addr field");
     let addr: SocketAddr = addr.parse().expect("an address");

@@ -2,9 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition,
-};
+use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::{Backend, FORMAT_VERSION, Op, StoreError, Table};
 
@@ -133,12 +131,16 @@ impl Backend for Embedded {
         for op in ops {
             match op {
                 Op::Put(table, k, v) => {
-                    let mut t = tx.open_table(def(*table)).map_err(|e| self.io("write", e))?;
+                    let mut t = tx
+                        .open_table(def(*table))
+                        .map_err(|e| self.io("write", e))?;
                     t.insert(k.as_str(), v.as_slice())
                         .map_err(|e| self.io("write", e))?;
                 }
                 Op::Delete(table, k) => {
-                    let mut t = tx.open_table(def(*table)).map_err(|e| self.io("write", e))?;
+                    let mut t = tx
+                        .open_table(def(*table))
+                        .map_err(|e| self.io("write", e))?;
                     t.remove(k.as_str()).map_err(|e| self.io("write", e))?;
                 }
             }

@@ -32,7 +32,9 @@ pub enum StoreError {
         supported: u32,
     },
     /// Another process has the store open.
-    #[error("{path}: the state store is open in another process (is another ippool running with the same state_dir?)")]
+    #[error(
+        "{path}: the state store is open in another process (is another ippool running with the same state_dir?)"
+    )]
     Locked {
         /// The store file.
         path: PathBuf,

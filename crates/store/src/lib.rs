@@ -170,8 +170,7 @@ impl Store {
             key: key.to_owned(),
             reason: e.to_string(),
         })?;
-        self.backend
-            .apply(&[Op::Put(table, key.to_owned(), bytes)])
+        self.backend.apply(&[Op::Put(table, key.to_owned(), bytes)])
     }
 
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
@@ -182,7 +181,10 @@ impl Store {
         Ok(existed)
     }
 
-    fn scan_json<T: serde::de::DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
+    fn scan_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: Table,
+    ) -> Result<Vec<T>, StoreError> {
         self.backend
             .scan(table)?
             .into_iter()

@@ -46,7 +46,11 @@ fn exercise(s: &Store) {
     b2.times = 7;
     s.put_ban(&b2).unwrap(); // replaces
     let bans = s.bans().unwrap();
-    assert_eq!(bans, vec![ban(1), b2], "sorted by network, replaced in place");
+    assert_eq!(
+        bans,
+        vec![ban(1), b2],
+        "sorted by network, replaced in place"
+    );
     assert!(s.remove_ban("198.51.100.1/32").unwrap());
     assert!(!s.remove_ban("198.51.100.1/32").unwrap());
     assert_eq!(s.bans().unwrap().len(), 1);
@@ -152,7 +156,10 @@ fn a_newer_format_is_refused() {
         StoreError::NewerFormat {
             found, supported, ..
         } => {
-            assert_eq!((*found, *supported), (store::FORMAT_VERSION + 1, store::FORMAT_VERSION));
+            assert_eq!(
+                (*found, *supported),
+                (store::FORMAT_VERSION + 1, store::FORMAT_VERSION)
+            );
         }
         other => panic!("expected NewerFormat, got {other}"),
     }
@@ -180,7 +187,10 @@ fn kill_9_loses_nothing_acknowledged() {
         let bans = s.bans().unwrap();
         let have: std::collections::HashSet<u32> = bans.iter().map(|b| b.times).collect();
         for i in 0..acked {
-            assert!(have.contains(&i), "round {round}: acknowledged ban {i} lost");
+            assert!(
+                have.contains(&i),
+                "round {round}: acknowledged ban {i} lost"
+            );
         }
     }
 }

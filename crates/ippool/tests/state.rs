@@ -1,0 +1,212 @@
+//! Runtime rules through the admin API: added, listed, expiring, removed,
+//! and still there after a restart and after `kill -9` right after the 200.
+
+mod support;
+
+use support::{Daemon, TempDir, http};
+
+const TOKEN: &str = "state-admin-token-0123456789";
+
+const CONFIG: &str = r#"
+shutdown_timeout = "5s"
+[admin]
+listen = "127.0.0.1:0"
+token_env = "IPPOOL_TEST_TOKEN"
+[rules.clients]
+default = "allow"
+deny = ["10.0.0.0/8"]
+"#;
+
+fn start(cfg: &std::path::Path) -> Daemon {
+    Daemon::start(cfg, &[("IPPOOL_TEST_TOKEN", TOKEN)])
+}
+
+fn post(d: &Daemon, path: &str, body: &str) -> support::Response {
+    let bearer = format!("Bearer {TOKEN}");
+    http(
+        d.admin,
+        "POST",
+        path,
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+}
+
+fn delete(d: &Daemon, path: &str) -> support::Response {
+    let bearer = format!("Bearer {TOKEN}");
+    http(d.admin, "DELETE", path, &[("Authorization", &bearer)], "")
+}
+
+fn verdict(d: &Daemon, ip: &str) -> String {
+    let r = http(
+        d.admin,
+        "GET",
+        &format!("/api/rules/clients/check?ip={ip}"),
+        &[],
+        "",
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    v["verdict"].as_str().expect("verdict").to_owned()
+}
+
+#[test]
+fn runtime_rules_survive_restart() {
+    let dir = TempDir::new();
+    let cfg = dir.write("ippool.toml", CONFIG);
+    let mut d = start(&cfg);
+
+    assert_eq!(verdict(&d, "192.0.2.7"), "allow");
+    let body = r#"{"rule": "192.0.2.0/24"}"#;
+    assert_eq!(
+        http(d.admin, "POST", "/api/rules/clients/deny", &[], body).status,
+        401,
+        "no token"
+    );
+    let r = post(&d, "/api/rules/clients/deny", body);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(verdict(&d, "192.0.2.7"), "deny");
+    // A rule with a TTL, and one that expires almost at once.
+    assert_eq!(
+        post(
+            &d,
+            "/api/rules/clients/deny",
+            r#"{"rule": "198.51.100.1", "ttl": "1h"}"#
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        post(
+            &d,
+            "/api/rules/clients/deny",
+            r#"{"rule": "198.51.100.2", "ttl": "300ms"}"#
+        )
+        .status,
+        200
+    );
+    assert_eq!(verdict(&d, "198.51.100.2"), "deny");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(
+        verdict(&d, "198.51.100.2"),
+        "allow",
+        "expired at once, no sweep"
+    );
+
+    // Bad input, each with a clear status and reason.
+    let r = post(&d, "/api/rules/clients/deny", r#"{"rule": "10.0.0.1/8"}"#);
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("10.0.0.1/8"), "{}", r.body);
+    assert_eq!(post(&d, "/api/rules/clients/maybe", body).status, 404);
+    assert_eq!(post(&d, "/api/rules/nope/deny", body).status, 404);
+    assert_eq!(
+        post(
+            &d,
+            "/api/rules/clients/deny",
+            r#"{"rule": "1.2.3.4", "ttl": "soon"}"#
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        post(&d, "/api/rules/clients/deny", r#"{"rule": "10.0.0.0/8"}"#).status,
+        409,
+        "already in the file"
+    );
+    let r = delete(&d, "/api/rules/clients/deny?rule=10.0.0.0/8");
+    assert_eq!(r.status, 409, "config rules are edited in the file: {r:?}");
+    assert_eq!(
+        delete(&d, "/api/rules/clients/deny?rule=203.0.113.9").status,
+        404
+    );
+
+    let r = http(d.admin, "GET", "/api/rules/clients", &[], "");
+    let l: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    let deny: Vec<(String, String)> = l["deny"]
+        .as_array()
+        .expect("deny")
+        .iter()
+        .map(|e| {
+            (
+                e["rule"].as_str().unwrap().to_owned(),
+                e["source"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        deny,
+        [
+            ("10.0.0.0/8".to_owned(), "config".to_owned()),
+            ("192.0.2.0/24".to_owned(), "runtime".to_owned()),
+            ("198.51.100.1".to_owned(), "runtime".to_owned()),
+        ]
+    );
+    assert!(d.terminate().success());
+
+    // Restart: the runtime rules are back, the expired one is not.
+    let mut d = start(&cfg);
+    assert_eq!(verdict(&d, "192.0.2.7"), "deny");
+    assert_eq!(verdict(&d, "198.51.100.1"), "deny");
+    assert_eq!(verdict(&d, "198.51.100.2"), "allow");
+    let r = delete(&d, "/api/rules/clients/deny?rule=192.0.2.0/24");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(verdict(&d, "192.0.2.7"), "allow");
+    assert!(d.terminate().success());
+    let mut d = start(&cfg);
+    assert_eq!(verdict(&d, "192.0.2.7"), "allow", "removal is durable too");
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn kill_9_right_after_the_200_loses_nothing() {
+    let dir = TempDir::new();
+    let cfg = dir.write("ippool.toml", CONFIG);
+    for i in 1..=5 {
+        let mut d = start(&cfg);
+        let rule = format!("203.0.113.{i}");
+        let r = post(
+            &d,
+            "/api/rules/clients/deny",
+            &format!(r#"{{"rule": "{rule}"}}"#),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        d.child.kill().expect("kill -9");
+        let _ = d.child.wait();
+        let d = start(&cfg);
+        for j in 1..=i {
+            assert_eq!(
+                verdict(&d, &format!("203.0.113.{j}")),
+                "deny",
+                "round {i}: rule {j} lost"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_damaged_store_stops_the_daemon() {
+    let dir = TempDir::new();
+    let cfg = dir.write("ippool.toml", CONFIG);
+    std::fs::create_dir_all(dir.0.join("state")).expect("mkdir");
+    let junk = b"not a store\n".repeat(100);
+    std::fs::write(dir.0.join("state/state.redb"), &junk).expect("write");
+    let out = std::process::Command::new(support::BIN)
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .env("IPPOOL_TEST_TOKEN", TOKEN)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("state.redb") && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dir.0.join("state/state.redb")).expect("read"),
+        junk,
+        "left untouched"
+    );
+}
