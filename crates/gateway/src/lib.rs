@@ -5,8 +5,13 @@
 //!   connection leaves from an address of an [`addrpool::Pool`], and every
 //!   destination is checked against an [`iprules::Policy`] before it is
 //!   dialled.
+//! - [`l4`]: the TCP balancer. A listener forwards each connection to an
+//!   upstream picked from a pool (random, round robin, least connections,
+//!   weighted), never to one benched by its [`health`] state; connect
+//!   failures and timeouts feed that state, and a failed dial is retried on
+//!   another upstream.
 //!
-//! The ingress reverse proxy, the L4 TCP proxy and accept-time filtering
-//! will live here too.
+//! The ingress reverse proxy and accept-time filtering will live here too.
 
 pub mod egress;
+pub mod l4;

@@ -279,10 +279,10 @@ async fn connect(
     let pool = ctx.opts.pool.pick(id.user.as_deref());
     let stream = dial::dial(ctx, pool, &host, port, session.as_ref()).await?;
     let src = stream.source();
-    let (idle, metrics, pool) = (ctx.opts.idle_timeout, ctx.metrics.clone(), pool.clone());
+    let (idle, metrics) = (ctx.opts.idle_timeout, ctx.metrics.clone());
     let run: Tunnel = Box::pin(async move {
         match hyper::upgrade::on(req).await {
-            Ok(up) => tunnel::run(TokioIo::new(up), stream, pool, idle, metrics).await,
+            Ok(up) => tunnel::run(TokioIo::new(up), stream, idle, metrics).await,
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     });

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use addrpool::{Outcome, Pool, PooledStream};
+use addrpool::{Outcome, PooledStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -61,6 +61,10 @@ pub(crate) enum Side {
     Upstream,
 }
 
+/// What a [`Metered`] stream calls on an early end of stream, with the
+/// stream.
+type OnEarlyEof<T> = Box<dyn FnOnce(&T) + Send>;
+
 /// A stream that records activity, counts the bytes read from it, and
 /// notes which side of the tunnel reached end of stream first.
 pub(crate) struct Metered<T> {
@@ -71,9 +75,9 @@ pub(crate) struct Metered<T> {
     read: u64,
     first_end: Arc<AtomicU8>,
     count: bool,
-    /// Called once if this (upstream) side ends before sending a byte and
-    /// before the client ended.
-    on_early_eof: Option<Box<dyn FnOnce() + Send>>,
+    /// Called once, with the stream, if this (upstream) side ends before
+    /// sending a byte and before the client ended.
+    on_early_eof: Option<OnEarlyEof<T>>,
 }
 
 impl<T> Metered<T> {
@@ -115,7 +119,7 @@ impl<T> Metered<T> {
             && self.read == 0
             && let Some(f) = self.on_early_eof.take()
         {
-            f();
+            f(&self.io);
         }
     }
 }
@@ -179,10 +183,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
 /// [`Outcome::EarlyEof`] for the source when the destination closed (or
 /// reset) before sending a byte and before the client closed (at once, not
 /// when the tunnel ends), and [`Outcome::Success`] when it sent something.
+///
+/// Both go through the lease, so they settle its health permit and replace
+/// the connector's deferred "connected": reported through the pool
+/// instead, an early EOF would be followed by that "connected" success when
+/// the lease is released, resetting the source's run of failures, and a
+/// destination that drops every tunnel from a source would never get the
+/// source benched.
 pub(crate) async fn run<C>(
     client: C,
     upstream: PooledStream,
-    pool: Pool,
     idle: Duration,
     metrics: Arc<EgressMetrics>,
 ) where
@@ -210,9 +220,9 @@ pub(crate) async fn run<C>(
     let early = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let early = early.clone();
-        up.on_early_eof = Some(Box::new(move || {
+        up.on_early_eof = Some(Box::new(move |io: &PooledStream| {
             early.store(true, Ordering::Relaxed);
-            pool.report(source, Outcome::EarlyEof);
+            io.lease().report(Outcome::EarlyEof);
         }));
     }
     tokio::select! {
