@@ -548,6 +548,9 @@ async fn outcome(
     let verdict = crate::pools::verdict_str(pool.classify(&observation.outcome));
     let transition = match pool.record(ip, observation, now, &state.metrics) {
         Ok(t) => t,
+        Err(e @ crate::pools::RecordError::NoFeedback { .. }) => {
+            return error(StatusCode::CONFLICT, e.to_string());
+        }
         Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
     tracing::info!(

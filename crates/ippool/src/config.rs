@@ -27,9 +27,11 @@ use toml::Spanned;
 use crate::rules::RuleSets;
 
 mod egress;
+mod l4;
 mod monitor;
 
 pub use egress::{EgressConfig, EgressSpec, PoolConfig, PoolSpec};
+pub use l4::{L4Config, L4Spec};
 pub use monitor::{MonitorConfig, MonitorSpec, PoolAddresses, PoolName};
 
 /// Where the admin API listens unless `admin.listen` says otherwise.
@@ -67,6 +69,9 @@ pub struct Config {
     /// Forward-proxy listeners over the pools: `[egress.<name>]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub egress: BTreeMap<PoolName, EgressConfig>,
+    /// TCP balancers: `[l4.<name>]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub l4: BTreeMap<PoolName, L4Config>,
 }
 
 /// `[admin]`: the admin API listener and its token.
@@ -295,6 +300,8 @@ pub struct Loaded {
     /// The listeners of `[egress.*]`, resolved (users included: a secret,
     /// never printed).
     pub egress: Vec<EgressSpec>,
+    /// The balancers of `[l4.*]`, resolved.
+    pub l4: Vec<L4Spec>,
 }
 
 impl Loaded {
@@ -361,6 +368,16 @@ impl Loaded {
                 e.pool,
                 e.policy.allow.len(),
                 e.policy.deny.len()
+            ));
+        }
+        for b in &self.l4 {
+            out.push_str(&format!(
+                "# l4.{}: {} to {} upstreams from {}, {}\n",
+                b.name,
+                b.listen,
+                b.options.upstreams.len(),
+                b.from,
+                b.options.strategy
             ));
         }
         out.push('\n');
@@ -673,6 +690,44 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         }
         listeners.push(spec);
     }
+    let mut balancers: Vec<L4Spec> = Vec::with_capacity(config.l4.len());
+    for (name, c) in &config.l4 {
+        if config.monitor.contains_key(name) || config.pools.contains_key(name) {
+            return Err(src.error(
+                None,
+                Some(format!("l4.{name}")),
+                format!(
+                    "a [monitor.{name}] or [pools.{name}] has the same name; the names of \
+                     pools, monitors and balancers must be unique (they share /probe)"
+                ),
+            ));
+        }
+        let spec = l4::resolve(&src, base, name, c)?;
+        let port = spec.listen.port();
+        let clash = if port != 0 && spec.listen == listen {
+            Some("admin.listen".to_owned())
+        } else {
+            listeners
+                .iter()
+                .filter(|o| port != 0 && o.listen == spec.listen)
+                .map(|o| format!("egress.{}.listen", o.name))
+                .chain(
+                    balancers
+                        .iter()
+                        .filter(|o| port != 0 && o.listen == spec.listen)
+                        .map(|o| format!("l4.{}.listen", o.name)),
+                )
+                .next()
+        };
+        if let Some(other) = clash {
+            return Err(src.error(
+                Some(c.listen.span()),
+                Some(format!("l4.{name}.listen")),
+                format!("{} is already used by {other}", spec.listen),
+            ));
+        }
+        balancers.push(spec);
+    }
 
     Ok(Loaded {
         path: path.to_owned(),
@@ -684,6 +739,7 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         monitors,
         pools,
         egress: listeners,
+        l4: balancers,
     })
 }
 

@@ -19,6 +19,11 @@
 //!   `ippool_egress_connections_total{listener}`,
 //!   `ippool_egress_bytes_total{listener,direction}` and
 //!   `ippool_egress_tunnels_open{listener}`.
+//! - TCP balancers, from [`gateway::l4::L4Metrics`]:
+//!   `ippool_l4_{accepted,forwarded,no_upstream,failed,retries}_total{listener}`,
+//!   `ippool_l4_active{listener}`, `ippool_l4_bytes_total{listener,direction}`
+//!   and, per configured upstream (a short, fixed list),
+//!   `ippool_l4_upstream_connect_failures_total{listener,upstream}`.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -241,6 +246,11 @@ impl Metrics {
         lock(&self.egress.listeners).push((name.to_owned(), m));
     }
 
+    /// Exports the counters of TCP balancer `name` from now on.
+    pub fn add_l4(&self, name: &str, m: Arc<gateway::l4::L4Metrics>) {
+        lock(&self.egress.balancers).push((name.to_owned(), m));
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
@@ -271,6 +281,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    listener: String,
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
     listener: String,
     direction: &'static str,
@@ -282,6 +298,7 @@ struct BytesLabels {
 struct EgressCollector {
     pools: Mutex<Vec<(String, addrpool::Pool)>>,
     listeners: Mutex<Vec<(String, Arc<gateway::egress::EgressMetrics>)>>,
+    balancers: Mutex<Vec<(String, Arc<gateway::l4::L4Metrics>)>>,
 }
 
 /// A histogram from bucket counts (not cumulative) and a sum.
@@ -506,6 +523,103 @@ impl Collector for EgressCollector {
             "egress_tunnels_open",
             "CONNECT and SOCKS5 tunnels open now",
             MetricType::Gauge,
+            &rows,
+        )?;
+        self.encode_l4(&mut encoder)
+    }
+}
+
+impl EgressCollector {
+    fn encode_l4(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let balancers: Vec<(String, gateway::l4::L4MetricsSnapshot)> = lock(&self.balancers)
+            .iter()
+            .map(|(n, m)| (n.clone(), m.snapshot()))
+            .collect();
+        type L4Get = fn(&gateway::l4::L4MetricsSnapshot) -> u64;
+        let counters: [(&str, &str, L4Get); 5] = [
+            ("l4_accepted", "Client connections accepted", |s| {
+                s.accepted_total
+            }),
+            (
+                "l4_forwarded",
+                "Connections forwarded to an upstream",
+                |s| s.forwarded_total,
+            ),
+            (
+                "l4_no_upstream",
+                "Clients closed because no upstream was available",
+                |s| s.no_upstream_total,
+            ),
+            ("l4_failed", "Clients closed after every dial failed", |s| {
+                s.failed_total
+            }),
+            ("l4_retries", "Dials retried on another upstream", |s| {
+                s.retries_total
+            }),
+        ];
+        let label = |n: &String| ListenerLabel {
+            listener: n.clone(),
+        };
+        for (name, help, get) in counters {
+            let rows: Vec<_> = balancers
+                .iter()
+                .map(|(n, s)| (label(n), ConstCounter::new(get(s))))
+                .collect();
+            family(encoder, name, help, MetricType::Counter, &rows)?;
+        }
+        let rows: Vec<_> = balancers
+            .iter()
+            .map(|(n, s)| {
+                let active = i64::try_from(s.active).unwrap_or(i64::MAX);
+                (label(n), ConstGauge::new(active))
+            })
+            .collect();
+        family(
+            encoder,
+            "l4_active",
+            "Connections open now",
+            MetricType::Gauge,
+            &rows,
+        )?;
+        let rows: Vec<_> = balancers
+            .iter()
+            .flat_map(|(n, s)| {
+                [("up", s.bytes_up_total), ("down", s.bytes_down_total)].map(|(direction, v)| {
+                    let l = BytesLabels {
+                        listener: n.clone(),
+                        direction,
+                    };
+                    (l, ConstCounter::new(v))
+                })
+            })
+            .collect();
+        family(
+            encoder,
+            "l4_bytes",
+            "Bytes carried: up (client to upstream) and down",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = balancers
+            .iter()
+            .flat_map(|(n, s)| {
+                s.upstreams.iter().map(move |u| {
+                    let l = UpstreamLabels {
+                        listener: n.clone(),
+                        upstream: u.addr.to_string(),
+                    };
+                    (
+                        l,
+                        ConstCounter::new(u.connect_failures_total + u.timeouts_total),
+                    )
+                })
+            })
+            .collect();
+        family(
+            encoder,
+            "l4_upstream_connect_failures",
+            "Failed dials (errors and timeouts) per upstream",
+            MetricType::Counter,
             &rows,
         )
     }

@@ -48,6 +48,8 @@ enum Backend {
     },
     /// The egress pool owns it (with health on).
     Egress(addrpool::Pool),
+    /// A TCP balancer owns it; keys are upstream socket addresses.
+    L4(Arc<gateway::l4::L4Metrics>),
 }
 
 /// A client report (`POST …/outcome`), kept for `/probe`.
@@ -68,6 +70,15 @@ pub struct Report {
 /// Why an outcome could not be recorded.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
+    /// The pool takes no client feedback (a balancer's outcomes come from
+    /// its own connections).
+    #[error(
+        "pool `{pool}` is a TCP balancer: its upstreams' health comes from its connections, not from reports"
+    )]
+    NoFeedback {
+        /// The pool.
+        pool: String,
+    },
     /// The address is not in the pool (and the pool does not discover).
     #[error("address {ip} is not in pool `{pool}`")]
     UnknownAddress {
@@ -122,6 +133,9 @@ impl Pool {
                 Ok(t)
             }
             Backend::Egress(pool) => pool.record_outcome(ip, observation).map_err(|_| unknown()),
+            Backend::L4(_) => Err(RecordError::NoFeedback {
+                pool: self.name.clone(),
+            }),
         }
     }
 
@@ -131,6 +145,7 @@ impl Pool {
         match &self.backend {
             Backend::Tracked { tracker, .. } => Self::lock(tracker).contains(&ip),
             Backend::Egress(pool) => pool.health_state(ip).is_some(),
+            Backend::L4(m) => m.health(0).upstreams.iter().any(|u| u.key.ip() == ip),
         }
     }
 
@@ -139,6 +154,7 @@ impl Pool {
         match &self.backend {
             Backend::Tracked { tracker, .. } => Self::lock(tracker).classifier().classify(outcome),
             Backend::Egress(pool) => pool.options().classifier.classify(outcome),
+            Backend::L4(_) => health::Classifier::default().classify(outcome),
         }
     }
 
@@ -147,6 +163,12 @@ impl Pool {
         match &self.backend {
             Backend::Tracked { tracker, .. } => Self::lock(tracker).state(&ip, now),
             Backend::Egress(pool) => pool.health_state(ip),
+            Backend::L4(m) => m
+                .health(0)
+                .upstreams
+                .into_iter()
+                .find(|u| u.key.ip() == ip)
+                .map(|u| u.state),
         }
     }
 
@@ -155,6 +177,7 @@ impl Pool {
         match &self.backend {
             Backend::Tracked { tracker, .. } => Self::lock(tracker).stats(now),
             Backend::Egress(pool) => pool.health_snapshot(0).map(|s| s.stats).unwrap_or_default(),
+            Backend::L4(m) => m.health(0).stats,
         }
     }
 
@@ -185,7 +208,8 @@ impl Pool {
     /// newest outcomes; only `only` when given.
     pub fn probe(&self, now: Instant, recent: usize, only: Option<IpAddr>) -> PoolView {
         let wall = SystemTime::now();
-        // (snapshot, held, leases); the last two for egress pools only.
+        // (snapshot, port, held, leases); port for balancers, held and
+        // leases for egress pools.
         let (stats, mut snaps, now) = match &self.backend {
             Backend::Tracked { tracker, .. } => {
                 let tracker = Self::lock(tracker);
@@ -195,7 +219,7 @@ impl Pool {
                 };
                 let snaps = snaps
                     .into_iter()
-                    .map(|s| (s, None, None))
+                    .map(|s| (s, None, None, None))
                     .collect::<Vec<_>>();
                 (tracker.stats(now), snaps, now)
             }
@@ -205,18 +229,32 @@ impl Pool {
                         .addresses
                         .into_iter()
                         .filter(|a| only.is_none_or(|ip| ip == a.health.key))
-                        .map(|a| (a.health, Some(a.held), Some(a.leases)))
+                        .map(|a| (a.health, None, Some(a.held), Some(a.leases)))
                         .collect();
                     (h.stats, snaps, h.at)
                 }
                 None => (health::PoolStats::default(), Vec::new(), now),
             },
+            Backend::L4(m) => {
+                let h = m.health(recent);
+                let snaps = h
+                    .upstreams
+                    .into_iter()
+                    .filter(|u| only.is_none_or(|ip| ip == u.key.ip()))
+                    .map(|u| {
+                        let addr = u.key;
+                        (rekey(u, addr.ip()), Some(addr.port()), None, None)
+                    })
+                    .collect();
+                (h.stats, snaps, h.at)
+            }
         };
-        snaps.sort_by_key(|s| s.0.key);
+        snaps.sort_by_key(|s| (s.0.key, s.1));
         let addresses = snaps
             .into_iter()
-            .map(|(s, held, leases)| {
+            .map(|(s, port, held, leases)| {
                 let mut a = AddressView::new(s, now, wall);
+                a.port = port;
                 a.held = held;
                 a.leases = leases;
                 a.reports = self.reports_of(a.ip);
@@ -253,6 +291,22 @@ pub fn log_transition(pool: &str, ip: IpAddr, t: &Transition) {
             "address not benched: max_benched_percent of the pool is already out"
         ),
         Transition::Restored => tracing::info!(pool, %ip, "address restored"),
+    }
+}
+
+/// The same snapshot under another key.
+fn rekey<K, J>(s: health::KeySnapshot<K>, key: J) -> health::KeySnapshot<J> {
+    health::KeySnapshot {
+        key,
+        state: s.state,
+        consecutive_failures: s.consecutive_failures,
+        window_failures: s.window_failures,
+        window_requests: s.window_requests,
+        probes_in_flight: s.probes_in_flight,
+        next_cooldown: s.next_cooldown,
+        counters: s.counters,
+        recent: s.recent,
+        benches: s.benches,
     }
 }
 
@@ -328,6 +382,9 @@ pub struct AddressView {
     /// Egress pools: leases of the address outstanding now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leases: Option<u32>,
+    /// Balancers: the upstream's port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// Counters of an address.
@@ -462,6 +519,7 @@ impl AddressView {
             reports: Vec::new(),
             held: None,
             leases: None,
+            port: None,
         }
     }
 }
@@ -495,6 +553,15 @@ impl Pools {
                 tracker: Box::new(Mutex::new(tracker)),
             },
         )
+    }
+
+    /// Registers a TCP balancer's upstreams.
+    pub fn register_l4(
+        &mut self,
+        name: &str,
+        metrics: Arc<gateway::l4::L4Metrics>,
+    ) -> Result<Arc<Pool>, DuplicatePool> {
+        self.insert(name, "l4", Backend::L4(metrics))
     }
 
     /// Registers an egress pool (started with health on; without it the

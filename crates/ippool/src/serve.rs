@@ -148,7 +148,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     // started so far are shut down (netlink addresses removed) first.
     let mut egress_pools: Vec<(String, addrpool::Pool)> = Vec::new();
     let mut proxies = Vec::new();
-    let started = start_egress(
+    let mut started = start_egress(
         &loaded.pools,
         &loaded.egress,
         &metrics,
@@ -157,6 +157,9 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         &mut proxies,
     )
     .await;
+    if started.is_ok() {
+        started = start_l4(&loaded.l4, &metrics, &mut pools, &mut proxies).await;
+    }
     if let Err(e) = started {
         stop_pools(&egress_pools).await;
         return Err(e);
@@ -203,9 +206,12 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     for (name, proxy) in proxies {
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            proxy.serve(shutdown.cancelled_owned()).await;
-            tracing::debug!(listener = %name, "egress listener stopped");
-            ("egress", Ok(()))
+            match proxy {
+                Listener::Egress(p) => p.serve(shutdown.cancelled_owned()).await,
+                Listener::L4(p) => p.serve(shutdown.cancelled_owned()).await,
+            }
+            tracing::debug!(listener = %name, "listener stopped");
+            ("listener", Ok(()))
         });
     }
     let monitor_count = monitors.len();
@@ -269,7 +275,7 @@ async fn start_egress(
     metrics: &Arc<Metrics>,
     registry: &mut Pools,
     started: &mut Vec<(String, addrpool::Pool)>,
-    proxies: &mut Vec<(String, gateway::egress::EgressProxy)>,
+    proxies: &mut Vec<(String, Listener)>,
 ) -> Result<(), ServeError> {
     for spec in specs {
         let section = format!("pools.{}", spec.name);
@@ -333,9 +339,66 @@ async fn start_egress(
             "egress.{}: proxy (HTTP, CONNECT, SOCKS5) listening on {addr}",
             spec.name
         );
-        proxies.push((spec.name.clone(), proxy));
+        proxies.push((spec.name.clone(), Listener::Egress(proxy)));
     }
     Ok(())
+}
+
+/// Binds the `[l4.*]` balancers and registers their upstreams.
+async fn start_l4(
+    specs: &[crate::config::L4Spec],
+    metrics: &Arc<Metrics>,
+    registry: &mut Pools,
+    proxies: &mut Vec<(String, Listener)>,
+) -> Result<(), ServeError> {
+    for spec in specs {
+        let mut options = spec.options.clone();
+        let (name, m) = (spec.name.clone(), Arc::clone(metrics));
+        options.transitions = Some(Arc::new(move |_: SocketAddr, t: health::Transition| {
+            m.count_transition(&name, crate::pools::transition_kind(&t));
+        }));
+        let proxy = gateway::l4::L4Proxy::bind(spec.listen, options)
+            .await
+            .map_err(|e| match e {
+                gateway::l4::L4Error::Bind { addr, source } => ServeError::Bind {
+                    key: format!("l4.{}.listen", spec.name),
+                    addr,
+                    source,
+                },
+                other => ServeError::Pool {
+                    section: format!("l4.{}", spec.name),
+                    message: other.to_string(),
+                },
+            })?;
+        let addr = proxy.local_addr().map_err(|source| ServeError::Bind {
+            key: format!("l4.{}.listen", spec.name),
+            addr: spec.listen,
+            source,
+        })?;
+        registry
+            .register_l4(&spec.name, proxy.metrics())
+            .map_err(|e| ServeError::Pool {
+                section: format!("l4.{}", spec.name),
+                message: e.to_string(),
+            })?;
+        metrics.add_pool(&spec.name);
+        metrics.add_l4(&spec.name, proxy.metrics());
+        tracing::info!(
+            listener = %spec.name,
+            upstreams = spec.options.upstreams.len(),
+            strategy = %spec.options.strategy,
+            "l4.{}: TCP balancer listening on {addr}",
+            spec.name
+        );
+        proxies.push((spec.name.clone(), Listener::L4(proxy)));
+    }
+    Ok(())
+}
+
+/// A data-plane listener `serve` runs until shutdown.
+enum Listener {
+    Egress(gateway::egress::EgressProxy),
+    L4(gateway::l4::L4Proxy),
 }
 
 /// Shuts the egress pools down: netlink pools remove the addresses they

@@ -357,7 +357,10 @@ fn json_logs() {
     for line in BufReader::new(stderr).lines().take(20) {
         let line = line.expect("a log line");
         let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
-        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
         if v["fields"]["addr"].is_string() {
             found = Some((v, line));
             break;

@@ -125,6 +125,17 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
     }
 
+    /// The address `l4.<name>` listens on, from the start-up log.
+    pub fn l4(&self, name: &str) -> SocketAddr {
+        let needle = format!("l4.{name}: TCP balancer listening on ");
+        self.startup
+            .iter()
+            .find_map(|l| l.split(&needle).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
+    }
+
     /// Log lines that arrived since start-up, waiting up to `wait` for one
     /// containing `needle`.
     pub fn wait_for_log(&self, needle: &str, wait: Duration) -> Option<String> {
