@@ -10,8 +10,12 @@
 //!   weighted), never to one benched by its [`health`] state; connect
 //!   failures and timeouts feed that state, and a failed dial is retried on
 //!   another upstream.
+//! - [`guard`]: who may connect: accept-time filtering against a live
+//!   [`iprules::Policy`], kernel socket filters, nftables export,
+//!   automatic bans and per-client rate limits.
 //!
-//! The ingress reverse proxy and accept-time filtering will live here too.
+//! The ingress reverse proxy will live here too.
 
 pub mod egress;
+pub mod guard;
 pub mod l4;
