@@ -10,6 +10,9 @@
 //! | `GET /api/rules/{set}` | every rule of the set: `rule`, `source` (`config` or `runtime`), `expires_in_seconds` |
 //! | `POST /api/rules/{set}/{list}` | add a runtime rule: `{"rule": "192.0.2.0/24", "ttl": "1h"}` (`ttl` optional); durable before the answer |
 //! | `DELETE /api/rules/{set}/{list}?rule=RULE` | remove a runtime rule (config rules: 409, edit the file) |
+//! | `GET /api/rules/{set}/export[?ports=80,443]` | the live set (runtime rules and bans included) as an nftables script |
+//! | `GET /api/bans` | active bans of every set: `set`, `rule`, `remaining_seconds`, `times`, `offense` |
+//! | `DELETE /api/bans/{set}?rule=RULE` | lift a ban (durable; the client's ban count is kept for escalation) |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
 //! | `POST /api/pools/{pool}/addresses/{ip}/outcome` | client feedback: `{"outcome": "success"\|"failure"\|"status", "status": 429, "detail": "captcha"}` |
 //! | `POST /api/egress/{pool}/addresses/{ip}/outcome` | the same (the path a crawler behind an egress pool is told about) |
@@ -63,6 +66,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/rules", get(list_rules))
         .route("/api/rules/{set}/check", get(check))
         .route("/api/rules/{set}", get(list_set))
+        .route("/api/rules/{set}/export", get(export_set))
+        .route("/api/bans", get(list_bans))
+        .route("/api/bans/{set}", axum::routing::delete(lift_ban))
         .route(
             "/api/rules/{set}/{list}",
             post(add_rule).delete(remove_rule),
@@ -77,18 +83,58 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets
-/// in-flight requests finish.
+/// in-flight requests finish. `guard` decides who may connect (at accept,
+/// before a byte is read).
 pub async fn run(
     listener: TcpListener,
+    guard: Arc<gateway::guard::Guard>,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        Guarded { listener, guard },
+        router.into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
+}
+
+/// The admin listener behind its accept-time guard.
+struct Guarded {
+    listener: TcpListener,
+    guard: Arc<gateway::guard::Guard>,
+}
+
+impl axum::serve::Listener for Guarded {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.guard.accept(&self.listener).await {
+                Ok(c) => return c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// The peer of an admin connection.
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Guarded>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Guarded>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -97,7 +143,7 @@ fn error(status: StatusCode, message: String) -> Response {
 
 async fn authorize(
     State(state): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -387,6 +433,99 @@ async fn remove_rule(
             Json(serde_json::json!({"set": set, "list": list.as_str(), "rule": rule.to_string(), "removed": true}))
                 .into_response()
         }
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ExportQuery {
+    ports: Option<String>,
+}
+
+async fn export_set(
+    State(state): State<AdminState>,
+    Path(set): Path<String>,
+    Query(q): Query<ExportQuery>,
+) -> Response {
+    let Some(policy) = state.rules.get(&set) else {
+        return unknown_set(&state, &set);
+    };
+    let mut ports = Vec::new();
+    for p in q
+        .ports
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|p| !p.is_empty())
+    {
+        match p.trim().parse::<u16>() {
+            Ok(n) => ports.push(n),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("ports: `{p}` is not a port"),
+                );
+            }
+        }
+    }
+    let opts = gateway::guard::NftOptions {
+        table: "ippool".into(),
+        ports,
+    };
+    match policy.read(|p| gateway::guard::nft_script(p, std::time::Instant::now(), &opts)) {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn list_bans(State(state): State<AdminState>) -> Response {
+    Json(serde_json::json!({ "bans": state.rules.bans(std::time::Instant::now()) })).into_response()
+}
+
+async fn lift_ban(
+    State(state): State<AdminState>,
+    Path(set): Path<String>,
+    Query(q): Query<RuleQuery>,
+) -> Response {
+    if state.rules.get(&set).is_none() {
+        return unknown_set(&state, &set);
+    }
+    let Some(text) = q.rule else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing query parameter `rule`".into(),
+        );
+    };
+    let rule = match parse_rule(&text) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    let now = std::time::Instant::now();
+    if !state
+        .rules
+        .bans(now)
+        .iter()
+        .any(|b| b.set == set && b.rule == rule.to_string())
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no active ban of {rule} in `{set}`"),
+        );
+    }
+    let (s2, r2) = (set.clone(), rule.to_string());
+    if let Err(r) = persist(&state.store, move |st| st.remove_ban(&s2, &r2)).await {
+        return r;
+    }
+    match state.rules.lift(&set, &rule, now) {
+        Ok(true) => {
+            tracing::info!(set, %rule, "ban lifted");
+            Json(serde_json::json!({"set": set, "rule": rule.to_string(), "lifted": true}))
+                .into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("no active ban of {rule} in `{set}`"),
+        ),
         Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
     }
 }

@@ -82,6 +82,10 @@ pub struct AdminConfig {
     /// A non-loopback address needs a token.
     #[serde(default = "default_admin_listen")]
     pub listen: Spanned<SocketAddr>,
+    /// The `[rules.<name>]` set deciding who may connect (checked at
+    /// accept). Default: everyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Spanned<String>>,
     /// A file whose content (trailing white space removed) is the admin
     /// token. Exclusive with `token_env`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +100,7 @@ impl Default for AdminConfig {
     fn default() -> AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
+            rules: None,
             token_file: None,
             token_env: None,
         }
@@ -121,6 +126,90 @@ pub struct RuleSetConfig {
     /// Files of deny rules, one per line, `#` comments.
     #[serde(default)]
     pub deny_files: Vec<Spanned<PathBuf>>,
+    /// Also compile what the set denies into a kernel socket filter on every
+    /// listener that uses it, so SYNs of denied peers are dropped before a
+    /// connection exists (up to 512 ranges; beyond, accept-time checks
+    /// alone apply). Default false.
+    #[serde(default)]
+    pub kernel_filter: bool,
+    /// Automatic bans of misbehaving clients: `[rules.<name>.autoblock]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoblock: Option<Spanned<AutoBlockConfig>>,
+    /// Connections per second per client, per listener:
+    /// `[rules.<name>.rate_limit]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Spanned<RateLimitConfig>>,
+}
+
+/// `[rules.<name>.autoblock]`: a client (an IPv4 address, or an IPv6
+/// network of `ipv6_prefix`) that misbehaves `threshold` times within
+/// `window` (wrong proxy credentials, malformed requests, connections over
+/// the rate limit) is denied for `ban`, times `ban_increment` for each
+/// repeat, up to `max_ban`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoBlockConfig {
+    /// Offenses that ban (default 5).
+    #[serde(default = "d_threshold")]
+    pub threshold: u32,
+    /// The sliding window they are counted in (default `"10m"`).
+    #[serde(default = "d_ten_minutes", with = "duration")]
+    pub window: Duration,
+    /// The first ban's length (default `"10m"`).
+    #[serde(default = "d_ten_minutes", with = "duration")]
+    pub ban: Duration,
+    /// Factor of each repeat ban (default 2.0, at least 1).
+    #[serde(default = "d_increment")]
+    pub ban_increment: f64,
+    /// Longest ban (default `"1d"`).
+    #[serde(default = "d_day", with = "duration")]
+    pub max_ban: Duration,
+    /// IPv6 clients are counted and banned per network of this length
+    /// (default 64: one host owns a whole /64).
+    #[serde(default = "d_v6_prefix")]
+    pub ipv6_prefix: u8,
+    /// Addresses never banned.
+    #[serde(default)]
+    pub ignore: Vec<iprules::Rule>,
+}
+
+/// `[rules.<name>.rate_limit]`: a token bucket per client key and
+/// listener; a connection over it is reset at accept and counts as an
+/// offense for `autoblock`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained connections per second (default 10).
+    #[serde(default = "d_rate")]
+    pub rate: f64,
+    /// Connections allowed at once after a quiet spell (default 20).
+    #[serde(default = "d_burst")]
+    pub burst: u32,
+    /// IPv6 clients share one bucket per network of this length (default 64).
+    #[serde(default = "d_v6_prefix")]
+    pub ipv6_prefix: u8,
+}
+
+fn d_threshold() -> u32 {
+    5
+}
+fn d_ten_minutes() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_increment() -> f64 {
+    2.0
+}
+fn d_day() -> Duration {
+    Duration::from_secs(86_400)
+}
+fn d_v6_prefix() -> u8 {
+    64
+}
+fn d_rate() -> f64 {
+    10.0
+}
+fn d_burst() -> u32 {
+    20
 }
 
 /// The `default` of a rule set.
@@ -647,7 +736,37 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
                 }
             }
         }
-        rules.insert(name.as_str(), policy);
+        let guard = guard_options(&src, name, set)?;
+        rules.insert_with(name.as_str(), policy, guard);
+    }
+    // Listeners name their rule set.
+    let check_set = |r: &Option<Spanned<String>>, key: String| -> Result<(), ConfigError> {
+        if let Some(r) = r
+            && rules.get(r.get_ref()).is_none()
+        {
+            let known: Vec<&str> = rules.names().collect();
+            return Err(src.error(
+                Some(r.span()),
+                Some(key),
+                format!(
+                    "no rule set `{}` (sets: {})",
+                    r.get_ref(),
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    };
+    check_set(&config.admin.rules, "admin.rules".into())?;
+    for (name, e) in &config.egress {
+        check_set(&e.rules, format!("egress.{name}.rules"))?;
+    }
+    for (name, c) in &config.l4 {
+        check_set(&c.rules, format!("l4.{name}.rules"))?;
     }
 
     // monitors
@@ -741,6 +860,93 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         egress: listeners,
         l4: balancers,
     })
+}
+
+/// Builds the guard options of `[rules.<name>]` (auto-blocking, rate
+/// limit, kernel filter), each error naming its key.
+fn guard_options(
+    src: &Source<'_>,
+    name: &SetName,
+    set: &RuleSetConfig,
+) -> Result<crate::rules::GuardOptions, ConfigError> {
+    let mut out = crate::rules::GuardOptions {
+        kernel_filter: set.kernel_filter,
+        ..Default::default()
+    };
+    if let Some(ab) = &set.autoblock {
+        let a = ab.get_ref();
+        let err = |k: &str, m: String| {
+            src.error(
+                Some(ab.span()),
+                Some(format!("rules.{name}.autoblock.{k}")),
+                m,
+            )
+        };
+        if a.threshold == 0 {
+            return Err(err("threshold", "must be at least 1".into()));
+        }
+        for (k, d) in [("window", a.window), ("ban", a.ban), ("max_ban", a.max_ban)] {
+            if d.is_zero() {
+                return Err(err(k, "must be more than 0s".into()));
+            }
+        }
+        if a.max_ban < a.ban {
+            return Err(err("max_ban", "is shorter than ban".into()));
+        }
+        if !(a.ban_increment.is_finite() && a.ban_increment >= 1.0) {
+            return Err(err(
+                "ban_increment",
+                format!("{} must be at least 1", a.ban_increment),
+            ));
+        }
+        if !(1..=128).contains(&a.ipv6_prefix) {
+            return Err(err(
+                "ipv6_prefix",
+                format!("{} is not 1 to 128", a.ipv6_prefix),
+            ));
+        }
+        let mut ignore = iprules::RuleSet::new();
+        ignore.extend(a.ignore.iter().copied());
+        out.autoblock = Some(gateway::guard::AutoBlockOptions {
+            threshold: a.threshold,
+            window: a.window,
+            ban: a.ban,
+            ban_increment: a.ban_increment,
+            max_ban: a.max_ban,
+            ipv6_prefix: a.ipv6_prefix,
+            ignore,
+            ..Default::default()
+        });
+    }
+    if let Some(rl) = &set.rate_limit {
+        let r = rl.get_ref();
+        let err = |k: &str, m: String| {
+            src.error(
+                Some(rl.span()),
+                Some(format!("rules.{name}.rate_limit.{k}")),
+                m,
+            )
+        };
+        if !(r.rate.is_finite() && r.rate > 0.0) {
+            return Err(err("rate", format!("{} must be more than 0", r.rate)));
+        }
+        if r.burst == 0 {
+            return Err(err("burst", "must be at least 1".into()));
+        }
+        if !(1..=128).contains(&r.ipv6_prefix) {
+            return Err(err(
+                "ipv6_prefix",
+                format!("{} is not 1 to 128", r.ipv6_prefix),
+            ));
+        }
+        out.rate_limit = Some(gateway::guard::RateLimitOptions {
+            rate: r.rate,
+            burst: r.burst,
+            ipv6_prefix: r.ipv6_prefix,
+            ..Default::default()
+        });
+    }
+    Ok(out)
 }
 
 fn check_token(token: &str) -> Result<Secret, String> {

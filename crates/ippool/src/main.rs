@@ -150,7 +150,41 @@ enum RulesCommand {
         #[arg(required = true, value_name = "ADDR")]
         addrs: Vec<String>,
     },
+    /// Export what a rule set denies as an nftables script, for block lists
+    /// too large for a socket filter or host-wide enforcement
+    /// (`nft -f FILE` loads it). Rules of the config file only; the live
+    /// set, runtime rules and bans included, is at
+    /// `GET /api/rules/{set}/export`.
+    #[command(after_help = RULES_EXPORT_HELP)]
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The rule set: the NAME of a `[rules.NAME]` section.
+        #[arg(long, value_name = "NAME")]
+        set: String,
+        /// The output format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Nft)]
+        format: ExportFormat,
+        /// The nftables table name.
+        #[arg(long, default_value = "ippool", value_name = "NAME")]
+        table: String,
+        /// Apply only to these TCP destination ports (comma-separated);
+        /// default: all traffic to the host.
+        #[arg(long, value_delimiter = ',', value_name = "PORTS")]
+        ports: Vec<u16>,
+    },
 }
+
+/// Formats of `rules export`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ExportFormat {
+    /// An nftables script (`table inet NAME` with interval sets).
+    Nft,
+}
+
+const RULES_EXPORT_HELP: &str = "Example:
+  ippool rules export -c examples/loopback.toml --set clients --ports 3128 > ippool.nft
+  nft -f ippool.nft";
 
 #[derive(Debug, Args)]
 struct ConfigArg {
@@ -168,7 +202,33 @@ fn main() -> ExitCode {
         Command::Rules(RulesCommand::Check { config, set, addrs }) => {
             rules_check_cmd(&config, &set, &addrs)
         }
+        Command::Rules(RulesCommand::Export {
+            config,
+            set,
+            format: ExportFormat::Nft,
+            table,
+            ports,
+        }) => rules_export_cmd(&config, &set, table, ports),
         Command::Logscan(args) => logscan_cmd(args),
+    }
+}
+
+fn rules_export_cmd(arg: &ConfigArg, set: &str, table: String, ports: Vec<u16>) -> ExitCode {
+    let loaded = match load(arg, config::Scope::Offline) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let Some(policy) = loaded.rules.get(set) else {
+        let known: Vec<&str> = loaded.rules.names().collect();
+        return fail(
+            2,
+            format_args!("no rule set `{set}` (sets: {})", known.join(", ")),
+        );
+    };
+    let opts = gateway::guard::NftOptions { table, ports };
+    match policy.read(|p| gateway::guard::nft_script(p, std::time::Instant::now(), &opts)) {
+        Ok(text) => print_out(&text),
+        Err(e) => fail(1, e),
     }
 }
 

@@ -27,6 +27,39 @@ struct Set {
     live: Arc<Shared<Policy>>,
     /// The rules of the config file.
     base: Policy,
+    /// Bans of misbehaving clients, written into `live`.
+    autoblock: Option<Arc<gateway::guard::AutoBlock>>,
+    rate_limit: Option<gateway::guard::RateLimitOptions>,
+    kernel_filter: bool,
+}
+
+/// What a set adds to its listeners beyond its rules.
+#[derive(Clone, Debug, Default)]
+pub struct GuardOptions {
+    /// Attach a kernel socket filter compiled from the set.
+    pub kernel_filter: bool,
+    /// Ban misbehaving clients.
+    pub autoblock: Option<gateway::guard::AutoBlockOptions>,
+    /// Limit connections per client and listener.
+    pub rate_limit: Option<gateway::guard::RateLimitOptions>,
+}
+
+/// An active ban, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BanView {
+    /// The rule set.
+    pub set: String,
+    /// The client key banned.
+    pub rule: String,
+    /// Seconds left.
+    pub remaining_seconds: f64,
+    /// The ban's length, in seconds.
+    pub duration_seconds: f64,
+    /// How many times this client has been banned.
+    pub times: u32,
+    /// The offense that triggered it, if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offense: Option<&'static str>,
 }
 
 /// Which list of a policy a rule belongs to.
@@ -171,6 +204,18 @@ pub enum ChangeError {
     },
 }
 
+/// The API view of ban `b` of set `set` at `now`.
+pub fn ban_view(set: &str, b: &gateway::guard::Ban, now: Instant) -> BanView {
+    BanView {
+        set: set.to_owned(),
+        rule: b.rule.to_string(),
+        remaining_seconds: b.until.saturating_duration_since(now).as_secs_f64(),
+        duration_seconds: b.duration.as_secs_f64(),
+        times: b.times,
+        offense: b.offense.map(|o| o.name()),
+    }
+}
+
 /// An `Instant` `until` as Unix milliseconds, given a matching (`now`,
 /// `wall`).
 pub fn unix_ms(until: Instant, now: Instant, wall: SystemTime) -> u64 {
@@ -188,14 +233,108 @@ pub fn instant_of_unix_ms(ms: u64, now: Instant, wall: SystemTime) -> Option<Ins
 
 impl RuleSets {
     /// Adds (or replaces) a set; `policy` is its config-file base.
+    #[cfg(test)]
     pub fn insert(&mut self, name: &str, policy: Policy) {
+        self.insert_with(name, policy, GuardOptions::default());
+    }
+
+    /// Adds (or replaces) a set with its auto-blocking, rate limit and
+    /// kernel-filter options.
+    pub fn insert_with(&mut self, name: &str, policy: Policy, guard: GuardOptions) {
+        let live = Arc::new(Shared::new(policy.clone()));
+        let autoblock = guard
+            .autoblock
+            .map(|o| Arc::new(gateway::guard::AutoBlock::new(Arc::clone(&live), o)));
         self.sets.insert(
             name.to_owned(),
             Set {
-                live: Arc::new(Shared::new(policy.clone())),
+                live,
                 base: policy,
+                autoblock,
+                rate_limit: guard.rate_limit,
+                kernel_filter: guard.kernel_filter,
             },
         );
+    }
+
+    /// A new accept-time guard of set `name` for one listener (its own rate
+    /// limit; the set's auto-blocking, reporting bans to `on_ban`).
+    pub fn guard(
+        &self,
+        name: &str,
+        on_ban: gateway::guard::BanHook,
+    ) -> Option<Arc<gateway::guard::Guard>> {
+        let set = self.sets.get(name)?;
+        let mut g = gateway::guard::Guard::new(Arc::clone(&set.live));
+        if let Some(r) = &set.rate_limit {
+            g = g.with_rate_limit(Arc::new(gateway::guard::RateLimit::new(*r)));
+        }
+        if let Some(ab) = &set.autoblock {
+            g = g.with_autoblock(Arc::clone(ab)).with_ban_hook(on_ban);
+        }
+        Some(Arc::new(g))
+    }
+
+    /// Whether set `name` asks for a kernel socket filter.
+    pub fn kernel_filter(&self, name: &str) -> bool {
+        self.sets.get(name).is_some_and(|s| s.kernel_filter)
+    }
+
+    /// The set a ban hook reports for, by its auto-blocker.
+    pub fn autoblock(&self, name: &str) -> Option<&Arc<gateway::guard::AutoBlock>> {
+        self.sets.get(name)?.autoblock.as_ref()
+    }
+
+    /// Every active ban of every set at `now`.
+    pub fn bans(&self, now: Instant) -> Vec<BanView> {
+        let mut out = Vec::new();
+        for (name, set) in &self.sets {
+            let Some(ab) = &set.autoblock else { continue };
+            for b in ab.bans(now) {
+                out.push(ban_view(name, &b, now));
+            }
+        }
+        out
+    }
+
+    /// Lifts the ban of `rule` in set `name`; whether there was one.
+    pub fn lift(&self, name: &str, rule: &Rule, now: Instant) -> Result<bool, ChangeError> {
+        let set = self
+            .sets
+            .get(name)
+            .ok_or_else(|| ChangeError::NoSet(name.to_owned()))?;
+        Ok(set.autoblock.as_ref().is_some_and(|ab| ab.lift(rule, now)))
+    }
+
+    /// Re-imposes bans saved in the store (at start-up); returns how many
+    /// are active again. Ended ones are dropped from the store.
+    pub fn restore_bans(&self, saved: Vec<store::Ban>, st: &store::Store) -> usize {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut n = 0;
+        for b in saved {
+            let until = SystemTime::UNIX_EPOCH + Duration::from_millis(b.until_unix_ms);
+            let (Some(ab), Ok(rule)) = (self.autoblock(&b.set), b.network.parse::<Rule>()) else {
+                tracing::warn!(
+                    set = b.set,
+                    rule = b.network,
+                    "saved ban not applied (no autoblock in that set now, or unreadable); kept"
+                );
+                continue;
+            };
+            if until <= wall {
+                if let Err(e) = st.remove_ban(&b.set, &b.network) {
+                    tracing::warn!(error = %e, "cannot drop an ended ban");
+                }
+                continue;
+            }
+            let record = gateway::guard::BanRecord {
+                rule,
+                until,
+                times: b.times,
+            };
+            n += ab.import(&[record], now, wall);
+        }
+        n
     }
 
     /// The live policy of set `name` (share it with listeners).

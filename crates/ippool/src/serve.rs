@@ -113,8 +113,16 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         .map_err(ServeError::Store)?;
     let saved = store.rules().map_err(ServeError::Store)?;
     let restored = loaded.rules.restore(saved, &store);
-    tracing::info!(store = ?store, runtime_rules = restored, "state store open");
+    let saved = store.bans().map_err(ServeError::Store)?;
+    let bans = loaded.rules.restore_bans(saved, &store);
+    tracing::info!(store = ?store, runtime_rules = restored, bans, "state store open");
     let rules = Arc::new(loaded.rules);
+    let (ban_tx, ban_rx) = tokio::sync::mpsc::unbounded_channel();
+    let guards = Guards {
+        rules: Arc::clone(&rules),
+        bans: ban_tx,
+        filters: std::sync::Mutex::new(Vec::new()),
+    };
     let metrics = Arc::new(Metrics::new(&rules));
 
     // Pools: one per monitor (egress pools will register here too).
@@ -152,13 +160,14 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         &loaded.pools,
         &loaded.egress,
         &metrics,
+        &guards,
         &mut pools,
         &mut egress_pools,
         &mut proxies,
     )
     .await;
     if started.is_ok() {
-        started = start_l4(&loaded.l4, &metrics, &mut pools, &mut proxies).await;
+        started = start_l4(&loaded.l4, &metrics, &guards, &mut pools, &mut proxies).await;
     }
     if let Err(e) = started {
         stop_pools(&egress_pools).await;
@@ -193,14 +202,51 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         }
     };
 
+    let admin_set = loaded
+        .config
+        .admin
+        .rules
+        .as_ref()
+        .map(|r| r.get_ref().clone());
+    let admin_guard = guards.guard(admin_set.as_deref());
+    if let Some(set) = admin_set.as_deref() {
+        guards.filter_listener("admin", set, &listener);
+    }
+
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
     {
-        let router = admin::router(state);
+        let router = admin::router(state.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let r = admin::run(listener, router, shutdown).await;
+            let r = admin::run(listener, admin_guard, router, shutdown).await;
             ("admin", r.map_err(|e| e.to_string()))
+        });
+    }
+    {
+        // Bans are saved off the connection path, in order.
+        let (store, shutdown) = (state.store.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            save_bans(ban_rx, store, shutdown).await;
+            ("bans", Ok(()))
+        });
+    }
+    let filters = std::mem::take(&mut *guards.filters.lock().unwrap_or_else(|p| p.into_inner()));
+    for (name, set, fd) in filters {
+        let (shutdown, policy) = (shutdown.clone(), guards.policy(&set));
+        tasks.spawn(async move {
+            if let Some(policy) = policy {
+                let filter = gateway::guard::KernelFilter::new(policy);
+                tracing::info!(listener = %name, set = %set, "kernel socket filter on");
+                filter
+                    .watch(
+                        &fd,
+                        std::time::Duration::from_millis(250),
+                        shutdown.cancelled_owned(),
+                    )
+                    .await;
+            }
+            ("kernel filter", Ok(()))
         });
     }
     for (name, proxy) in proxies {
@@ -273,6 +319,7 @@ async fn start_egress(
     specs: &[crate::config::PoolSpec],
     listeners: &[crate::config::EgressSpec],
     metrics: &Arc<Metrics>,
+    guards: &Guards,
     registry: &mut Pools,
     started: &mut Vec<(String, addrpool::Pool)>,
     proxies: &mut Vec<(String, Listener)>,
@@ -317,7 +364,9 @@ async fn start_egress(
                 section: format!("egress.{}", spec.name),
                 message: format!("pool `{}` did not start", spec.pool),
             })?;
-        let proxy = gateway::egress::EgressProxy::bind(spec.options(pool))
+        let mut options = spec.options(pool);
+        options.guard = guards.guard(spec.rules.as_deref());
+        let proxy = gateway::egress::EgressProxy::bind(options)
             .await
             .map_err(|e| match e {
                 gateway::egress::EgressError::Bind { addr, source } => ServeError::Bind {
@@ -332,6 +381,9 @@ async fn start_egress(
             })?;
         let addr = proxy.local_addr();
         metrics.add_egress_listener(&spec.name, proxy.metrics());
+        if let Some(set) = &spec.rules {
+            guards.filter_socket(&format!("egress.{}", spec.name), set, proxy.socket());
+        }
         tracing::info!(
             listener = %spec.name,
             pool = %spec.pool,
@@ -348,6 +400,7 @@ async fn start_egress(
 async fn start_l4(
     specs: &[crate::config::L4Spec],
     metrics: &Arc<Metrics>,
+    guards: &Guards,
     registry: &mut Pools,
     proxies: &mut Vec<(String, Listener)>,
 ) -> Result<(), ServeError> {
@@ -357,6 +410,7 @@ async fn start_l4(
         options.transitions = Some(Arc::new(move |_: SocketAddr, t: health::Transition| {
             m.count_transition(&name, crate::pools::transition_kind(&t));
         }));
+        options.guard = guards.guard(spec.rules.as_deref());
         let proxy = gateway::l4::L4Proxy::bind(spec.listen, options)
             .await
             .map_err(|e| match e {
@@ -383,6 +437,9 @@ async fn start_l4(
             })?;
         metrics.add_pool(&spec.name);
         metrics.add_l4(&spec.name, proxy.metrics());
+        if let Some(set) = &spec.rules {
+            guards.filter_socket(&format!("l4.{}", spec.name), set, proxy.socket());
+        }
         tracing::info!(
             listener = %spec.name,
             upstreams = spec.options.upstreams.len(),
@@ -399,6 +456,88 @@ async fn start_l4(
 enum Listener {
     Egress(gateway::egress::EgressProxy),
     L4(gateway::l4::L4Proxy),
+}
+
+/// Builds the accept-time guards of listeners and remembers which
+/// listeners want a kernel socket filter.
+struct Guards {
+    rules: Arc<crate::rules::RuleSets>,
+    bans: tokio::sync::mpsc::UnboundedSender<(String, gateway::guard::Ban)>,
+    /// (listener, set, socket) of listeners whose set has `kernel_filter`.
+    filters: std::sync::Mutex<Vec<(String, String, std::os::fd::OwnedFd)>>,
+}
+
+impl Guards {
+    /// The guard of a listener using set `set` (everyone in without one).
+    fn guard(&self, set: Option<&str>) -> Arc<gateway::guard::Guard> {
+        let Some(set) = set else {
+            return Arc::new(gateway::guard::Guard::default());
+        };
+        let (tx, name) = (self.bans.clone(), set.to_owned());
+        let hook: gateway::guard::BanHook = Arc::new(move |b: &gateway::guard::Ban| {
+            let _ = tx.send((name.clone(), *b));
+        });
+        // The config checked that the set exists.
+        self.rules
+            .guard(set, hook)
+            .unwrap_or_else(|| Arc::new(gateway::guard::Guard::default()))
+    }
+
+    fn policy(&self, set: &str) -> Option<Arc<iprules::Shared<iprules::Policy>>> {
+        self.rules.get(set).cloned()
+    }
+
+    fn filter_socket(&self, listener: &str, set: &str, fd: std::io::Result<std::os::fd::OwnedFd>) {
+        if !self.rules.kernel_filter(set) {
+            return;
+        }
+        match fd {
+            Ok(fd) => self
+                .filters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((listener.to_owned(), set.to_owned(), fd)),
+            Err(e) => {
+                tracing::warn!(listener, error = %e, "no kernel socket filter: cannot duplicate the socket")
+            }
+        }
+    }
+
+    fn filter_listener(&self, listener: &str, set: &str, l: &TcpListener) {
+        use std::os::fd::AsFd;
+        self.filter_socket(listener, set, l.as_fd().try_clone_to_owned());
+    }
+}
+
+/// Writes bans to the store as they happen, until shutdown.
+async fn save_bans(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, gateway::guard::Ban)>,
+    store: store::Store,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (set, ban) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+        let record = store::Ban {
+            set,
+            network: ban.rule.to_string(),
+            until_unix_ms: crate::rules::unix_ms(ban.until, now, wall),
+            times: ban.times,
+            reason: ban.offense.map_or("restored", |o| o.name()).to_owned(),
+        };
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.put_ban(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "ban not saved: it ends with this process"),
+            Err(e) => tracing::error!(error = %e, "ban not saved"),
+        }
+    }
 }
 
 /// Shuts the egress pools down: netlink pools remove the addresses they

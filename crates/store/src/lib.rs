@@ -28,6 +28,7 @@
 //! std::fs::create_dir_all(&dir)?;
 //! let store = Store::open_dir(&dir)?;
 //! store.put_ban(&Ban {
+//!     set: "clients".into(),
 //!     network: "203.0.113.7/32".into(),
 //!     until_unix_ms: 1_900_000_000_000,
 //!     times: 1,
@@ -198,14 +199,14 @@ impl Store {
             .collect()
     }
 
-    /// Saves a ban (replacing one of the same network).
+    /// Saves a ban (replacing one of the same set and network).
     pub fn put_ban(&self, ban: &Ban) -> Result<(), StoreError> {
-        self.put_json(Table::Bans, &ban.network, ban)
+        self.put_json(Table::Bans, &ban.key(), ban)
     }
 
-    /// Removes the ban of `network`; whether there was one.
-    pub fn remove_ban(&self, network: &str) -> Result<bool, StoreError> {
-        self.delete(Table::Bans, network)
+    /// Removes the ban of `network` in `set`; whether there was one.
+    pub fn remove_ban(&self, set: &str, network: &str) -> Result<bool, StoreError> {
+        self.delete(Table::Bans, &format!("{set}/{network}"))
     }
 
     /// Every saved ban (expired ones included: the caller decides).

@@ -5,8 +5,10 @@ use serde::{Deserialize, Serialize};
 /// A ban: a client network denied until a time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ban {
-    /// The banned network as text (`203.0.113.7/32`, `2001:db8:1:2::/64`);
-    /// the record's key.
+    /// The rule set the ban is in (bans of different sets are apart).
+    #[serde(default)]
+    pub set: String,
+    /// The banned network as text (`203.0.113.7`, `2001:db8:1:2::/64`).
     pub network: String,
     /// When the ban ends, in milliseconds since the Unix epoch.
     pub until_unix_ms: u64,
@@ -14,6 +16,13 @@ pub struct Ban {
     pub times: u32,
     /// Why, for humans.
     pub reason: String,
+}
+
+impl Ban {
+    /// The record's key: `set/network`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.set, self.network)
+    }
 }
 
 /// A rule added at run time to a named rule set.

@@ -30,6 +30,7 @@ impl Drop for TempDir {
 
 fn ban(i: u32) -> Ban {
     Ban {
+        set: "clients".into(),
         network: format!("198.51.100.{}/32", i % 256),
         until_unix_ms: 1_900_000_000_000 + u64::from(i),
         times: i,
@@ -51,8 +52,12 @@ fn exercise(s: &Store) {
         vec![ban(1), b2],
         "sorted by network, replaced in place"
     );
-    assert!(s.remove_ban("198.51.100.1/32").unwrap());
-    assert!(!s.remove_ban("198.51.100.1/32").unwrap());
+    assert!(
+        !s.remove_ban("other", "198.51.100.1/32").unwrap(),
+        "sets apart"
+    );
+    assert!(s.remove_ban("clients", "198.51.100.1/32").unwrap());
+    assert!(!s.remove_ban("clients", "198.51.100.1/32").unwrap());
     assert_eq!(s.bans().unwrap().len(), 1);
 
     let r = RuntimeRule {

@@ -23,6 +23,7 @@ use super::dial::{self, DialError};
 use super::metrics::{Protocol, RequestResult};
 use super::tunnel::{self, Activity, Metered, Side};
 use super::{Ctx, SessionFrom};
+use crate::guard::Offense;
 
 /// The response header that tells the client the source address used.
 pub const SOURCE_HEADER: &str = "x-ippool-source";
@@ -32,9 +33,9 @@ pub const ERROR_HEADER: &str = "x-ippool-error";
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Per client connection: a tunnel to run once hyper hands over the IO.
-#[derive(Default)]
 struct ConnState {
     tunnel: Mutex<Option<Tunnel>>,
+    peer: SocketAddr,
 }
 
 /// A request the proxy answers itself.
@@ -42,6 +43,9 @@ struct Reject {
     status: StatusCode,
     result: RequestResult,
     message: String,
+    /// The misbehaviour to report to the listener's auto-blocking, if the
+    /// client is at fault.
+    offense: Option<Offense>,
 }
 
 impl Reject {
@@ -50,6 +54,7 @@ impl Reject {
             status: StatusCode::BAD_REQUEST,
             result: RequestResult::BadRequest,
             message: message.into(),
+            offense: Some(Offense::Malformed),
         }
     }
 }
@@ -60,6 +65,7 @@ impl From<DialError> for Reject {
             status: e.status,
             result: e.result,
             message: e.message,
+            offense: None,
         }
     }
 }
@@ -70,6 +76,13 @@ impl From<AuthError> for Reject {
             status: StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             result: RequestResult::AuthFailed,
             message: e.reason().to_owned(),
+            // A client without credentials is asked for them (407): that
+            // is the protocol, not an offense. Wrong ones are.
+            offense: match e {
+                AuthError::Missing => None,
+                AuthError::Malformed => Some(Offense::Malformed),
+                AuthError::Invalid | AuthError::BadSession => Some(Offense::AuthFailed),
+            },
         }
     }
 }
@@ -123,7 +136,10 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         Default::default(),
     )
     .uncounted();
-    let state = Arc::new(ConnState::default());
+    let state = Arc::new(ConnState {
+        tunnel: Mutex::new(None),
+        peer,
+    });
     let svc = {
         let (ctx, state) = (ctx.clone(), state.clone());
         service_fn(move |req| {
@@ -192,6 +208,9 @@ async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Re
         }
         Err(reject) => {
             ctx.metrics.request(protocol, reject.result);
+            if let Some(o) = reject.offense {
+                ctx.opts.guard.offense(state.peer.ip(), o);
+            }
             tracing::debug!(status = %reject.status, reason = %reject.message, "request refused");
             error_response(&reject)
         }
@@ -445,6 +464,7 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
                 status: StatusCode::BAD_GATEWAY,
                 result: RequestResult::BadGateway,
                 message,
+                offense: None,
             });
         }
         Err(_) => {
@@ -453,6 +473,7 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
                 status: StatusCode::GATEWAY_TIMEOUT,
                 result: RequestResult::Timeout,
                 message: format!("{dest} sent no response within {idle_timeout:?}"),
+                offense: None,
             });
         }
     };
@@ -504,6 +525,7 @@ async fn fresh(
             status: StatusCode::BAD_GATEWAY,
             result: RequestResult::BadGateway,
             message: format!("HTTP handshake with {dest} failed: {e}"),
+            offense: None,
         })?;
     ctx.tasks.spawn(async move {
         if let Err(e) = conn.await {

@@ -275,6 +275,14 @@ impl EgressProxy {
         }
     }
 
+    /// A duplicate of the listening socket's descriptor (the same socket),
+    /// e.g. to attach a [`crate::guard::KernelFilter`] while the proxy
+    /// serves.
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.ctx.opts.listen)
@@ -308,7 +316,7 @@ impl EgressProxy {
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
+                accepted = ctx.opts.guard.accept(&listener) => match accepted {
                     Ok((stream, peer)) => {
                         ctx.metrics.connection();
                         let _ = stream.set_nodelay(true);
@@ -368,6 +376,9 @@ async fn serve_conn(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
             tracing::debug!(%peer, first = other, why, "refusing connection");
             ctx.metrics
                 .request(Protocol::Http, RequestResult::BadRequest);
+            ctx.opts
+                .guard
+                .offense(peer.ip(), crate::guard::Offense::Malformed);
             http::refuse_raw(stream, why).await;
         }
     }

@@ -120,6 +120,11 @@ pub struct EgressOptions {
     pub policy: Arc<Shared<Policy>>,
     /// Upstream HTTP keep-alive.
     pub keep_alive: KeepAlive,
+    /// Who may connect to the listener (checked at accept, before a byte
+    /// is read) and where misbehaviour (wrong credentials, malformed
+    /// requests) is reported for auto-blocking. Default: everyone, no
+    /// auto-blocking.
+    pub guard: Arc<crate::guard::Guard>,
 }
 
 impl EgressOptions {
@@ -138,6 +143,7 @@ impl EgressOptions {
             session_from: SessionFrom::Username,
             policy: Arc::new(Shared::new(default_policy())),
             keep_alive: KeepAlive::default(),
+            guard: Arc::new(crate::guard::Guard::default()),
         }
     }
 }
@@ -158,6 +164,7 @@ impl fmt::Debug for EgressOptions {
             .field("drain_timeout", &self.drain_timeout)
             .field("session_from", &self.session_from)
             .field("keep_alive", &self.keep_alive)
+            .field("guard", &self.guard)
             .finish_non_exhaustive()
     }
 }

@@ -12,6 +12,7 @@ use super::dial::{self, DialError};
 use super::http::{linger_close, session_for};
 use super::metrics::{Protocol, RequestResult};
 use super::{Ctx, tunnel};
+use crate::guard::Offense;
 
 const VERSION: u8 = 0x05;
 const NO_AUTH: u8 = 0x00;
@@ -33,6 +34,14 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, mut stream: TcpStream, peer: SocketAddr
         Ok(Ok(v)) => v,
         Ok(Err(Stop(result))) => {
             ctx.metrics.request(Protocol::Socks5, result);
+            let offense = match result {
+                RequestResult::AuthFailed => Some(Offense::AuthFailed),
+                RequestResult::BadRequest => Some(Offense::Malformed),
+                _ => None,
+            };
+            if let Some(o) = offense {
+                ctx.opts.guard.offense(peer.ip(), o);
+            }
             linger_close(stream).await;
             return;
         }

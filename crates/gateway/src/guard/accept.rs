@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +13,11 @@ use iprules::{Policy, Reason, Shared};
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::autoblock::{AutoBlock, Offense};
+use super::autoblock::{AutoBlock, Ban, Offense};
+
+/// Called with every ban a [`Guard`]'s [`AutoBlock`] imposes (to persist
+/// it, publish an event). Called on the connection's path: keep it short.
+pub type BanHook = Arc<dyn Fn(&Ban) + Send + Sync>;
 use super::ratelimit::RateLimit;
 
 /// Why [`Guard::check`] refused a peer.
@@ -56,6 +60,7 @@ pub struct Guard {
     policy: Arc<Shared<Policy>>,
     rate: Option<Arc<RateLimit>>,
     autoblock: Option<Arc<AutoBlock>>,
+    on_ban: Option<BanHook>,
     accepted: AtomicU64,
     denied: AtomicU64,
     limited: AtomicU64,
@@ -78,6 +83,7 @@ impl fmt::Debug for Guard {
             .field("metrics", &self.metrics())
             .field("rate_limit", &self.rate.is_some())
             .field("autoblock", &self.autoblock.is_some())
+            .field("ban_hook", &self.on_ban.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +102,7 @@ impl Guard {
             policy,
             rate: None,
             autoblock: None,
+            on_ban: None,
             accepted: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             limited: AtomicU64::new(0),
@@ -114,6 +121,38 @@ impl Guard {
     pub fn with_autoblock(mut self, autoblock: Arc<AutoBlock>) -> Guard {
         self.autoblock = Some(autoblock);
         self
+    }
+
+    /// Calls `hook` with every ban the guard's [`AutoBlock`] imposes.
+    pub fn with_ban_hook(mut self, hook: BanHook) -> Guard {
+        self.on_ban = Some(hook);
+        self
+    }
+
+    /// The [`AutoBlock`] offenses are reported to, if any.
+    pub fn autoblock(&self) -> Option<&Arc<AutoBlock>> {
+        self.autoblock.as_ref()
+    }
+
+    /// Reports misbehaviour of client `ip` (failed authentication, a
+    /// malformed request, …) to the [`AutoBlock`], if there is one; returns
+    /// the ban it caused. The ban applies from the next accept.
+    pub fn offense(&self, ip: IpAddr, offense: Offense) -> Option<Ban> {
+        let ban = self
+            .autoblock
+            .as_ref()?
+            .record(ip, offense, Instant::now())?;
+        tracing::info!(
+            rule = %ban.rule,
+            offense = offense.name(),
+            duration = ?ban.duration,
+            times = ban.times,
+            "client banned"
+        );
+        if let Some(hook) = &self.on_ban {
+            hook(&ban);
+        }
+        Some(ban)
     }
 
     /// The policy it enforces (update it to change who gets in).
@@ -143,11 +182,7 @@ impl Guard {
             let now = Instant::now();
             if let Err(wait) = rate.check(ip, now) {
                 self.limited.fetch_add(1, Ordering::Relaxed);
-                if let Some(ab) = &self.autoblock
-                    && let Some(ban) = ab.record(ip, Offense::RateExceeded, now)
-                {
-                    tracing::info!(rule = %ban.rule, until = ?ban.duration, "client banned");
-                }
+                self.offense(ip, Offense::RateExceeded);
                 return Err(Refusal::RateLimited(wait.0));
             }
         }

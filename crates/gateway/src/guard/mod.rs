@@ -33,7 +33,7 @@ mod nft;
 mod ratelimit;
 mod space;
 
-pub use accept::{Guard, GuardMetrics, Refusal};
+pub use accept::{BanHook, Guard, GuardMetrics, Refusal};
 pub use autoblock::{AutoBlock, AutoBlockOptions, Ban, BanRecord, Offense};
 pub use bpf::{
     BPF_MAXINSNS, BpfError, BpfLimits, BpfProgram, FilterReport, FilterState, Insn, KernelFilter,

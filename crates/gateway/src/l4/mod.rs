@@ -249,6 +249,14 @@ impl L4Proxy {
         })
     }
 
+    /// A duplicate of the listening socket's descriptor (the same socket),
+    /// e.g. to attach a [`crate::guard::KernelFilter`] while the proxy
+    /// serves.
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
@@ -271,11 +279,12 @@ impl L4Proxy {
     /// left.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let L4Proxy { listener, ctx } = self;
+        let guard = Arc::clone(&ctx.opts.guard);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
+                accepted = guard.accept(&listener) => match accepted {
                     Ok((stream, peer)) => {
                         let guard = ctx.metrics.accepted();
                         ctx.tasks.spawn(serve_conn(ctx.clone(), stream, peer, guard));

@@ -190,6 +190,9 @@ pub struct L4Options {
     pub classifier: Classifier,
     /// Receives every health transition. Default: none.
     pub transitions: Option<Arc<dyn TransitionSink>>,
+    /// Who may connect (checked at accept, before a byte is read).
+    /// Default: everyone.
+    pub guard: Arc<crate::guard::Guard>,
 }
 
 impl L4Options {
@@ -210,6 +213,7 @@ impl L4Options {
             },
             classifier: Classifier::default(),
             transitions: None,
+            guard: Arc::new(crate::guard::Guard::default()),
         }
     }
 
@@ -278,6 +282,7 @@ impl fmt::Debug for L4Options {
             .field("health", &self.health)
             .field("classifier", &self.classifier)
             .field("transitions", &self.transitions.as_ref().map(|_| "<sink>"))
+            .field("guard", &self.guard)
             .finish()
     }
 }

@@ -209,6 +209,11 @@ pub struct EgressConfig {
     pub listen: Spanned<SocketAddr>,
     /// The `[pools.<name>]` connections leave from. Required.
     pub pool: Spanned<String>,
+    /// The `[rules.<name>]` set deciding which clients may connect (checked
+    /// at accept; wrong credentials and malformed requests feed its
+    /// `autoblock`). Default: every client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Spanned<String>>,
     /// Proxy users: a file of `user:password` lines (`#` comments). Without
     /// it, no authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -344,6 +349,8 @@ pub struct EgressSpec {
     pub policy: iprules::Policy,
     /// Upstream keep-alive.
     pub keep_alive: gateway::egress::KeepAlive,
+    /// The client rule set, if any.
+    pub rules: Option<String>,
 }
 
 impl EgressSpec {
@@ -702,6 +709,7 @@ pub(super) fn resolve_egress(
             max_idle: e.keep_alive_max_idle,
             max_idle_per_key: e.keep_alive_max_idle_per_key,
         },
+        rules: e.rules.as_ref().map(|r| r.get_ref().clone()),
     })
 }
 

@@ -35,6 +35,10 @@ pub enum L4StrategyKind {
 pub struct L4Config {
     /// The listener. Required.
     pub listen: Spanned<SocketAddr>,
+    /// The `[rules.<name>]` set deciding which clients may connect.
+    /// Default: every client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Spanned<String>>,
     /// Upstreams as `ip:port`. Exclusive with `upstream`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstreams: Option<Spanned<Vec<SocketAddr>>>,
@@ -93,6 +97,8 @@ pub struct L4Spec {
     pub options: gateway::l4::L4Options,
     /// Where the upstreams came from, for humans.
     pub from: String,
+    /// The client rule set, if any.
+    pub rules: Option<String>,
 }
 
 impl std::fmt::Debug for L4Spec {
@@ -230,5 +236,6 @@ pub(super) fn resolve(
         listen,
         options,
         from,
+        rules: c.rules.as_ref().map(|r| r.get_ref().clone()),
     })
 }
