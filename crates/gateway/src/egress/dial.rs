@@ -132,13 +132,13 @@ pub(crate) async fn resolve_checked(
     let mut addrs: Vec<IpAddr> = match literal {
         Some(ip) => vec![ip.to_canonical()],
         None => {
-            let found = tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
+            let found = tokio::time::timeout_at(deadline, ctx.opts.resolver.resolve(host, port))
                 .await
                 .map_err(|_| DialError::timeout(format!("resolving {host} timed out")))?
                 .map_err(|e| DialError::bad_gateway(0x04, format!("cannot resolve {host}: {e}")))?;
             let mut v: Vec<IpAddr> = Vec::new();
             for a in found {
-                let ip = a.ip().to_canonical();
+                let ip = a.to_canonical();
                 if !v.contains(&ip) {
                     v.push(ip);
                 }

@@ -113,7 +113,9 @@ use tokio::task::JoinSet;
 
 pub use self::http::{ERROR_HEADER, SOURCE_HEADER};
 pub use metrics::{EgressMetrics, EgressMetricsSnapshot, Protocol, RequestResult};
-pub use options::{EgressOptions, KeepAlive, PoolSelection, SessionFrom};
+pub use options::{
+    EgressOptions, KeepAlive, PoolSelection, Resolve, Resolving, SessionFrom, SystemResolver,
+};
 pub use policy::{default_deny_rules, default_policy};
 
 use upstream::IdlePool;

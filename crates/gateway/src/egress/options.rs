@@ -11,6 +11,36 @@ use iprules::{Policy, Shared};
 
 use super::policy::default_policy;
 
+/// The future of [`Resolve::resolve`].
+pub type Resolving<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send + 'a>,
+>;
+
+/// Resolves destination host names. The proxy calls it once per request
+/// and dials only addresses it returned and the policy allowed, so a
+/// resolver that changes its answer (DNS rebinding) cannot slip a refused
+/// address past the check.
+pub trait Resolve: Send + Sync + 'static {
+    /// The addresses of `host` (the port is a hint for `getaddrinfo`).
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> Resolving<'a>;
+}
+
+/// The system resolver (`getaddrinfo` on tokio's blocking pool, so the
+/// runtime's workers never wait on DNS). The default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> Resolving<'a> {
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host, port))
+                .await?
+                .map(|a| a.ip())
+                .collect())
+        })
+    }
+}
+
 /// Where the sticky-session key of a request comes from (with
 /// [`addrpool::Strategy::Sticky`] pools).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,6 +155,8 @@ pub struct EgressOptions {
     /// requests) is reported for auto-blocking. Default: everyone, no
     /// auto-blocking.
     pub guard: Arc<crate::guard::Guard>,
+    /// How destination names are resolved. Default: [`SystemResolver`].
+    pub resolver: Arc<dyn Resolve>,
 }
 
 impl EgressOptions {
@@ -144,6 +176,7 @@ impl EgressOptions {
             policy: Arc::new(Shared::new(default_policy())),
             keep_alive: KeepAlive::default(),
             guard: Arc::new(crate::guard::Guard::default()),
+            resolver: Arc::new(SystemResolver),
         }
     }
 }
@@ -164,6 +197,7 @@ impl fmt::Debug for EgressOptions {
             .field("drain_timeout", &self.drain_timeout)
             .field("session_from", &self.session_from)
             .field("keep_alive", &self.keep_alive)
+            .field("guard", &self.guard)
             .field("guard", &self.guard)
             .finish_non_exhaustive()
     }
