@@ -258,14 +258,19 @@ impl RuleSets {
     }
 
     /// A new accept-time guard of set `name` for one listener (its own rate
-    /// limit; the set's auto-blocking, reporting bans to `on_ban`).
+    /// limit, per request for HTTP listeners, else per connection; the
+    /// set's auto-blocking, reporting bans to `on_ban`).
     pub fn guard(
         &self,
         name: &str,
+        per_request: bool,
         on_ban: gateway::guard::BanHook,
     ) -> Option<Arc<gateway::guard::Guard>> {
         let set = self.sets.get(name)?;
         let mut g = gateway::guard::Guard::new(Arc::clone(&set.live));
+        if per_request {
+            g = g.rate_per_request();
+        }
         if let Some(r) = &set.rate_limit {
             g = g.with_rate_limit(Arc::new(gateway::guard::RateLimit::new(*r)));
         }

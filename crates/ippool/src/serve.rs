@@ -208,7 +208,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         .rules
         .as_ref()
         .map(|r| r.get_ref().clone());
-    let admin_guard = guards.guard(admin_set.as_deref());
+    let admin_guard = guards.guard(admin_set.as_deref(), false);
     if let Some(set) = admin_set.as_deref() {
         guards.filter_listener("admin", set, &listener);
     }
@@ -365,7 +365,7 @@ async fn start_egress(
                 message: format!("pool `{}` did not start", spec.pool),
             })?;
         let mut options = spec.options(pool);
-        options.guard = guards.guard(spec.rules.as_deref());
+        options.guard = guards.guard(spec.rules.as_deref(), true);
         let proxy = gateway::egress::EgressProxy::bind(options)
             .await
             .map_err(|e| match e {
@@ -410,7 +410,7 @@ async fn start_l4(
         options.transitions = Some(Arc::new(move |_: SocketAddr, t: health::Transition| {
             m.count_transition(&name, crate::pools::transition_kind(&t));
         }));
-        options.guard = guards.guard(spec.rules.as_deref());
+        options.guard = guards.guard(spec.rules.as_deref(), false);
         let proxy = gateway::l4::L4Proxy::bind(spec.listen, options)
             .await
             .map_err(|e| match e {
@@ -469,7 +469,7 @@ struct Guards {
 
 impl Guards {
     /// The guard of a listener using set `set` (everyone in without one).
-    fn guard(&self, set: Option<&str>) -> Arc<gateway::guard::Guard> {
+    fn guard(&self, set: Option<&str>, per_request: bool) -> Arc<gateway::guard::Guard> {
         let Some(set) = set else {
             return Arc::new(gateway::guard::Guard::default());
         };
@@ -479,7 +479,7 @@ impl Guards {
         });
         // The config checked that the set exists.
         self.rules
-            .guard(set, hook)
+            .guard(set, per_request, hook)
             .unwrap_or_else(|| Arc::new(gateway::guard::Guard::default()))
     }
 

@@ -190,12 +190,30 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// 429 with `Retry-After` (whole seconds, at least 1).
+fn rate_limited(wait: Duration) -> Response<ProxyBody> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut resp = error_response(&Reject {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        result: RequestResult::RateLimited,
+        message: format!("too many requests from your address; retry after {secs}s"),
+        offense: None,
+    });
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
+}
+
 async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Response<ProxyBody> {
     let protocol = if req.method() == Method::CONNECT {
         Protocol::Connect
     } else {
         Protocol::Http
     };
+    if let Err(wait) = ctx.opts.guard.check_request(state.peer.ip()) {
+        ctx.metrics.request(protocol, RequestResult::RateLimited);
+        return rate_limited(wait);
+    }
     let r = if protocol == Protocol::Connect {
         connect(ctx, state, req).await
     } else {

@@ -44,11 +44,13 @@ pub enum RequestResult {
     Unavailable,
     /// Connecting timed out (504).
     Timeout,
+    /// Over the client's rate limit (429 / SOCKS5 reply 2).
+    RateLimited,
 }
 
 impl RequestResult {
     /// Every result, in index order.
-    pub const ALL: [RequestResult; 7] = [
+    pub const ALL: [RequestResult; 8] = [
         RequestResult::Ok,
         RequestResult::BadRequest,
         RequestResult::AuthFailed,
@@ -56,6 +58,7 @@ impl RequestResult {
         RequestResult::BadGateway,
         RequestResult::Unavailable,
         RequestResult::Timeout,
+        RequestResult::RateLimited,
     ];
 
     /// The metric label value.
@@ -68,6 +71,7 @@ impl RequestResult {
             RequestResult::BadGateway => "bad_gateway",
             RequestResult::Unavailable => "unavailable",
             RequestResult::Timeout => "timeout",
+            RequestResult::RateLimited => "rate_limited",
         }
     }
 }

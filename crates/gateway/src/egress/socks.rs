@@ -52,6 +52,13 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, mut stream: TcpStream, peer: SocketAddr
             return;
         }
     };
+    if ctx.opts.guard.check_request(peer.ip()).is_err() {
+        ctx.metrics
+            .request(Protocol::Socks5, RequestResult::RateLimited);
+        let _ = reply(&mut stream, 0x02, None).await;
+        linger_close(stream).await;
+        return;
+    }
     let session = session_for(&ctx, &id, &host);
     let pool = ctx.opts.pool.pick(id.user.as_deref());
     let upstream = match dial::dial(&ctx, pool, &host, port, session.as_ref()).await {

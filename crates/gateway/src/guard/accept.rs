@@ -61,6 +61,9 @@ pub struct Guard {
     rate: Option<Arc<RateLimit>>,
     autoblock: Option<Arc<AutoBlock>>,
     on_ban: Option<BanHook>,
+    /// Whether the rate limit applies at accept (per connection) or is
+    /// left to the protocol (per request, [`Guard::check_request`]).
+    rate_at_accept: bool,
     accepted: AtomicU64,
     denied: AtomicU64,
     limited: AtomicU64,
@@ -103,6 +106,7 @@ impl Guard {
             rate: None,
             autoblock: None,
             on_ban: None,
+            rate_at_accept: true,
             accepted: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             limited: AtomicU64::new(0),
@@ -121,6 +125,33 @@ impl Guard {
     pub fn with_autoblock(mut self, autoblock: Arc<AutoBlock>) -> Guard {
         self.autoblock = Some(autoblock);
         self
+    }
+
+    /// Applies the rate limit per request instead of per connection: the
+    /// protocol calls [`Guard::check_request`] for each request (an HTTP
+    /// proxy answers 429 with `Retry-After`), so a client cannot escape the
+    /// limit by keeping one connection alive.
+    pub fn rate_per_request(mut self) -> Guard {
+        self.rate_at_accept = false;
+        self
+    }
+
+    /// For a guard in [`rate_per_request`](Guard::rate_per_request) mode:
+    /// whether client `ip` may make one more request now; otherwise how
+    /// long to wait (counted, and reported as [`Offense::RateExceeded`]).
+    /// Always `Ok` without a rate limit or in per-connection mode.
+    pub fn check_request(&self, ip: IpAddr) -> Result<(), Duration> {
+        if self.rate_at_accept {
+            return Ok(());
+        }
+        let Some(rate) = &self.rate else {
+            return Ok(());
+        };
+        rate.check(ip, Instant::now()).map_err(|wait| {
+            self.limited.fetch_add(1, Ordering::Relaxed);
+            self.offense(ip, Offense::RateExceeded);
+            wait.0
+        })
     }
 
     /// Calls `hook` with every ban the guard's [`AutoBlock`] imposes.
@@ -178,7 +209,7 @@ impl Guard {
             self.denied.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::Denied(decision.reason));
         }
-        if let Some(rate) = &self.rate {
+        if let Some(rate) = self.rate.as_ref().filter(|_| self.rate_at_accept) {
             let now = Instant::now();
             if let Err(wait) = rate.check(ip, now) {
                 self.limited.fetch_add(1, Ordering::Relaxed);
