@@ -30,10 +30,11 @@ fn send_from(src: &str, to: SocketAddr, request: &str) -> Fate {
     let src: IpAddr = src.parse().expect("source");
     s.bind(&SocketAddr::new(src, 0).into())
         .expect("bind source");
-    if s.connect_timeout(&to.into(), Duration::from_millis(400))
-        .is_err()
-    {
-        return Fate::NoConnection;
+    match s.connect_timeout(&to.into(), Duration::from_millis(400)) {
+        Ok(()) => {}
+        // The reset of a refused peer may beat connect() to userspace.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Fate::Refused,
+        Err(_) => return Fate::NoConnection,
     }
     let mut s: std::net::TcpStream = s.into();
     s.set_read_timeout(Some(Duration::from_secs(5)))
