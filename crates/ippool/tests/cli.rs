@@ -562,3 +562,51 @@ fn example_config_is_valid() {
     assert!(stdout.contains("allow  allow list: 10.1.2.3"), "{stdout}");
     assert!(stdout.contains("deny   deny list: 10.0.0.0/8"), "{stdout}");
 }
+
+/// The shipped systemd unit: hardened as documented, and valid for
+/// `systemd-analyze verify` with the binary at its place.
+#[test]
+fn systemd_unit_is_hardened_and_valid() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/ippool.service"),
+    )
+    .expect("examples/ippool.service");
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        value("CapabilityBoundingSet"),
+        ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
+    );
+    for (k, v) in [
+        ("PrivateTmp", "yes"),
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectHome", "yes"),
+    ] {
+        assert_eq!(value(k), [v], "{k}");
+    }
+    assert!(value("ExecStart")[0].contains(" serve -c "), "{unit}");
+    assert!(value("ExecStartPre")[0].contains(" check -c "), "{unit}");
+    // systemd-analyze ships with systemd; where it is, the unit must pass.
+    if let Ok(out) = Command::new("systemd-analyze").arg("--version").output()
+        && out.status.success()
+    {
+        let dir = TempDir::new();
+        let patched = unit.replace("/usr/local/bin/ippool", BIN);
+        let path = dir.write("ippool.service", &patched);
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.trim().is_empty(),
+            "systemd-analyze verify: {err}"
+        );
+    }
+}
