@@ -11,6 +11,7 @@
 //! | `POST /api/rules/{set}/{list}` | add a runtime rule: `{"rule": "192.0.2.0/24", "ttl": "1h"}` (`ttl` optional); durable before the answer |
 //! | `DELETE /api/rules/{set}/{list}?rule=RULE` | remove a runtime rule (config rules: 409, edit the file) |
 //! | `GET /api/rules/{set}/export[?ports=80,443]` | the live set (runtime rules and bans included) as an nftables script |
+//! | `GET /api/events` | server-sent events: `benched`, `restored`, `bench_suppressed`, `banned`, `ban_lifted`, `rule_added`, `rule_removed` (JSON data; `lagged` when a slow reader missed some) |
 //! | `GET /api/bans` | active bans of every set: `set`, `rule`, `remaining_seconds`, `times`, `offense` |
 //! | `DELETE /api/bans/{set}?rule=RULE` | lift a ban (durable; the client's ban count is kept for escalation) |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
@@ -56,6 +57,11 @@ pub struct AdminState {
     pub token: Option<Arc<Secret>>,
     /// Where runtime changes are persisted.
     pub store: store::Store,
+    /// The events stream.
+    pub events: crate::events::Events,
+    /// Cancelled on shutdown: ends the event streams so the listener can
+    /// drain.
+    pub shutdown: CancellationToken,
 }
 
 /// The admin API's routes.
@@ -68,6 +74,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/rules/{set}", get(list_set))
         .route("/api/rules/{set}/export", get(export_set))
         .route("/api/bans", get(list_bans))
+        .route("/api/events", get(events))
         .route("/api/bans/{set}", axum::routing::delete(lift_ban))
         .route(
             "/api/rules/{set}/{list}",
@@ -371,6 +378,11 @@ async fn add_rule(
                 .metrics
                 .set_rule_count(&set, list.as_str(), state.rules.len(&set, list));
             tracing::info!(set, list = list.as_str(), %rule, ttl = ?ttl, "rule added");
+            state.events.publish(
+                "rule_added",
+                serde_json::json!({"set": set, "list": list.as_str(), "rule": rule.to_string(),
+                    "ttl_seconds": ttl.map(|d| d.as_secs_f64())}),
+            );
             Json(serde_json::json!({
                 "set": set,
                 "list": list.as_str(),
@@ -430,6 +442,10 @@ async fn remove_rule(
                 .metrics
                 .set_rule_count(&set, list.as_str(), state.rules.len(&set, list));
             tracing::info!(set, list = list.as_str(), %rule, "rule removed");
+            state.events.publish(
+                "rule_removed",
+                serde_json::json!({"set": set, "list": list.as_str(), "rule": rule.to_string()}),
+            );
             Json(serde_json::json!({"set": set, "list": list.as_str(), "rule": rule.to_string(), "removed": true}))
                 .into_response()
         }
@@ -478,6 +494,39 @@ async fn export_set(
     }
 }
 
+async fn events(State(state): State<AdminState>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = state.events.subscribe();
+    let stop = state.shutdown.clone();
+    let stream = futures_util::stream::unfold((rx, stop), |(mut rx, stop)| async move {
+        let ev = loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => return None,
+                next = rx.recv() => next,
+            };
+            match next {
+                Ok(e) => {
+                    break Event::default()
+                        .event(e.kind)
+                        .json_data(&e)
+                        .unwrap_or_else(|_| Event::default().event("error"));
+                }
+                Err(RecvError::Lagged(n)) => {
+                    break Event::default()
+                        .event("lagged")
+                        .data(format!("{{\"missed\":{n}}}"));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        };
+        Some((Ok::<_, std::convert::Infallible>(ev), (rx, stop)))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
 async fn list_bans(State(state): State<AdminState>) -> Response {
     Json(serde_json::json!({ "bans": state.rules.bans(std::time::Instant::now()) })).into_response()
 }
@@ -519,6 +568,10 @@ async fn lift_ban(
     match state.rules.lift(&set, &rule, now) {
         Ok(true) => {
             tracing::info!(set, %rule, "ban lifted");
+            state.events.publish(
+                "ban_lifted",
+                serde_json::json!({"set": set, "rule": rule.to_string()}),
+            );
             Json(serde_json::json!({"set": set, "rule": rule.to_string(), "lifted": true}))
                 .into_response()
         }

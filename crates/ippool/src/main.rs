@@ -5,6 +5,7 @@
 
 mod admin;
 mod config;
+mod events;
 mod logging;
 mod logscan;
 mod metrics;

@@ -32,6 +32,7 @@ pub const MAX_REPORTS: usize = 10;
 pub struct Pool {
     name: String,
     kind: &'static str,
+    events: crate::events::Events,
     backend: Backend,
     reports: Mutex<HashMap<IpAddr, VecDeque<Report>>>,
 }
@@ -202,6 +203,7 @@ impl Pool {
     fn publish(&self, ip: IpAddr, t: Transition, metrics: &Metrics) {
         log_transition(&self.name, ip, &t);
         metrics.count_transition(&self.name, transition_kind(&t));
+        publish_transition(&self.events, &self.name, &ip.to_string(), &t);
     }
 
     /// The `/probe` view of the pool at `now`, with each address's `recent`
@@ -272,6 +274,21 @@ impl Pool {
             addresses,
         }
     }
+}
+
+/// Publishes a transition of `key` (an address, or `ip:port` for an
+/// upstream) of pool `pool` on the events stream.
+pub fn publish_transition(events: &crate::events::Events, pool: &str, key: &str, t: &Transition) {
+    let mut data = serde_json::json!({ "pool": pool, "address": key });
+    match t {
+        Transition::Benched { cause, cooldown } => {
+            data["cause"] = format!("{cause:?}").into();
+            data["cooldown_seconds"] = cooldown.as_secs_f64().into();
+        }
+        Transition::BenchSuppressed { cause } => data["cause"] = format!("{cause:?}").into(),
+        Transition::Restored => {}
+    }
+    events.publish(transition_kind(t), data);
 }
 
 /// Logs a transition of `ip` in pool `pool`.
@@ -528,6 +545,7 @@ impl AddressView {
 #[derive(Debug, Default)]
 pub struct Pools {
     pools: BTreeMap<String, Arc<Pool>>,
+    events: crate::events::Events,
 }
 
 /// A pool name registered twice.
@@ -586,11 +604,20 @@ impl Pools {
         let pool = Arc::new(Pool {
             name: name.to_owned(),
             kind,
+            events: self.events.clone(),
             backend,
             reports: Mutex::new(HashMap::new()),
         });
         self.pools.insert(name.to_owned(), Arc::clone(&pool));
         Ok(pool)
+    }
+
+    /// A registry whose pools publish their transitions on `events`.
+    pub fn with_events(events: crate::events::Events) -> Pools {
+        Pools {
+            pools: BTreeMap::new(),
+            events,
+        }
     }
 
     /// A pool by name.

@@ -97,6 +97,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         .map_err(ServeError::Signal)?;
 
     let config_json = serde_json::to_string(&loaded.config).map_err(ServeError::Render)?;
+    let shutdown = CancellationToken::new();
 
     // The state store: runtime rules come back before anything listens.
     std::fs::create_dir_all(&loaded.state_dir).map_err(|source| ServeError::StateDir {
@@ -118,15 +119,17 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     tracing::info!(store = ?store, runtime_rules = restored, bans, "state store open");
     let rules = Arc::new(loaded.rules);
     let (ban_tx, ban_rx) = tokio::sync::mpsc::unbounded_channel();
+    let events = crate::events::Events::default();
     let guards = Guards {
         rules: Arc::clone(&rules),
         bans: ban_tx,
+        events: events.clone(),
         filters: std::sync::Mutex::new(Vec::new()),
     };
     let metrics = Arc::new(Metrics::new(&rules));
 
     // Pools: one per monitor (egress pools will register here too).
-    let mut pools = Pools::default();
+    let mut pools = Pools::with_events(events.clone());
     let mut monitors = Vec::new();
     for spec in loaded.monitors {
         let pool_err = |message: String| ServeError::Pool {
@@ -183,6 +186,8 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         pools: Arc::clone(&pools),
         token: loaded.admin_token.map(Arc::new),
         store,
+        events: events.clone(),
+        shutdown: shutdown.clone(),
     };
 
     let want = *loaded.config.admin.listen.get_ref();
@@ -213,7 +218,6 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         guards.filter_listener("admin", set, &listener);
     }
 
-    let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
     {
         let router = admin::router(state.clone());
@@ -406,9 +410,14 @@ async fn start_l4(
 ) -> Result<(), ServeError> {
     for spec in specs {
         let mut options = spec.options.clone();
-        let (name, m) = (spec.name.clone(), Arc::clone(metrics));
-        options.transitions = Some(Arc::new(move |_: SocketAddr, t: health::Transition| {
+        let (name, m, ev) = (
+            spec.name.clone(),
+            Arc::clone(metrics),
+            guards.events.clone(),
+        );
+        options.transitions = Some(Arc::new(move |up: SocketAddr, t: health::Transition| {
             m.count_transition(&name, crate::pools::transition_kind(&t));
+            crate::pools::publish_transition(&ev, &name, &up.to_string(), &t);
         }));
         options.guard = guards.guard(spec.rules.as_deref(), false);
         let proxy = gateway::l4::L4Proxy::bind(spec.listen, options)
@@ -463,6 +472,7 @@ enum Listener {
 struct Guards {
     rules: Arc<crate::rules::RuleSets>,
     bans: tokio::sync::mpsc::UnboundedSender<(String, gateway::guard::Ban)>,
+    events: crate::events::Events,
     /// (listener, set, socket) of listeners whose set has `kernel_filter`.
     filters: std::sync::Mutex<Vec<(String, String, std::os::fd::OwnedFd)>>,
 }
@@ -473,9 +483,19 @@ impl Guards {
         let Some(set) = set else {
             return Arc::new(gateway::guard::Guard::default());
         };
-        let (tx, name) = (self.bans.clone(), set.to_owned());
+        let (tx, name, ev) = (self.bans.clone(), set.to_owned(), self.events.clone());
         let hook: gateway::guard::BanHook = Arc::new(move |b: &gateway::guard::Ban| {
             let _ = tx.send((name.clone(), *b));
+            ev.publish(
+                "banned",
+                serde_json::json!({
+                    "set": name,
+                    "rule": b.rule.to_string(),
+                    "seconds": b.duration.as_secs_f64(),
+                    "times": b.times,
+                    "offense": b.offense.map(|o| o.name()),
+                }),
+            );
         });
         // The config checked that the set exists.
         self.rules

@@ -210,3 +210,58 @@ fn a_damaged_store_stops_the_daemon() {
         "left untouched"
     );
 }
+
+#[test]
+fn events_stream_tells_rule_changes_and_ends_on_shutdown() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = TempDir::new();
+    let cfg = dir.write("ippool.toml", CONFIG);
+    let mut d = start(&cfg);
+    let mut s = std::net::TcpStream::connect(d.admin).expect("connect");
+    s.write_all(b"GET /api/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .expect("send");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reader = BufReader::new(s);
+    let mut head = String::new();
+    reader.read_line(&mut head).expect("status line");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Give the subscription a moment to exist before the change.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = post(
+        &d,
+        "/api/rules/clients/deny",
+        r#"{"rule": "192.0.2.9", "ttl": "1m"}"#,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut seen = Vec::new();
+    let mut line = String::new();
+    while seen.iter().all(|l: &String| !l.starts_with("data:")) {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line.starts_with("event:") || line.starts_with("data:") {
+            seen.push(line.trim().to_owned());
+        }
+    }
+    assert!(seen.contains(&"event: rule_added".to_owned()), "{seen:?}");
+    let data = seen
+        .iter()
+        .find(|l| l.starts_with("data:"))
+        .expect("data line");
+    let v: serde_json::Value = serde_json::from_str(&data[5..]).expect("JSON data");
+    assert_eq!(
+        (v["set"].as_str(), v["rule"].as_str()),
+        (Some("clients"), Some("192.0.2.9"))
+    );
+    assert_eq!(v["ttl_seconds"], 60.0);
+    // An open stream does not hold up shutdown.
+    let t0 = std::time::Instant::now();
+    assert!(d.terminate().success());
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t0.elapsed()
+    );
+}
