@@ -500,25 +500,19 @@ async fn events(State(state): State<AdminState>) -> Response {
     let rx = state.events.subscribe();
     let stop = state.shutdown.clone();
     let stream = futures_util::stream::unfold((rx, stop), |(mut rx, stop)| async move {
-        let ev = loop {
-            let next = tokio::select! {
-                () = stop.cancelled() => return None,
-                next = rx.recv() => next,
-            };
-            match next {
-                Ok(e) => {
-                    break Event::default()
-                        .event(e.kind)
-                        .json_data(&e)
-                        .unwrap_or_else(|_| Event::default().event("error"));
-                }
-                Err(RecvError::Lagged(n)) => {
-                    break Event::default()
-                        .event("lagged")
-                        .data(format!("{{\"missed\":{n}}}"));
-                }
-                Err(RecvError::Closed) => return None,
-            }
+        let next = tokio::select! {
+            () = stop.cancelled() => return None,
+            next = rx.recv() => next,
+        };
+        let ev = match next {
+            Ok(e) => Event::default()
+                .event(e.kind)
+                .json_data(&e)
+                .unwrap_or_else(|_| Event::default().event("error")),
+            Err(RecvError::Lagged(n)) => Event::default()
+                .event("lagged")
+                .data(format!("{{\"missed\":{n}}}")),
+            Err(RecvError::Closed) => return None,
         };
         Some((Ok::<_, std::convert::Infallible>(ev), (rx, stop)))
     });
