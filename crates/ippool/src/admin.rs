@@ -5,6 +5,7 @@
 //! | `GET /ping` | `pong` |
 //! | `GET /config` | the effective config as JSON (holds no secret) |
 //! | `GET /metrics` | Prometheus / OpenMetrics text |
+//! | `GET /openapi.json` | the OpenAPI 3.1 description of these routes |
 //! | `GET /api/rules` | the rule sets, their defaults and rule counts |
 //! | `GET /api/rules/{set}/check?ip=ADDR` | the verdict for `ADDR` and the rule that decided |
 //! | `GET /api/rules/{set}` | every rule of the set: `rule`, `source` (`config` or `runtime`), `expires_in_seconds` |
@@ -68,6 +69,7 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/config", get(config))
+        .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/api/rules", get(list_rules))
         .route("/api/rules/{set}/check", get(check))
@@ -178,6 +180,13 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
         .get(header::AUTHORIZATION)?
         .as_bytes()
         .strip_prefix(b"Bearer ")
+}
+
+/// The OpenAPI document (a test checks it against the real routes).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn config(State(state): State<AdminState>) -> Response {
