@@ -4,6 +4,7 @@
 //! runtime ([`serve`]).
 
 mod admin;
+mod client;
 mod config;
 mod events;
 mod logging;
@@ -106,6 +107,56 @@ enum Command {
     /// Summarise an nginx access log per pool address.
     #[command(after_help = LOGSCAN_HELP)]
     Logscan(LogscanArgs),
+    /// Bans of misbehaving clients (a client of the running daemon).
+    #[command(subcommand)]
+    Bans(BansCommand),
+    /// Pools and their addresses' health (a client of the running daemon).
+    #[command(subcommand)]
+    Pool(PoolCommand),
+}
+
+const API_HELP: &str = "\
+The daemon's admin API is at --admin (env IPPOOL_ADMIN, default
+http://127.0.0.1:9095); changes need the admin token in IPPOOL_ADMIN_TOKEN.
+Prints a table, or the API's JSON with --json. Exit status: 0 success,
+1 refused or unreachable, 2 bad arguments.";
+
+#[derive(Debug, Subcommand)]
+enum BansCommand {
+    /// Active bans of every rule set.
+    #[command(after_help = API_HELP)]
+    List {
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
+    /// Lift a ban.
+    #[command(after_help = API_HELP)]
+    Lift {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        /// The rule set.
+        #[arg(long, value_name = "NAME")]
+        set: String,
+        /// The banned client key (an address, or an IPv6 network).
+        #[arg(value_name = "RULE")]
+        rule: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// The pools (egress, nginx, l4) and their addresses' state.
+    #[command(after_help = API_HELP)]
+    Show {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        /// Only this pool.
+        #[arg(value_name = "POOL")]
+        pool: Option<String>,
+        /// Only this address.
+        #[arg(long, value_name = "ADDR")]
+        ip: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +201,48 @@ enum RulesCommand {
         /// Addresses to check (IPv4 or IPv6).
         #[arg(required = true, value_name = "ADDR")]
         addrs: Vec<String>,
+    },
+    /// Rules of the running daemon: every set, or every rule of one.
+    #[command(after_help = API_HELP)]
+    List {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        /// One set.
+        #[arg(long, value_name = "NAME")]
+        set: Option<String>,
+    },
+    /// Add a rule to the running daemon (durable; `--ttl` to expire).
+    #[command(after_help = API_HELP)]
+    Add {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        /// The rule set.
+        #[arg(long, value_name = "NAME")]
+        set: String,
+        /// `allow` or `deny`.
+        #[arg(long, value_name = "LIST", default_value = "deny")]
+        list: String,
+        /// Expire after this long (`"1h"`, `"30m"`).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// The rule: `10.0.0.1`, `10.0.0.0/8`, `10.0.0.1-10.0.0.9`.
+        #[arg(value_name = "RULE")]
+        rule: String,
+    },
+    /// Remove a rule added at run time.
+    #[command(after_help = API_HELP)]
+    Remove {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        /// The rule set.
+        #[arg(long, value_name = "NAME")]
+        set: String,
+        /// `allow` or `deny`.
+        #[arg(long, value_name = "LIST", default_value = "deny")]
+        list: String,
+        /// The rule.
+        #[arg(value_name = "RULE")]
+        rule: String,
     },
     /// Export what a rule set denies as an nftables script, for block lists
     /// too large for a socket filter or host-wide enforcement
@@ -210,7 +303,181 @@ fn main() -> ExitCode {
             table,
             ports,
         }) => rules_export_cmd(&config, &set, table, ports),
+        Command::Rules(RulesCommand::List { api, set }) => api_cmd(&api, |api| {
+            let path = set.as_ref().map_or("/api/rules".to_owned(), |s| {
+                format!("/api/rules/{}", client::encode(s))
+            });
+            let v = client::call(api, "GET", &path, None)?;
+            Ok(match set {
+                None => {
+                    let rows: Vec<Vec<String>> = v["sets"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| {
+                            ["name", "default", "allow", "deny"]
+                                .iter()
+                                .map(|k| client::cell(&s[*k]))
+                                .collect()
+                        })
+                        .collect();
+                    (
+                        v.clone(),
+                        client::table(&["set", "default", "allow", "deny"], &rows),
+                    )
+                }
+                Some(_) => {
+                    let mut rows = Vec::new();
+                    for list in ["allow", "deny"] {
+                        for e in v[list].as_array().into_iter().flatten() {
+                            rows.push(vec![
+                                list.to_owned(),
+                                client::cell(&e["rule"]),
+                                client::cell(&e["source"]),
+                                client::cell(&e["expires_in_seconds"]),
+                            ]);
+                        }
+                    }
+                    (
+                        v.clone(),
+                        client::table(&["list", "rule", "source", "expires_in_s"], &rows),
+                    )
+                }
+            })
+        }),
+        Command::Rules(RulesCommand::Add {
+            api,
+            set,
+            list,
+            ttl,
+            rule,
+        }) => api_cmd(&api, |api| {
+            let mut body = serde_json::json!({ "rule": rule });
+            if let Some(t) = &ttl {
+                body["ttl"] = t.clone().into();
+            }
+            let path = format!(
+                "/api/rules/{}/{}",
+                client::encode(&set),
+                client::encode(&list)
+            );
+            let v = client::call(api, "POST", &path, Some(&body))?;
+            let text = format!(
+                "{} {} to {set}.{list}\n",
+                if v["changed"] == true {
+                    "added"
+                } else {
+                    "already had"
+                },
+                client::cell(&v["rule"])
+            );
+            Ok((v, text))
+        }),
+        Command::Rules(RulesCommand::Remove {
+            api,
+            set,
+            list,
+            rule,
+        }) => api_cmd(&api, |api| {
+            let path = format!(
+                "/api/rules/{}/{}?rule={}",
+                client::encode(&set),
+                client::encode(&list),
+                client::encode(&rule)
+            );
+            let v = client::call(api, "DELETE", &path, None)?;
+            Ok((v, format!("removed {rule} from {set}.{list}\n")))
+        }),
+        Command::Bans(BansCommand::List { api }) => api_cmd(&api, |api| {
+            let v = client::call(api, "GET", "/api/bans", None)?;
+            let rows: Vec<Vec<String>> = v["bans"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    ["set", "rule", "remaining_seconds", "times", "offense"]
+                        .iter()
+                        .map(|k| client::cell(&b[*k]))
+                        .collect()
+                })
+                .collect();
+            let text = client::table(&["set", "rule", "remaining_s", "times", "offense"], &rows);
+            Ok((v, text))
+        }),
+        Command::Bans(BansCommand::Lift { api, set, rule }) => api_cmd(&api, |api| {
+            let path = format!(
+                "/api/bans/{}?rule={}",
+                client::encode(&set),
+                client::encode(&rule)
+            );
+            let v = client::call(api, "DELETE", &path, None)?;
+            Ok((v, format!("lifted the ban of {rule} in {set}\n")))
+        }),
+        Command::Pool(PoolCommand::Show { api, pool, ip }) => api_cmd(&api, |api| {
+            let mut q = Vec::new();
+            if let Some(p) = &pool {
+                q.push(format!("pool={}", client::encode(p)));
+            }
+            if let Some(i) = &ip {
+                q.push(format!("ip={}", client::encode(i)));
+            }
+            q.push("recent=0".into());
+            let v = client::call(api, "GET", &format!("/probe?{}", q.join("&")), None)?;
+            let mut rows = Vec::new();
+            for p in v["pools"].as_array().into_iter().flatten() {
+                if p["addresses"].as_array().is_none_or(Vec::is_empty) {
+                    let mut row = vec![client::cell(&p["name"]), client::cell(&p["kind"])];
+                    row.extend(std::iter::repeat_n("-".to_owned(), 5));
+                    rows.push(row);
+                }
+                for a in p["addresses"].as_array().into_iter().flatten() {
+                    let addr = match a["port"].as_u64() {
+                        Some(port) => format!("{}:{port}", client::cell(&a["ip"])),
+                        None => client::cell(&a["ip"]),
+                    };
+                    rows.push(vec![
+                        client::cell(&p["name"]),
+                        client::cell(&p["kind"]),
+                        addr,
+                        client::cell(&a["state"]),
+                        client::cell(&a["counters"]["successes"]),
+                        client::cell(&a["counters"]["failures"]),
+                        client::cell(&a["remaining_seconds"]),
+                    ]);
+                }
+            }
+            let text = client::table(
+                &[
+                    "pool",
+                    "kind",
+                    "address",
+                    "state",
+                    "ok",
+                    "failed",
+                    "benched_for_s",
+                ],
+                &rows,
+            );
+            Ok((v, text))
+        }),
         Command::Logscan(args) => logscan_cmd(args),
+    }
+}
+
+/// Runs one API client command: prints its table, or its JSON with --json.
+fn api_cmd(
+    api: &client::ApiArgs,
+    f: impl FnOnce(&client::ApiArgs) -> Result<(serde_json::Value, String), client::ClientError>,
+) -> ExitCode {
+    match f(api) {
+        Ok((json, text)) => {
+            if api.json {
+                print_out(&format!("{json:#}\n"))
+            } else {
+                print_out(&text)
+            }
+        }
+        Err(e) => fail(e.exit_code(), e),
     }
 }
 
