@@ -13,6 +13,9 @@
 //! | `DELETE /api/rules/{set}/{list}?rule=RULE` | remove a runtime rule (config rules: 409, edit the file) |
 //! | `GET /api/rules/{set}/export[?ports=80,443]` | the live set (runtime rules and bans included) as an nftables script |
 //! | `GET /api/events` | server-sent events: `benched`, `restored`, `bench_suppressed`, `banned`, `ban_lifted`, `rule_added`, `rule_removed` (JSON data; `lagged` when a slow reader missed some) |
+//! | `GET /api/services` | backends registered over the registration channel, and the channel's counters |
+//! | `GET /api/keys` | the registry's keys: `id`, `role`, `allow` |
+//! | `DELETE /api/keys/{id}` | revoke a key: its connection closes (4003) and its services go at once |
 //! | `GET /api/bans` | active bans of every set: `set`, `rule`, `remaining_seconds`, `times`, `offense` |
 //! | `DELETE /api/bans/{set}?rule=RULE` | lift a ban (durable; the client's ban count is kept for escalation) |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
@@ -63,6 +66,8 @@ pub struct AdminState {
     /// Cancelled on shutdown: ends the event streams so the listener can
     /// drain.
     pub shutdown: CancellationToken,
+    /// The registration channel, when `[registry]` is configured.
+    pub registry: Option<registry::Registry>,
 }
 
 /// The admin API's routes.
@@ -76,6 +81,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/rules/{set}", get(list_set))
         .route("/api/rules/{set}/export", get(export_set))
         .route("/api/bans", get(list_bans))
+        .route("/api/services", get(list_services))
+        .route("/api/keys", get(list_keys))
+        .route("/api/keys/{id}", axum::routing::delete(revoke_key))
         .route("/api/events", get(events))
         .route("/api/bans/{set}", axum::routing::delete(lift_ban))
         .route(
@@ -528,6 +536,57 @@ async fn events(State(state): State<AdminState>) -> Response {
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+fn no_registry() -> Response {
+    error(StatusCode::NOT_FOUND, "no [registry] is configured".into())
+}
+
+async fn list_services(State(state): State<AdminState>) -> Response {
+    let Some(r) = &state.registry else {
+        return no_registry();
+    };
+    Json(serde_json::json!({ "services": r.snapshot(), "metrics": r.metrics() })).into_response()
+}
+
+async fn list_keys(State(state): State<AdminState>) -> Response {
+    let Some(r) = &state.registry else {
+        return no_registry();
+    };
+    let keys: Vec<serde_json::Value> = r
+        .keys()
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "id": k.id.to_string(),
+                "role": k.role,
+                "allow": k.allow.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "keys": keys })).into_response()
+}
+
+async fn revoke_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    let Some(r) = state.registry.clone() else {
+        return no_registry();
+    };
+    let id: registry::KeyId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("id: {e}")),
+    };
+    if !r.keys().iter().any(|k| k.id == id) {
+        return error(StatusCode::NOT_FOUND, format!("no active key `{id}`"));
+    }
+    let id2 = id.clone();
+    match tokio::task::spawn_blocking(move || r.revoke_key(&id2)).await {
+        Ok(Ok(())) => {
+            tracing::info!(%id, "key revoked");
+            Json(serde_json::json!({ "id": id.to_string(), "revoked": true })).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn list_bans(State(state): State<AdminState>) -> Response {

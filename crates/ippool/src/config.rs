@@ -29,10 +29,12 @@ use crate::rules::RuleSets;
 mod egress;
 mod l4;
 mod monitor;
+mod registry;
 
 pub use egress::{EgressConfig, EgressSpec, PoolConfig, PoolSpec};
 pub use l4::{L4Config, L4Spec};
 pub use monitor::{MonitorConfig, MonitorSpec, PoolAddresses, PoolName};
+pub use registry::{RegistryConfig, RegistrySpec};
 
 /// Where the admin API listens unless `admin.listen` says otherwise.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9095);
@@ -72,6 +74,9 @@ pub struct Config {
     /// TCP balancers: `[l4.<name>]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub l4: BTreeMap<PoolName, L4Config>,
+    /// The backend self-registration channel: `[registry]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryConfig>,
 }
 
 /// `[admin]`: the admin API listener and its token.
@@ -391,6 +396,8 @@ pub struct Loaded {
     pub egress: Vec<EgressSpec>,
     /// The balancers of `[l4.*]`, resolved.
     pub l4: Vec<L4Spec>,
+    /// `[registry]`, resolved.
+    pub registry: Option<RegistrySpec>,
 }
 
 impl Loaded {
@@ -848,6 +855,11 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         balancers.push(spec);
     }
 
+    let registry = match (&config.registry, scope) {
+        (Some(r), Scope::Full) => Some(registry::resolve(&src, base, r)?),
+        _ => None,
+    };
+
     Ok(Loaded {
         path: path.to_owned(),
         state_dir: state_path,
@@ -859,6 +871,7 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         pools,
         egress: listeners,
         l4: balancers,
+        registry,
     })
 }
 

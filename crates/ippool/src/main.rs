@@ -4,6 +4,8 @@
 //! runtime ([`serve`]).
 
 mod admin;
+mod agentcmd;
+mod backends;
 mod client;
 mod config;
 mod events;
@@ -113,6 +115,18 @@ enum Command {
     /// Pools and their addresses' health (a client of the running daemon).
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Write a key pair for a backend agent (or an admin) of the
+    /// registration channel.
+    #[command(
+        after_help = "Example:\n  ippool keygen --id web001 --dir keys\n  cp keys/web001.pub /etc/ippool/keys/   # the proxy's registry.keys_dir"
+    )]
+    Keygen(agentcmd::KeygenArgs),
+    /// Register a backend with the proxy and keep it registered (a sidecar
+    /// for backends in any language); SIGTERM drains and deregisters.
+    #[command(
+        after_help = "Example:\n  ippool agent --proxy ws://127.0.0.1:3042 --id web001 --key keys/web001.key \\\n    --service 127.0.0.1:8080 --route example.com/ --route '*.example.com/api'"
+    )]
+    Agent(agentcmd::AgentArgs),
 }
 
 const API_HELP: &str = "\
@@ -461,6 +475,8 @@ fn main() -> ExitCode {
             Ok((v, text))
         }),
         Command::Logscan(args) => logscan_cmd(args),
+        Command::Keygen(a) => agentcmd::keygen(&a),
+        Command::Agent(a) => agentcmd::agent(&a),
     }
 }
 

@@ -172,6 +172,26 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     if started.is_ok() {
         started = start_l4(&loaded.l4, &metrics, &guards, &mut pools, &mut proxies).await;
     }
+    let mut registry = None;
+    if started.is_ok()
+        && let Some(spec) = &loaded.registry
+    {
+        match crate::backends::start(spec).await {
+            Ok(r) => {
+                tracing::info!(
+                    "registry: registration channel listening on ws://{}",
+                    r.server.local_addr()
+                );
+                registry = Some(r);
+            }
+            Err(message) => {
+                started = Err(ServeError::Pool {
+                    section: "registry".into(),
+                    message,
+                });
+            }
+        }
+    }
     if let Err(e) = started {
         stop_pools(&egress_pools).await;
         return Err(e);
@@ -188,6 +208,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         store,
         events: events.clone(),
         shutdown: shutdown.clone(),
+        registry: registry.as_ref().map(|r| r.registry.clone()),
     };
 
     let want = *loaded.config.admin.listen.get_ref();
@@ -262,6 +283,20 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             }
             tracing::debug!(listener = %name, "listener stopped");
             ("listener", Ok(()))
+        });
+    }
+    if let Some(r) = registry {
+        let crate::backends::Started { registry, server } = r;
+        let s2 = shutdown.clone();
+        tasks.spawn(async move {
+            server.serve(s2.cancelled_owned()).await;
+            ("registry", Ok(()))
+        });
+        let (ev, s3) = (events.clone(), shutdown.clone());
+        let apply: Arc<dyn Fn(&registry::Event) + Send + Sync> = Arc::new(|_| {});
+        tasks.spawn(async move {
+            crate::backends::forward(registry, ev, apply, s3).await;
+            ("registry events", Ok(()))
         });
     }
     let monitor_count = monitors.len();

@@ -30,6 +30,7 @@ fn fill(path: &str) -> String {
         .replace("{list}", "deny")
         .replace("{pool}", "nope")
         .replace("{ip}", "192.0.2.1")
+        .replace("{id}", "nobody")
 }
 
 #[test]

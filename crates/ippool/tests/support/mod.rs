@@ -136,6 +136,17 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
     }
 
+    /// The address of the registration channel, from the start-up log.
+    pub fn registry(&self) -> SocketAddr {
+        let needle = "registration channel listening on ws://";
+        self.startup
+            .iter()
+            .find_map(|l| l.split(needle).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
+    }
+
     /// Log lines that arrived since start-up, waiting up to `wait` for one
     /// containing `needle`.
     pub fn wait_for_log(&self, needle: &str, wait: Duration) -> Option<String> {
