@@ -1,6 +1,5 @@
 //! Body types: request bodies going up, response bodies coming down.
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -8,10 +7,9 @@ use std::task::{Context, Poll};
 use addrpool::Lease;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 
 use super::metrics::EgressMetrics;
-use super::upstream::{IdlePool, Key};
+use super::upstream::{Conn, IdlePool};
 
 /// A request body sent upstream.
 pub(crate) enum UpBody {
@@ -63,9 +61,7 @@ impl Body for UpBody {
 /// (returned to the idle pool when the body ends, if allowed).
 pub(crate) struct Exchange {
     pub(crate) lease: Lease,
-    pub(crate) sender: SendRequest<UpBody>,
-    pub(crate) key: Key,
-    pub(crate) dest: IpAddr,
+    pub(crate) conn: Conn,
     /// Return the connection to the idle pool when the body is complete.
     pub(crate) reuse: Option<Arc<IdlePool>>,
 }
@@ -151,15 +147,11 @@ impl Drop for ProxyBody {
             && let Some(ex) = exchange.take()
         {
             let complete = *done || inner.is_end_stream();
-            let Exchange {
-                lease,
-                sender,
-                key,
-                dest,
-                reuse,
-            } = *ex;
+            let Exchange { lease, conn, reuse } = *ex;
             if complete && let Some(pool) = reuse {
-                pool.put(key, sender, dest);
+                pool.put(conn);
+            } else {
+                drop(conn);
             }
             // The lease is released here, after the connection went idle.
             drop(lease);

@@ -214,6 +214,7 @@ pub(crate) async fn lease(
 
 /// Connects to one of `addrs` (already checked) on `port`, the first
 /// attempt from `first` if given, each further one from a new lease.
+/// Returns the stream and the address it is connected to.
 pub(crate) async fn connect(
     pool: &Pool,
     session: Option<&Session>,
@@ -221,7 +222,7 @@ pub(crate) async fn connect(
     addrs: &[IpAddr],
     port: u16,
     deadline: Instant,
-) -> Result<PooledStream, DialError> {
+) -> Result<(PooledStream, IpAddr), DialError> {
     let mut last = None;
     for ip in addrs.iter().take(MAX_ATTEMPTS) {
         let lease = match first.take() {
@@ -231,7 +232,7 @@ pub(crate) async fn connect(
         let dest = SocketAddr::new(*ip, port);
         let src = lease.source();
         match tokio::time::timeout_at(deadline, pool.connect_from(lease, dest)).await {
-            Ok(Ok(s)) => return Ok(s),
+            Ok(Ok(s)) => return Ok((s, *ip)),
             Ok(Err(e @ ConnectError::Pool(_))) => return Err(from_connect(e)),
             Ok(Err(e)) => last = Some(from_connect(e)),
             Err(_) => {
@@ -257,5 +258,6 @@ pub(crate) async fn dial(
 ) -> Result<PooledStream, DialError> {
     let deadline = Instant::now() + ctx.opts.connect_timeout;
     let addrs = resolve_checked(ctx, pool, host, port, deadline).await?;
-    connect(pool, session, None, &addrs, port, deadline).await
+    let (stream, _) = connect(pool, session, None, &addrs, port, deadline).await?;
+    Ok(stream)
 }

@@ -1,5 +1,6 @@
 //! HTTP/1.1 side of the listener: absolute-form forwarding and CONNECT.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -15,13 +16,14 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::auth::{self, AuthError, Identity};
 use super::body::{Exchange, ProxyBody, UpBody};
 use super::dial::{self, DialError};
 use super::metrics::{Protocol, RequestResult};
 use super::tunnel::{self, Activity, Metered, Side};
+use super::upstream::{Conn, Key, KeyRef};
 use super::{Ctx, SessionFrom};
 use crate::guard::Offense;
 
@@ -32,10 +34,57 @@ pub const ERROR_HEADER: &str = "x-ippool-error";
 
 type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Per client connection: a tunnel to run once hyper hands over the IO.
+/// Per client connection: a tunnel to run once hyper hands over the IO,
+/// and what its requests (one at a time) reuse.
 struct ConnState {
     tunnel: Mutex<Option<Tunnel>>,
     peer: SocketAddr,
+    /// The last `Proxy-Authorization` accepted (`None`: none given) and
+    /// who it names: a keep-alive client sends the same one every time.
+    auth: Mutex<Option<(Option<HeaderValue>, Arc<Identity>)>>,
+    /// The response timer, reset for each request (a later deadline only
+    /// updates the registered one, instead of a new timer per request).
+    timer: Mutex<Option<Pin<Box<Sleep>>>>,
+}
+
+impl ConnState {
+    /// `f`, or `None` if it did not finish within `limit`.
+    async fn within<F: Future>(&self, limit: Duration, f: F) -> Option<F::Output> {
+        let deadline = Instant::now() + limit;
+        let taken = self
+            .timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut timer = match taken {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let r = tokio::select! {
+            biased;
+            r = f => Some(r),
+            () = timer.as_mut() => None,
+        };
+        *self.timer.lock().unwrap_or_else(PoisonError::into_inner) = Some(timer);
+        r
+    }
+}
+
+/// [`SOURCE_HEADER`] as a header name.
+const SOURCE: HeaderName = HeaderName::from_static(SOURCE_HEADER);
+
+/// The [`SOURCE_HEADER`] value for `src` (an address has no character
+/// that needs replacing).
+fn source_value(src: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{src}");
+    let left = w.len();
+    HeaderValue::from_bytes(&buf[..buf.len() - left]).unwrap_or(HeaderValue::from_static("error"))
 }
 
 /// A request the proxy answers itself.
@@ -139,6 +188,8 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     let state = Arc::new(ConnState {
         tunnel: Mutex::new(None),
         peer,
+        auth: Mutex::new(None),
+        timer: Mutex::new(None),
     });
     let svc = {
         let (ctx, state) = (ctx.clone(), state.clone());
@@ -217,7 +268,7 @@ async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Re
     let r = if protocol == Protocol::Connect {
         connect(ctx, state, req).await
     } else {
-        forward(ctx, req).await
+        forward(ctx, state, req).await
     };
     match r {
         Ok(resp) => {
@@ -235,31 +286,46 @@ async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Re
     }
 }
 
-fn authenticate(ctx: &Ctx, headers: &HeaderMap) -> Result<Identity, AuthError> {
-    let creds = match headers.get(header::PROXY_AUTHORIZATION) {
+/// Who sent `headers`; the connection's last accepted credentials are
+/// reused when they are sent again (the users do not change while the
+/// listener runs).
+fn authenticate(
+    ctx: &Ctx,
+    state: &ConnState,
+    headers: &HeaderMap,
+) -> Result<Arc<Identity>, AuthError> {
+    let value = headers.get(header::PROXY_AUTHORIZATION);
+    if let Some((v, id)) = &*state.auth.lock().unwrap_or_else(PoisonError::into_inner)
+        && v.as_ref() == value
+    {
+        return Ok(id.clone());
+    }
+    let creds = match value {
         Some(v) => Some(auth::parse_basic(v.as_bytes())?),
         None => None,
     };
-    auth::check(
+    let id = Arc::new(auth::check(
         &ctx.opts.users,
         creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-    )
+    )?);
+    *state.auth.lock().unwrap_or_else(PoisonError::into_inner) = Some((value.cloned(), id.clone()));
+    Ok(id)
 }
 
 /// The sticky session of a request.
-pub(crate) fn session_for(ctx: &Ctx, id: &Identity, host: &str) -> Option<Session> {
+pub(crate) fn session_for<'a>(ctx: &Ctx, id: &'a Identity, host: &str) -> Option<Cow<'a, Session>> {
     match ctx.opts.session_from {
-        SessionFrom::Username => id.session.clone(),
-        SessionFrom::Host => Some(Session::new(format!(
+        SessionFrom::Username => id.session.as_ref().map(Cow::Borrowed),
+        SessionFrom::Host => Some(Cow::Owned(Session::new(format!(
             "{}@{}",
             id.user.as_deref().unwrap_or(""),
             host.to_ascii_lowercase()
-        ))),
+        )))),
     }
 }
 
-/// `host` (brackets kept for IPv6) and port of a target.
-fn target(uri: &Uri, default_port: Option<u16>) -> Result<(String, u16), &'static str> {
+/// `host` (lowercase, brackets kept for IPv6) and port of a target.
+fn target(uri: &Uri, default_port: Option<u16>) -> Result<(Cow<'_, str>, u16), &'static str> {
     let auth = uri.authority().ok_or("no host")?;
     let host = auth.host();
     if host.is_empty() || host == "[]" {
@@ -269,7 +335,12 @@ fn target(uri: &Uri, default_port: Option<u16>) -> Result<(String, u16), &'stati
         Some(0) | None => return Err("missing or zero port"),
         Some(p) => p,
     };
-    Ok((host.to_ascii_lowercase(), port))
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    Ok((host, port))
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -286,6 +357,26 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those named in `Connection`.
 /// `Transfer-Encoding` is left to hyper, which re-frames bodies itself.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // One pass over the (few) names; most messages have no hop-by-hop
+    // header, or only `Proxy-Authorization`.
+    let mut present = 0u8;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // HOP_BY_HOP[0] is `Connection`: the names it lists go too.
+    if present & 1 == 0 {
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            if present & (1 << i) != 0 {
+                h.remove(n);
+            }
+        }
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -311,10 +402,11 @@ async fn connect(
     }
     let (host, port) = target(uri, None)
         .map_err(|why| Reject::bad_request(format!("bad CONNECT target: {why}")))?;
-    let id = authenticate(ctx, req.headers())?;
+    let id = authenticate(ctx, state, req.headers())?;
     let session = session_for(ctx, &id, &host);
     let pool = ctx.opts.pool.pick(id.user.as_deref());
-    let stream = dial::dial(ctx, pool, &host, port, session.as_ref()).await?;
+    let stream = dial::dial(ctx, pool, &host, port, session.as_deref()).await?;
+    drop(host);
     let src = stream.source();
     let (idle, metrics) = (ctx.opts.idle_timeout, ctx.metrics.clone());
     let run: Tunnel = Box::pin(async move {
@@ -325,8 +417,7 @@ async fn connect(
     });
     *state.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(run);
     let mut resp = Response::new(ProxyBody::Full(None));
-    resp.headers_mut()
-        .insert(SOURCE_HEADER, header_text(&src.to_string()));
+    resp.headers_mut().insert(SOURCE, source_value(src));
     resp.extensions_mut()
         .insert(hyper::ext::ReasonPhrase::from_static(
             b"Connection established",
@@ -339,25 +430,43 @@ async fn connect(
 fn upstream_request(
     method: &Method,
     uri: &Uri,
-    headers: &HeaderMap,
-    host_header: &HeaderValue,
+    mut headers: HeaderMap,
+    host_header: HeaderValue,
     body: UpBody,
 ) -> Request<UpBody> {
-    let path = uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .parse::<Uri>()
-        .unwrap_or_else(|_| Uri::from_static("/"));
+    let path = match uri.path_and_query() {
+        Some(p) => {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(p.clone());
+            Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+        }
+        None => Uri::from_static("/"),
+    };
+    headers.insert(header::HOST, host_header);
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
     *req.uri_mut() = path;
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers.clone();
-    req.headers_mut().insert(header::HOST, host_header.clone());
+    *req.headers_mut() = headers;
     req
 }
 
-async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Reject> {
+/// Whether a kept-alive connection can take a request now (without a
+/// timer when it already can).
+async fn usable(sender: &mut SendRequest<UpBody>) -> bool {
+    if sender.is_ready() {
+        return true;
+    }
+    tokio::time::timeout(Duration::from_secs(1), sender.ready())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+async fn forward(
+    ctx: &Arc<Ctx>,
+    state: &ConnState,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Reject> {
     match req.uri().scheme_str() {
         Some("http") => {}
         Some(other) => {
@@ -372,19 +481,14 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
             ));
         }
     }
-    let (host, port) = target(req.uri(), Some(80))
-        .map_err(|why| Reject::bad_request(format!("bad request URI: {why}")))?;
-    let id = authenticate(ctx, req.headers())?;
-    let session = session_for(ctx, &id, &host);
-    let pool = ctx.opts.pool.pick(id.user.as_deref()).clone();
-    let host_header = header_text(&if port == 80 {
-        host.clone()
-    } else {
-        format!("{host}:{port}")
-    });
-    let key_authority = format!("{host}:{port}");
-
     let (parts, body) = req.into_parts();
+    let (host, port) = target(&parts.uri, Some(80))
+        .map_err(|why| Reject::bad_request(format!("bad request URI: {why}")))?;
+    let id = authenticate(ctx, state, &parts.headers)?;
+    let session = session_for(ctx, &id, &host);
+    let session = session.as_deref();
+    let pool = ctx.opts.pool.pick(id.user.as_deref());
+
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let retryable = body.is_end_stream();
@@ -395,56 +499,71 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
     };
 
     let deadline = Instant::now() + ctx.opts.connect_timeout;
-    let addrs = dial::resolve_checked(ctx, &pool, &host, port, deadline).await?;
-    let reuse = ctx.keep_alive(&pool);
-    let lease = dial::lease(&pool, session.as_ref(), deadline).await?;
+    let addrs = dial::resolve_checked(ctx, pool, &host, port, deadline).await?;
+    let reuse = ctx.keep_alive(pool);
+    let lease = dial::lease(pool, session, deadline).await?;
     let mut idle = None;
     if reuse {
-        let key = (lease.source(), key_authority.clone());
-        while let Some((mut s, dest)) = ctx.idle.take(&key, &addrs) {
-            if dial::allowed(ctx, dest)
-                && tokio::time::timeout(Duration::from_secs(1), s.ready())
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-            {
-                idle = Some((s, dest));
+        let key = KeyRef {
+            src: lease.source(),
+            host: &host,
+            port,
+        };
+        while let Some(mut c) = ctx.idle.take(key, &addrs) {
+            if dial::allowed(ctx, c.dest) && usable(&mut c.sender).await {
+                idle = Some(c);
                 break;
             }
         }
     }
-    let (mut sender, lease, dest, reused) = match idle {
-        Some((s, dest)) => (s, lease, dest, true),
+    let (mut conn, lease, reused) = match idle {
+        Some(c) => (c, lease, true),
         None => {
-            let (s, lease, dest) = fresh(
+            let (c, lease) = fresh(
                 ctx,
-                &pool,
-                session.as_ref(),
+                pool,
+                session,
                 Some(lease),
                 &addrs,
+                &host,
                 port,
                 deadline,
             )
             .await?;
-            (s, lease, dest, false)
+            (c, lease, false)
         }
     };
-    let up_req = upstream_request(&parts.method, &parts.uri, &headers, &host_header, body);
+    // A request without body on a kept-alive connection may be sent again
+    // (below): keep its headers.
+    let again = (reused && retryable).then(|| headers.clone());
+    let up_req = upstream_request(
+        &parts.method,
+        &parts.uri,
+        headers,
+        conn.host_header.clone(),
+        body,
+    );
     let idle_timeout = ctx.opts.idle_timeout;
-    let mut result = tokio::time::timeout(idle_timeout, sender.send_request(up_req)).await;
-    let (sender, lease, dest) = match (&result, reused && retryable) {
+    let mut result = state
+        .within(idle_timeout, conn.sender.send_request(up_req))
+        .await;
+    let (conn, lease) = match (&result, again) {
         // A kept-alive connection the destination closed meanwhile: retry a
         // request without body once on a new connection.
-        (Ok(Err(e)), true) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
-            drop(sender);
+        (Some(Err(e)), Some(headers))
+            if e.is_canceled() || e.is_closed() || e.is_incomplete_message() =>
+        {
+            drop(conn);
             let src = lease.source();
             drop(lease);
             tracing::debug!(%src, error = %e, "kept-alive connection failed; retrying on a new one");
-            let (mut s, lease, dest) = fresh(
+            let (mut c, lease) = fresh(
                 ctx,
-                &pool,
-                session.as_ref(),
+                pool,
+                session,
                 None,
                 &addrs,
+                &host,
                 port,
                 Instant::now() + ctx.opts.connect_timeout,
             )
@@ -452,19 +571,22 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
             let again = upstream_request(
                 &parts.method,
                 &parts.uri,
-                &headers,
-                &host_header,
+                headers,
+                c.host_header.clone(),
                 UpBody::Empty,
             );
-            result = tokio::time::timeout(idle_timeout, s.send_request(again)).await;
-            (s, lease, dest)
+            result = state
+                .within(idle_timeout, c.sender.send_request(again))
+                .await;
+            (c, lease)
         }
-        _ => (sender, lease, dest),
+        _ => (conn, lease),
     };
     let src = lease.source();
+    let dest = conn.dest;
     let resp = match result {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
             let (outcome, message) =
                 if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
                     (
@@ -485,7 +607,7 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
                 offense: None,
             });
         }
-        Err(_) => {
+        None => {
             lease.report(Outcome::Failure);
             return Err(Reject {
                 status: StatusCode::GATEWAY_TIMEOUT,
@@ -498,16 +620,12 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
     lease.report(Outcome::Status(resp.status().as_u16()));
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .insert(SOURCE_HEADER, header_text(&src.to_string()));
+    parts.headers.insert(SOURCE, conn.source_header.clone());
     // Keep the connection only if the destination did not ask to close it.
-    let keep = reuse && !sender.is_closed();
+    let keep = reuse && !conn.sender.is_closed();
     let exchange = Exchange {
         lease,
-        sender,
-        key: (src, key_authority),
-        dest,
+        conn,
         reuse: keep.then(|| ctx.idle.clone()),
     };
     let body = ProxyBody::Upstream {
@@ -520,21 +638,18 @@ async fn forward(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Prox
 }
 
 /// A new upstream connection and its HTTP/1.1 handshake.
+#[allow(clippy::too_many_arguments)]
 async fn fresh(
     ctx: &Arc<Ctx>,
     pool: &Pool,
     session: Option<&Session>,
     first: Option<addrpool::Lease>,
     addrs: &[IpAddr],
+    host: &str,
     port: u16,
     deadline: Instant,
-) -> Result<(SendRequest<UpBody>, addrpool::Lease, IpAddr), Reject> {
-    let stream = dial::connect(pool, session, first, addrs, port, deadline).await?;
-    let dest = stream
-        .get_ref()
-        .peer_addr()
-        .map(|a| a.ip().to_canonical())
-        .unwrap_or_else(|_| addrs.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])));
+) -> Result<(Conn, addrpool::Lease), Reject> {
+    let (stream, dest) = dial::connect(pool, session, first, addrs, port, deadline).await?;
     let (tcp, lease) = stream.into_parts();
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, UpBody>(TokioIo::new(tcp))
@@ -550,7 +665,24 @@ async fn fresh(
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok((sender, lease, dest))
+    let host_header = if port == 80 {
+        header_text(host)
+    } else {
+        header_text(&format!("{host}:{port}"))
+    };
+    let src = lease.source();
+    let conn = Conn {
+        sender,
+        dest,
+        key: Key {
+            src,
+            host: host.into(),
+            port,
+        },
+        host_header,
+        source_header: source_value(src),
+    };
+    Ok((conn, lease))
 }
 
 /// Answers 400 on a connection that is not HTTP, then closes it.

@@ -97,11 +97,17 @@ mod metrics;
 mod options;
 mod policy;
 mod socks;
+#[cfg(test)]
+mod tests;
 mod tunnel;
 mod upstream;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -109,7 +115,8 @@ use addrpool::Pool;
 use iprules::{Policy, Shared};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::AbortHandle;
+use tokio_util::task::TaskTracker;
 
 pub use self::http::{ERROR_HEADER, SOURCE_HEADER};
 pub use metrics::{EgressMetrics, EgressMetricsSnapshot, Protocol, RequestResult};
@@ -147,51 +154,136 @@ pub enum EgressError {
     Listener(#[source] std::io::Error),
 }
 
+/// Locks of the abort registry of [`Tasks`] (tasks are spread over them).
+const TASK_SHARDS: usize = 8;
+
 /// The tasks of one listener: client connections, tunnels, upstream
-/// connections. Finished ones are reaped on each spawn.
-#[derive(Default)]
+/// connections. Counted by a [`TaskTracker`] (a counter: no lock, nothing
+/// to reap); each can be aborted through its entry in a sharded registry
+/// that the task removes itself from when it ends.
 pub(crate) struct Tasks {
-    set: Mutex<JoinSet<()>>,
+    tracker: TaskTracker,
+    registry: Arc<Registry>,
+}
+
+type Handles = HashMap<u64, AbortHandle, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+struct Registry {
+    next: AtomicU64,
+    shards: [Mutex<Handles>; TASK_SHARDS],
+}
+
+/// Hashes sequential ids (Fibonacci hashing: the high bits vary too).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+impl Registry {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, Handles> {
+        self.shards[id as usize % TASK_SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Removes a task from the registry when it ends (or is aborted).
+struct Registered {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.shard(self.id).remove(&self.id);
+    }
+}
+
+impl Default for Tasks {
+    fn default() -> Tasks {
+        Tasks {
+            tracker: TaskTracker::new(),
+            registry: Arc::default(),
+        }
+    }
 }
 
 impl Tasks {
+    /// Spawns `f` (boxed: connection futures are large, and moving them by
+    /// value through the layers of a spawn costs more than one box).
     pub(crate) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        let mut set = self.set.lock().unwrap_or_else(PoisonError::into_inner);
-        while set.try_join_next().is_some() {}
-        set.spawn(f);
+        self.spawn_boxed(Box::pin(f));
     }
 
-    fn reap(&self) {
-        let mut set = self.set.lock().unwrap_or_else(PoisonError::into_inner);
-        while set.try_join_next().is_some() {}
+    fn spawn_boxed(&self, f: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
+        let registered = Registered {
+            registry: self.registry.clone(),
+            id,
+        };
+        // Held across the spawn: the task cannot remove its entry before
+        // it is inserted.
+        let mut shard = self.registry.shard(id);
+        let handle = self.tracker.spawn(async move {
+            let _registered = registered;
+            f.await;
+        });
+        shard.insert(id, handle.abort_handle());
     }
 
-    fn take(&self) -> JoinSet<()> {
-        std::mem::take(&mut *self.set.lock().unwrap_or_else(PoisonError::into_inner))
+    /// Aborts every task registered now.
+    fn abort_all(&self) {
+        let mut handles = Vec::new();
+        for shard in &self.registry.shards {
+            handles.extend(
+                shard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .drain()
+                    .map(|(_, h)| h),
+            );
+        }
+        for h in handles {
+            h.abort();
+        }
     }
 
     /// Waits for every task (also those spawned meanwhile) until
     /// `deadline`, then aborts what is left.
     async fn drain(&self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
+        self.tracker.close();
+        if tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tracing::info!(
+            left = self.tracker.len(),
+            "drain timeout: aborting open connections"
+        );
+        // Aborted tasks may still spawn (an upstream connection) before
+        // they are next polled: abort until none is left.
         loop {
-            let mut local = self.take();
-            if local.is_empty() {
+            self.abort_all();
+            if tokio::time::timeout(Duration::from_millis(100), self.tracker.wait())
+                .await
+                .is_ok()
+            {
                 return;
-            }
-            while !local.is_empty() {
-                if tokio::time::timeout_at(deadline, local.join_next())
-                    .await
-                    .is_err()
-                {
-                    tracing::info!(
-                        left = local.len(),
-                        "drain timeout: aborting open connections"
-                    );
-                    local.shutdown().await;
-                    self.take().shutdown().await;
-                    return;
-                }
             }
         }
     }
@@ -332,7 +424,6 @@ impl EgressProxy {
                 },
                 _ = sweep.tick() => {
                     ctx.idle.sweep();
-                    ctx.tasks.reap();
                 }
             }
         }

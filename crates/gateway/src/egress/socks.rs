@@ -61,7 +61,7 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, mut stream: TcpStream, peer: SocketAddr
     }
     let session = session_for(&ctx, &id, &host);
     let pool = ctx.opts.pool.pick(id.user.as_deref());
-    let upstream = match dial::dial(&ctx, pool, &host, port, session.as_ref()).await {
+    let upstream = match dial::dial(&ctx, pool, &host, port, session.as_deref()).await {
         Ok(s) => s,
         Err(DialError {
             socks,

@@ -4,45 +4,56 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use addrpool::{Outcome, PooledStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
 
 use super::metrics::EgressMetrics;
 
-/// The time of the last byte moved, in ms since `base`.
-#[derive(Debug)]
+/// Whether bytes moved: [`touch`](Activity::touch) on every read and
+/// write only sets a flag (no clock read); [`idle`](Activity::idle) checks
+/// it in quarters of the idle time.
+#[derive(Debug, Default)]
 pub(crate) struct Activity {
-    base: Instant,
-    last_ms: AtomicU64,
+    moved: AtomicBool,
 }
 
 impl Activity {
     pub(crate) fn new() -> Arc<Activity> {
-        Arc::new(Activity {
-            base: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        })
+        Arc::new(Activity::default())
     }
 
     pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        // Read first: most touches find the flag already set, and a load
+        // does not take the cache line from the other side's core.
+        if !self.moved.load(Ordering::Relaxed) {
+            self.moved.store(true, Ordering::Relaxed);
+        }
     }
 
-    /// Resolves once nothing moved for `idle`.
+    /// Resolves once nothing moved for `idle` (counted from the call; at
+    /// most a quarter of `idle` late).
     pub(crate) async fn idle(&self, idle: Duration) {
+        let step = (idle / 4).max(Duration::from_millis(1));
+        let mut quiet = Duration::ZERO;
+        self.moved.store(false, Ordering::Relaxed);
+        let sleep = tokio::time::sleep(step.min(idle));
+        tokio::pin!(sleep);
         loop {
-            let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let until = last + idle;
-            if Instant::now() >= until {
-                return;
+            sleep.as_mut().await;
+            if self.moved.swap(false, Ordering::Relaxed) {
+                quiet = Duration::ZERO;
+            } else {
+                quiet += step.min(idle);
+                if quiet >= idle {
+                    return;
+                }
             }
-            tokio::time::sleep_until(until).await;
+            let next = sleep.deadline() + step.min(idle - quiet);
+            sleep.as_mut().reset(next);
         }
     }
 }

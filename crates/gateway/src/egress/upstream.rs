@@ -1,36 +1,112 @@
 //! Idle upstream HTTP connections, keyed by (source address, destination
 //! authority).
+//!
+//! Per request on a kept-alive path this costs one hash of the borrowed
+//! key and one uncontended lock of one of [`SHARDS`] shards: no key is
+//! allocated (a connection carries its owned [`Key`] and its ready-made
+//! headers from one exchange to the next).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use http::HeaderValue;
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
 use super::body::UpBody;
 use super::options::KeepAlive;
 
-/// (source address, `host:port` of the destination, lowercase).
-pub(crate) type Key = (IpAddr, String);
+/// Locks (idle connections are spread by key hash).
+const SHARDS: usize = 8;
+
+/// Which connections may serve a request: same source, same destination
+/// host (lowercase, IPv6 in brackets) and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Key {
+    pub(crate) src: IpAddr,
+    pub(crate) host: Arc<str>,
+    pub(crate) port: u16,
+}
+
+/// A [`Key`] borrowed from a request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyRef<'a> {
+    pub(crate) src: IpAddr,
+    pub(crate) host: &'a str,
+    pub(crate) port: u16,
+}
+
+impl Key {
+    pub(crate) fn borrow(&self) -> KeyRef<'_> {
+        KeyRef {
+            src: self.src,
+            host: &self.host,
+            port: self.port,
+        }
+    }
+}
+
+impl KeyRef<'_> {
+    fn matches(&self, k: &Key) -> bool {
+        self.src == k.src && self.port == k.port && *self.host == *k.host
+    }
+}
+
+/// An upstream HTTP/1.1 connection with what every exchange on it needs.
+pub(crate) struct Conn {
+    pub(crate) sender: SendRequest<UpBody>,
+    /// The destination address it is connected to.
+    pub(crate) dest: IpAddr,
+    pub(crate) key: Key,
+    /// `Host` of requests sent on it.
+    pub(crate) host_header: HeaderValue,
+    /// [`super::SOURCE_HEADER`] of responses read from it.
+    pub(crate) source_header: HeaderValue,
+}
 
 struct Idle {
-    sender: SendRequest<UpBody>,
-    dest: IpAddr,
+    conn: Conn,
     since: Instant,
 }
 
-#[derive(Default)]
-struct Map {
-    by_key: HashMap<Key, Vec<Idle>>,
-    count: usize,
+struct Bucket {
+    key: Key,
+    list: Vec<Idle>,
 }
+
+/// Hashes a `u64` that is already a hash.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Buckets by key hash (equal hashes share the entry's list of buckets).
+type Shard = HashMap<u64, Vec<Bucket>, BuildHasherDefault<PreHashed>>;
 
 /// The idle connections of one listener. Dropping an entry closes its
 /// connection (hyper ends a client connection when its last sender goes).
+/// Buckets emptied by [`IdlePool::take`] stay (ready for the connection's
+/// return) until the next [`IdlePool::sweep`].
 pub(crate) struct IdlePool {
-    map: Mutex<Map>,
+    shards: Box<[Mutex<Shard>]>,
+    count: AtomicUsize,
+    hasher: std::hash::RandomState,
     cfg: KeepAlive,
     ttl: Duration,
 }
@@ -38,83 +114,114 @@ pub(crate) struct IdlePool {
 impl IdlePool {
     pub(crate) fn new(cfg: KeepAlive, ttl: Duration) -> IdlePool {
         IdlePool {
-            map: Mutex::new(Map::default()),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            count: AtomicUsize::new(0),
+            hasher: std::hash::RandomState::new(),
             cfg,
             ttl,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Map> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    fn hash(&self, k: KeyRef<'_>) -> u64 {
+        self.hasher.hash_one((k.src, k.port, k.host))
     }
 
-    /// Keeps `sender` (a connection to `dest` whose last exchange is done).
-    pub(crate) fn put(&self, key: Key, sender: SendRequest<UpBody>, dest: IpAddr) {
-        if self.cfg.max_idle == 0 || sender.is_closed() {
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        let i = (hash >> 48) as usize % SHARDS;
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `conn` (its last exchange is done).
+    pub(crate) fn put(&self, conn: Conn) {
+        if self.cfg.max_idle == 0 || conn.sender.is_closed() {
             return;
         }
-        let mut m = self.lock();
-        if m.count >= self.cfg.max_idle {
+        let k = conn.key.borrow();
+        let hash = self.hash(k);
+        let mut m = self.shard(hash);
+        if self.count.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_idle {
+            self.count.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        let list = m.by_key.entry(key).or_default();
+        let buckets = m.entry(hash).or_default();
+        let i = match buckets.iter().position(|b| k.matches(&b.key)) {
+            Some(i) => i,
+            None => {
+                buckets.push(Bucket {
+                    key: conn.key.clone(),
+                    list: Vec::with_capacity(1),
+                });
+                buckets.len() - 1
+            }
+        };
+        let list = &mut buckets[i].list;
         if list.len() >= self.cfg.max_idle_per_key {
+            self.count.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         list.push(Idle {
-            sender,
-            dest,
+            conn,
             since: Instant::now(),
         });
-        m.count += 1;
     }
 
     /// The most recently used live connection for `key` to one of `dests`.
-    pub(crate) fn take(
-        &self,
-        key: &Key,
-        dests: &[IpAddr],
-    ) -> Option<(SendRequest<UpBody>, IpAddr)> {
+    pub(crate) fn take(&self, key: KeyRef<'_>, dests: &[IpAddr]) -> Option<Conn> {
+        let hash = self.hash(key);
+        let mut m = self.shard(hash);
+        let list = &mut m
+            .get_mut(&hash)?
+            .iter_mut()
+            .find(|b| key.matches(&b.key))?
+            .list;
         let now = Instant::now();
-        let mut m = self.lock();
-        let list = m.by_key.get_mut(key)?;
         let mut found = None;
         let mut removed = 0;
         while let Some(idle) = list.pop() {
             removed += 1;
             if now.duration_since(idle.since) < self.ttl
-                && !idle.sender.is_closed()
-                && dests.contains(&idle.dest)
+                && !idle.conn.sender.is_closed()
+                && dests.contains(&idle.conn.dest)
             {
-                found = Some((idle.sender, idle.dest));
+                found = Some(idle.conn);
                 break;
             }
         }
-        if list.is_empty() {
-            m.by_key.remove(key);
-        }
-        m.count -= removed;
+        self.count.fetch_sub(removed, Ordering::Relaxed);
         found
     }
 
-    /// Drops expired and closed connections.
+    /// Drops expired and closed connections, and empty buckets.
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         let ttl = self.ttl;
-        let mut m = self.lock();
-        let mut count = 0;
-        m.by_key.retain(|_, list| {
-            list.retain(|i| now.duration_since(i.since) < ttl && !i.sender.is_closed());
-            count += list.len();
-            !list.is_empty()
-        });
-        m.count = count;
+        for shard in &self.shards {
+            let mut m = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut removed = 0;
+            m.retain(|_, buckets| {
+                buckets.retain_mut(|b| {
+                    let before = b.list.len();
+                    b.list.retain(|i| {
+                        now.duration_since(i.since) < ttl && !i.conn.sender.is_closed()
+                    });
+                    removed += before - b.list.len();
+                    !b.list.is_empty()
+                });
+                !buckets.is_empty()
+            });
+            self.count.fetch_sub(removed, Ordering::Relaxed);
+        }
     }
 
     /// Drops every idle connection.
     pub(crate) fn clear(&self) {
-        let mut m = self.lock();
-        m.by_key.clear();
-        m.count = 0;
+        for shard in &self.shards {
+            let mut m = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let removed: usize = m.values().flatten().map(|b| b.list.len()).sum();
+            m.clear();
+            self.count.fetch_sub(removed, Ordering::Relaxed);
+        }
     }
 }
