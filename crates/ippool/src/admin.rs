@@ -16,6 +16,7 @@
 //! | `GET /api/services` | backends registered over the registration channel, and the channel's counters |
 //! | `GET /api/keys` | the registry's keys: `id`, `role`, `allow` |
 //! | `DELETE /api/keys/{id}` | revoke a key: its connection closes (4003) and its services go at once |
+//! | `POST /api/reload` | re-read the config file (as SIGHUP): new rules now; `restart_required` lists what needs a restart; 400 with the reason for an invalid file |
 //! | `GET /api/bans` | active bans of every set: `set`, `rule`, `remaining_seconds`, `times`, `offense` |
 //! | `DELETE /api/bans/{set}?rule=RULE` | lift a ban (durable; the client's ban count is kept for escalation) |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
@@ -49,8 +50,8 @@ use crate::rules::{List, RuleSets};
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub struct AdminState {
-    /// The effective config as JSON, rendered once (keys in file order).
-    pub config_json: Arc<str>,
+    /// Re-reads the config (and serves the running one for `/config`).
+    pub reloader: Arc<crate::reload::Reloader>,
     /// The rule policies.
     pub rules: Arc<RuleSets>,
     /// The metrics registry.
@@ -81,6 +82,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/rules/{set}", get(list_set))
         .route("/api/rules/{set}/export", get(export_set))
         .route("/api/bans", get(list_bans))
+        .route("/api/reload", post(reload))
         .route("/api/services", get(list_services))
         .route("/api/keys", get(list_keys))
         .route("/api/keys/{id}", axum::routing::delete(revoke_key))
@@ -200,7 +202,7 @@ async fn openapi() -> Response {
 async fn config(State(state): State<AdminState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        state.config_json.to_string(),
+        state.reloader.config_json().to_string(),
     )
         .into_response()
 }
@@ -536,6 +538,24 @@ async fn events(State(state): State<AdminState>) -> Response {
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+async fn reload(State(state): State<AdminState>) -> Response {
+    let r = Arc::clone(&state.reloader);
+    match tokio::task::spawn_blocking(move || r.reload()).await {
+        Ok(Ok(report)) => {
+            tracing::info!(reloaded = ?report.reloaded, restart_required = ?report.restart_required, "config reloaded");
+            Json(report).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reload refused; the running config stays");
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("reload refused, the running config stays: {e}"),
+            )
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 fn no_registry() -> Response {

@@ -14,6 +14,7 @@ mod logscan;
 mod metrics;
 mod monitor;
 mod pools;
+mod reload;
 mod rules;
 mod serve;
 

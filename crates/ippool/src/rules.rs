@@ -25,8 +25,8 @@ pub struct RuleSets {
 #[derive(Debug)]
 struct Set {
     live: Arc<Shared<Policy>>,
-    /// The rules of the config file.
-    base: Policy,
+    /// The rules of the config file (replaced by a reload).
+    base: Shared<Policy>,
     /// Bans of misbehaving clients, written into `live`.
     autoblock: Option<Arc<gateway::guard::AutoBlock>>,
     rate_limit: Option<gateway::guard::RateLimitOptions>,
@@ -249,7 +249,7 @@ impl RuleSets {
             name.to_owned(),
             Set {
                 live,
-                base: policy,
+                base: Shared::new(policy),
                 autoblock,
                 rate_limit: guard.rate_limit,
                 kernel_filter: guard.kernel_filter,
@@ -376,11 +376,13 @@ impl RuleSets {
     /// Whether `rule` is in `list` of set `name`'s config-file base.
     pub fn is_config_rule(&self, name: &str, list: List, rule: &Rule) -> bool {
         self.sets.get(name).is_some_and(|s| {
-            let l = match list {
-                List::Allow => &s.base.allow,
-                List::Deny => &s.base.deny,
-            };
-            l.get(rule).is_some()
+            s.base.read(|b| {
+                let l = match list {
+                    List::Allow => &b.allow,
+                    List::Deny => &b.deny,
+                };
+                l.get(rule).is_some()
+            })
         })
     }
 
@@ -470,6 +472,59 @@ impl RuleSets {
         applied
     }
 
+    /// Replaces the config-file rules of set `name` with `new_base` (a
+    /// reload), keeping what was added at run time: runtime rules
+    /// (`runtime`, from the store) and active bans. One pointer swap for
+    /// readers. Returns false for an unknown set.
+    pub fn reload_base(
+        &self,
+        name: &str,
+        new_base: Policy,
+        runtime: &[store::RuntimeRule],
+    ) -> bool {
+        let Some(set) = self.sets.get(name) else {
+            return false;
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut live = new_base.clone();
+        for r in runtime.iter().filter(|r| r.set == name) {
+            let (Some(list), Ok(rule)) = (List::parse(&r.list), r.rule.parse::<Rule>()) else {
+                continue;
+            };
+            let until = match r.until_unix_ms.map(|ms| instant_of_unix_ms(ms, now, wall)) {
+                None => None,
+                Some(Some(t)) => Some(t),
+                Some(None) => continue,
+            };
+            let l = match list {
+                List::Allow => &mut live.allow,
+                List::Deny => &mut live.deny,
+            };
+            match until {
+                Some(t) => l.add_until(rule, t),
+                None => l.add(rule),
+            };
+        }
+        let bans = set
+            .autoblock
+            .as_ref()
+            .map(|ab| ab.export(now, wall))
+            .unwrap_or_default();
+        // Bans go into the new policy before it is published: no window in
+        // which a banned client gets in.
+        for b in &bans {
+            if let Ok(left) = b.until.duration_since(wall) {
+                live.deny.add_until(b.rule, now + left);
+            }
+        }
+        set.base.replace(new_base);
+        set.live.replace(live);
+        if let Some(ab) = &set.autoblock {
+            ab.import(&bans, now, wall);
+        }
+        true
+    }
+
     /// Every rule of set `name` at `now`, config and runtime.
     pub fn listing(&self, name: &str, now: Instant) -> Option<SetListing> {
         let set = self.sets.get(name)?;
@@ -486,11 +541,12 @@ impl RuleSets {
                 })
                 .collect()
         };
+        let base = set.base.snapshot();
         Some(set.live.read(|p| SetListing {
             name: name.to_owned(),
             default: verdict_str(p.default),
-            allow: entries(&p.allow, &set.base.allow),
-            deny: entries(&p.deny, &set.base.deny),
+            allow: entries(&p.allow, &base.allow),
+            deny: entries(&p.deny, &base.deny),
         }))
     }
 

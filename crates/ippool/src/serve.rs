@@ -95,8 +95,11 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         .map_err(ServeError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(ServeError::Signal)?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
 
-    let config_json = serde_json::to_string(&loaded.config).map_err(ServeError::Render)?;
+    // Renders now so a config that cannot be shown fails at start.
+    serde_json::to_string(&loaded.config).map_err(ServeError::Render)?;
     let shutdown = CancellationToken::new();
 
     // The state store: runtime rules come back before anything listens.
@@ -199,8 +202,14 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let pools = Arc::new(pools);
     pools.refresh_metrics(&metrics, std::time::Instant::now());
 
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        loaded.path.clone(),
+        loaded.config.clone(),
+        Arc::clone(&rules),
+        store.clone(),
+    ));
     let state = AdminState {
-        config_json: Arc::from(config_json),
+        reloader: Arc::clone(&reloader),
         rules: Arc::clone(&rules),
         metrics: Arc::clone(&metrics),
         pools: Arc::clone(&pools),
@@ -316,11 +325,26 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     );
 
     let mut failure = None;
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
-        Some(joined) = tasks.join_next() => {
-            failure = Some(task_failure(joined));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => {
+                let r = Arc::clone(&reloader);
+                match tokio::task::spawn_blocking(move || r.reload()).await {
+                    Ok(Ok(report)) => tracing::info!(
+                        reloaded = ?report.reloaded,
+                        restart_required = ?report.restart_required,
+                        "SIGHUP: config reloaded"
+                    ),
+                    Ok(Err(e)) => tracing::warn!("SIGHUP: reload refused, the running config stays: {e}"),
+                    Err(e) => tracing::warn!("SIGHUP: reload failed: {e}"),
+                }
+            }
+            Some(joined) = tasks.join_next() => {
+                failure = Some(task_failure(joined));
+                break;
+            }
         }
     }
     shutdown.cancel();

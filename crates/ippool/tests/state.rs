@@ -265,3 +265,77 @@ fn events_stream_tells_rule_changes_and_ends_on_shutdown() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn reload_applies_rules_keeps_runtime_ones_and_refuses_bad_files() {
+    let dir = TempDir::new();
+    let cfg = dir.write("ippool.toml", CONFIG);
+    let mut d = start(&cfg);
+    assert_eq!(
+        post(&d, "/api/rules/clients/deny", r#"{"rule": "192.0.2.0/24"}"#).status,
+        200
+    );
+    assert_eq!(verdict(&d, "10.1.1.1"), "deny");
+
+    // New file rules: 10/8 gone, 198.51.100.0/24 in; shutdown_timeout changed.
+    dir.write(
+        "ippool.toml",
+        &CONFIG
+            .replace("deny = [\"10.0.0.0/8\"]", "deny = [\"198.51.100.0/24\"]")
+            .replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"6s\""),
+    );
+    let r = post(&d, "/api/reload", "");
+    assert_eq!(r.status, 200, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(v["reloaded"], serde_json::json!(["clients"]), "{v}");
+    assert_eq!(
+        v["restart_required"],
+        serde_json::json!(["shutdown_timeout"]),
+        "{v}"
+    );
+    assert_eq!(verdict(&d, "10.1.1.1"), "allow");
+    assert_eq!(verdict(&d, "198.51.100.4"), "deny");
+    assert_eq!(verdict(&d, "192.0.2.7"), "deny", "the runtime rule stays");
+
+    // An invalid file is refused with where and why; nothing changes.
+    dir.write("ippool.toml", &CONFIG.replace("10.0.0.0/8", "10.0.0.1/8"));
+    let r = post(&d, "/api/reload", "");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        r.body.contains("rules.clients.deny[0]") && r.body.contains(":8:9:"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        verdict(&d, "198.51.100.4"),
+        "deny",
+        "the running config stays"
+    );
+
+    // SIGHUP does the same.
+    dir.write(
+        "ippool.toml",
+        &CONFIG.replace("10.0.0.0/8", "203.0.113.0/24"),
+    );
+    let pid = d.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    let t0 = std::time::Instant::now();
+    while verdict(&d, "203.0.113.9") != "deny" {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "SIGHUP not applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(verdict(&d, "198.51.100.4"), "allow");
+    let r = http(d.admin, "GET", "/config", &[], "");
+    assert!(
+        r.body.contains("203.0.113.0/24"),
+        "/config shows the reloaded file: {}",
+        r.body
+    );
+    assert!(d.terminate().success());
+}
