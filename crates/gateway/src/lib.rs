@@ -13,9 +13,11 @@
 //! - [`guard`]: who may connect: accept-time filtering against a live
 //!   [`iprules::Policy`], kernel socket filters, nftables export,
 //!   automatic bans and per-client rate limits.
-//!
-//! The ingress reverse proxy will live here too.
+//! - [`ingress`]: the reverse proxy: HTTP/1.1, HTTP/2, WebSocket and TLS
+//!   (SNI, reloadable certificates), routes by host and path prefix changed
+//!   at run time, per-route balancing, passive and active backend health.
 
 pub mod egress;
 pub mod guard;
+pub mod ingress;
 pub mod l4;

@@ -1,0 +1,631 @@
+//! One request: route, pick a backend, forward, stream the answer back.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use health::{Outcome, Verdict};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::backend::{BackendRt, InFlight, inc};
+use super::balance::{Mask, request_key};
+use super::body::{ClientBody, Exchange, ProxyBody, TooLarge, UpBody, caused_by};
+use super::headers::{self, add_forwarding, strip_hop_by_hop};
+use super::io::{Activity, Watched};
+use super::metrics::Refusal;
+use super::routes::request_host;
+use super::upstream::Upstream;
+use super::{Conn, Ctx, ERROR_HEADER};
+
+/// A request the proxy answers itself.
+pub(crate) struct Reject {
+    status: StatusCode,
+    kind: Refusal,
+    reason: String,
+}
+
+impl Reject {
+    fn new(status: StatusCode, kind: Refusal, reason: impl Into<String>) -> Reject {
+        Reject {
+            status,
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    fn bad_request(reason: &str) -> Reject {
+        Reject::new(StatusCode::BAD_REQUEST, Refusal::BadRequest, reason)
+    }
+
+    fn response(self) -> Response<ProxyBody> {
+        let mut resp = Response::new(ProxyBody::full(format!("{}\n", self.reason)));
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(ERROR_HEADER, header_text(&self.reason));
+        resp
+    }
+}
+
+/// A header value from any text (control and non-ASCII characters
+/// replaced, at most 512 of them).
+fn header_text(s: &str) -> HeaderValue {
+    let clean: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(512)
+        .collect();
+    HeaderValue::from_str(&clean).unwrap_or(HeaderValue::from_static("error"))
+}
+
+/// The service of every client connection.
+pub(crate) async fn handle(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let _busy = conn.act.busy();
+    let http2 = req.version() == Version::HTTP_2;
+    let resp = match forward(&conn, req).await {
+        Ok(r) => r,
+        Err(rej) => {
+            conn.ctx.metrics.refused(rej.kind);
+            tracing::debug!(peer = %conn.peer, status = %rej.status, reason = %rej.reason, "request answered by the proxy");
+            rej.response()
+        }
+    };
+    conn.ctx.metrics.response(resp.status(), http2);
+    Ok(resp)
+}
+
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn forward(
+    conn: &Arc<Conn>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Reject> {
+    let ctx: &Ctx = &conn.ctx;
+    let opts = &ctx.opts;
+    if req.method() == Method::CONNECT {
+        return Err(Reject::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::BadRequest,
+            "CONNECT is not supported by this reverse proxy",
+        ));
+    }
+    // The host asked for: the URI's authority (HTTP/2, absolute-form),
+    // else `Host`.
+    let host_value = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str())
+            .map_err(|_| Reject::bad_request("invalid authority"))?,
+        None => req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .ok_or_else(|| Reject::bad_request("no Host header"))?,
+    };
+    let route = {
+        let raw = host_value
+            .to_str()
+            .map_err(|_| Reject::bad_request("invalid Host header"))?;
+        let host = request_host(raw);
+        match opts.routes.find(&host, req.uri().path()) {
+            Some(r) => r,
+            None => {
+                return Err(Reject::new(
+                    StatusCode::NOT_FOUND,
+                    Refusal::NoRoute,
+                    format!("no route for {host}{}", req.uri().path()),
+                ));
+            }
+        }
+    };
+    if let Some(max) = opts.max_body_bytes
+        && content_length(req.headers()).is_some_and(|n| n > max)
+    {
+        return Err(Reject::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::TooLarge,
+            format!("request body larger than {max} bytes"),
+        ));
+    }
+    let upgrade = headers::wants_upgrade(req.version(), req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let key = request_key(&route.balance, conn.peer.ip(), req.headers());
+
+    let (mut parts, body) = req.into_parts();
+    let version = parts.version;
+    let method_idempotent = idempotent(&parts.method);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if version == Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
+    if parts.uri.authority().is_some() {
+        parts.headers.insert(header::HOST, host_value.clone());
+        parts.uri = match parts.uri.path_and_query() {
+            Some(pq) => Uri::from(pq.clone()),
+            None => Uri::from_static("/"),
+        };
+    }
+    add_forwarding(
+        &mut parts.headers,
+        &conn.client,
+        &host_value,
+        &opts.forwarding,
+        ctx.via.as_ref().map(|v| v.get(version)),
+    );
+    parts.version = Version::HTTP_11;
+    let mut pending = Some(Request::from_parts(
+        parts,
+        UpBody::new(body, opts.max_body_bytes),
+    ));
+
+    let deadline = Instant::now() + opts.request_timeout;
+    let attempts = if method_idempotent {
+        route.retries.saturating_add(1)
+    } else {
+        1
+    };
+    let measure = matches!(route.balance, super::Balance::P2cEwma);
+    let mut tried = Mask::new(route.members.len());
+    let mut last: Option<Reject> = None;
+    for n in 0..attempts {
+        let picked = match route.pick(&tried, key) {
+            Ok(p) => p,
+            Err(none) => {
+                return Err(last.unwrap_or_else(|| {
+                    Reject::new(
+                        route.no_backend_status,
+                        Refusal::NoBackend,
+                        none.to_string(),
+                    )
+                }));
+            }
+        };
+        tried.set(picked.idx);
+        if n > 0 {
+            ctx.metrics.retry();
+        }
+        let b = picked.guard.backend();
+        inc(&b.stats.requests);
+        let tried_once = if client_upgrade.is_some() {
+            attempt_upgrade(ctx, b, &mut pending, deadline).await
+        } else {
+            attempt(ctx, b, &mut pending, deadline, measure).await
+        };
+        match tried_once {
+            Attempt::Answered(resp, link, latency) => {
+                route.state.record(
+                    b,
+                    picked.permit,
+                    Outcome::Status(resp.status().as_u16()),
+                    latency,
+                );
+                if let Some(l) = latency {
+                    b.observe_latency(l);
+                }
+                return respond(ctx, resp, link, picked.guard, client_upgrade, deadline);
+            }
+            Attempt::NotSent(outcome, reject) => {
+                route.state.record(b, picked.permit, outcome, None);
+                tracing::debug!(route = &*route.name, backend = &*b.id, reason = %reject.reason, "attempt failed before sending");
+                last = Some(reject);
+            }
+            Attempt::Failed(outcome, reject) => {
+                if let Some(o) = outcome {
+                    route.state.record(b, picked.permit, o, None);
+                }
+                return Err(reject);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        Reject::new(
+            StatusCode::BAD_GATEWAY,
+            Refusal::BadGateway,
+            "no attempt made",
+        )
+    }))
+}
+
+/// A connection to a backend: driven by the request (pooled), or a task
+/// of its own (upgrades).
+enum Link {
+    Inline(Box<Upstream>),
+    Spawned(SendRequest<UpBody>),
+}
+
+/// How one attempt on one backend ended.
+enum Attempt {
+    /// A response head, the connection, and the latency when measured.
+    Answered(Response<Incoming>, Link, Option<Duration>),
+    /// Nothing was sent (connect failed or timed out): the request is back
+    /// in `pending`, another backend may take it.
+    NotSent(Outcome, Reject),
+    /// The request was sent (or its body failed): no retry. The outcome
+    /// to record, if the backend is to blame.
+    Failed(Option<Outcome>, Reject),
+}
+
+fn timed_out(ctx: &Ctx, b: &BackendRt) -> Attempt {
+    inc(&b.stats.timeouts);
+    Attempt::Failed(
+        Some(Outcome::Timeout),
+        Reject::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Timeout,
+            format!(
+                "backend {} ({}) sent no response within {:?}",
+                b.id, b.addr, ctx.opts.request_timeout
+            ),
+        ),
+    )
+}
+
+/// What a failed send means, once the request is known to have left.
+fn send_failed(ctx: &Ctx, b: &BackendRt, err: hyper::Error) -> Attempt {
+    if caused_by::<TooLarge>(&err) {
+        return Attempt::Failed(
+            None,
+            Reject::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Refusal::TooLarge,
+                format!(
+                    "request body larger than {} bytes",
+                    ctx.opts.max_body_bytes.unwrap_or(u64::MAX)
+                ),
+            ),
+        );
+    }
+    if caused_by::<ClientBody>(&err) {
+        return Attempt::Failed(
+            None,
+            Reject::new(
+                StatusCode::BAD_REQUEST,
+                Refusal::BadRequest,
+                format!("reading the request body failed: {err}"),
+            ),
+        );
+    }
+    if *b.kill.borrow() {
+        // Removed while the request was in flight.
+        return Attempt::Failed(
+            None,
+            Reject::new(
+                StatusCode::BAD_GATEWAY,
+                Refusal::BadGateway,
+                format!("backend {} ({}) was removed", b.id, b.addr),
+            ),
+        );
+    }
+    let outcome = if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
+        Outcome::EarlyEof
+    } else {
+        Outcome::Reported(Verdict::Failure)
+    };
+    Attempt::Failed(
+        Some(outcome),
+        Reject::new(
+            StatusCode::BAD_GATEWAY,
+            Refusal::BadGateway,
+            format!("backend {} ({}): {err}", b.id, b.addr),
+        ),
+    )
+}
+
+fn closed_before_sending(b: &BackendRt) -> Attempt {
+    Attempt::NotSent(
+        Outcome::EarlyEof,
+        Reject::new(
+            StatusCode::BAD_GATEWAY,
+            Refusal::BadGateway,
+            format!(
+                "backend {} ({}) closed the connection before the request was sent",
+                b.id, b.addr
+            ),
+        ),
+    )
+}
+
+fn request_lost() -> Attempt {
+    Attempt::Failed(
+        None,
+        Reject::new(StatusCode::BAD_GATEWAY, Refusal::BadGateway, "request lost"),
+    )
+}
+
+/// One attempt over a pooled (or new) connection driven by this task.
+async fn attempt(
+    ctx: &Ctx,
+    b: &Arc<BackendRt>,
+    pending: &mut Option<Request<UpBody>>,
+    deadline: Instant,
+    measure: bool,
+) -> Attempt {
+    let ttl = ctx.opts.keep_alive.idle_timeout;
+    let mut fresh_only = false;
+    loop {
+        let pooled = if fresh_only { None } else { b.take_idle(ttl) };
+        let (mut up, reused) = match pooled {
+            Some(up) => (up, true),
+            None => {
+                let stream = match connect(ctx, b, deadline).await {
+                    Ok(s) => s,
+                    Err((outcome, reject)) => return Attempt::NotSent(outcome, reject),
+                };
+                match Upstream::new(&ctx.client, b, stream).await {
+                    Ok(up) => (up, false),
+                    Err(e) => {
+                        let (o, r) = handshake_failed(b, &e);
+                        return Attempt::NotSent(o, r);
+                    }
+                }
+            }
+        };
+        if reused && !up.ready().await {
+            continue;
+        }
+        let Some(req) = pending.take() else {
+            return request_lost();
+        };
+        let t0 = measure.then(Instant::now);
+        match up.send(req, deadline).await {
+            Some(Ok(resp)) => {
+                return Attempt::Answered(resp, Link::Inline(up), t0.map(|t| t.elapsed()));
+            }
+            Some(Err(mut e)) => {
+                if let Some(req) = e.take_message() {
+                    *pending = Some(req);
+                    if reused {
+                        // Closed by the backend while idle: a new one.
+                        fresh_only = true;
+                        continue;
+                    }
+                    return closed_before_sending(b);
+                }
+                return send_failed(ctx, b, e.into_error());
+            }
+            None => return timed_out(ctx, b),
+        }
+    }
+}
+
+/// One attempt of an upgrade request, over a new connection run as a task
+/// of its own (the upgraded stream outlives the request).
+async fn attempt_upgrade(
+    ctx: &Ctx,
+    b: &Arc<BackendRt>,
+    pending: &mut Option<Request<UpBody>>,
+    deadline: Instant,
+) -> Attempt {
+    let stream = match connect(ctx, b, deadline).await {
+        Ok(s) => s,
+        Err((outcome, reject)) => return Attempt::NotSent(outcome, reject),
+    };
+    let (mut sender, conn) = match ctx
+        .client
+        .handshake::<_, UpBody>(TokioIo::new(stream))
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            let (o, r) = handshake_failed(b, &e);
+            return Attempt::NotSent(o, r);
+        }
+    };
+    let killed = b.killed();
+    ctx.opts.routes.tasks().spawn(async move {
+        tokio::select! {
+            r = conn.with_upgrades() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "backend connection ended with an error");
+                }
+            }
+            () = killed => {}
+        }
+    });
+    let Some(req) = pending.take() else {
+        return request_lost();
+    };
+    match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+        Ok(Ok(resp)) => Attempt::Answered(resp, Link::Spawned(sender), None),
+        Ok(Err(mut e)) => match e.take_message() {
+            Some(req) => {
+                *pending = Some(req);
+                closed_before_sending(b)
+            }
+            None => send_failed(ctx, b, e.into_error()),
+        },
+        Err(_) => timed_out(ctx, b),
+    }
+}
+
+fn handshake_failed(b: &BackendRt, e: &hyper::Error) -> (Outcome, Reject) {
+    (
+        Outcome::Reported(Verdict::Neutral),
+        Reject::new(
+            StatusCode::BAD_GATEWAY,
+            Refusal::BadGateway,
+            format!("HTTP handshake with backend {} failed: {e}", b.id),
+        ),
+    )
+}
+
+/// Whether a connect error says something about the backend rather than
+/// about this host (out of descriptors, ports, buffers).
+fn blames_backend(e: &io::Error) -> bool {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse | io::ErrorKind::OutOfMemory
+    ) {
+        return false;
+    }
+    !matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// A new TCP connection to `b` (`TCP_NODELAY`), within `connect_timeout`
+/// and the request's deadline.
+async fn connect(
+    ctx: &Ctx,
+    b: &Arc<BackendRt>,
+    deadline: Instant,
+) -> Result<TcpStream, (Outcome, Reject)> {
+    let limit = ctx
+        .opts
+        .connect_timeout
+        .min(deadline.saturating_duration_since(Instant::now()));
+    match tokio::time::timeout(limit, TcpStream::connect(b.addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            inc(&b.stats.connections);
+            Ok(s)
+        }
+        Ok(Err(e)) => {
+            inc(&b.stats.connect_errors);
+            let outcome = if blames_backend(&e) {
+                Outcome::ConnectError(e.kind())
+            } else {
+                Outcome::Reported(Verdict::Neutral)
+            };
+            Err((
+                outcome,
+                Reject::new(
+                    StatusCode::BAD_GATEWAY,
+                    Refusal::BadGateway,
+                    format!("cannot connect to backend {} ({}): {e}", b.id, b.addr),
+                ),
+            ))
+        }
+        Err(_) => {
+            inc(&b.stats.timeouts);
+            Err((
+                Outcome::Timeout,
+                Reject::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Refusal::Timeout,
+                    format!(
+                        "connecting to backend {} ({}) timed out after {limit:?}",
+                        b.id, b.addr
+                    ),
+                ),
+            ))
+        }
+    }
+}
+
+/// The client's response: the backend's head (hop-by-hop headers
+/// removed) and its streamed body; or a 101 and a tunnel.
+fn respond(
+    ctx: &Ctx,
+    mut resp: Response<Incoming>,
+    link: Link,
+    guard: InFlight,
+    client_upgrade: Option<OnUpgrade>,
+    deadline: Instant,
+) -> Result<Response<ProxyBody>, Reject> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client_up), Link::Spawned(sender)) = (client_upgrade, link) else {
+            return Err(Reject::new(
+                StatusCode::BAD_GATEWAY,
+                Refusal::BadGateway,
+                "backend switched protocols without being asked",
+            ));
+        };
+        let backend_up = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        ctx.metrics.upgrade();
+        let idle = ctx.opts.idle_timeout;
+        let killed = guard.backend().killed();
+        ctx.tasks
+            .spawn(tunnel(client_up, backend_up, guard, sender, idle, killed));
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let up = match link {
+        Link::Inline(up) => Some(up),
+        // An upgrade the backend declined: its connection is not pooled.
+        Link::Spawned(_) => None,
+    };
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Upstream {
+            inner: body,
+            exchange: Exchange {
+                up,
+                guard,
+                max_idle: ctx.opts.keep_alive.max_idle_per_backend,
+            },
+            deadline,
+        },
+    ))
+}
+
+/// Copies bytes both ways between an upgraded client and backend until
+/// either side closes, nothing moves for `idle`, or the backend is
+/// removed.
+async fn tunnel(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    guard: InFlight,
+    sender: SendRequest<UpBody>,
+    idle: Duration,
+    killed: impl Future<Output = ()>,
+) {
+    let (c, b) = match tokio::try_join!(client, backend) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    drop(sender);
+    let act = Arc::new(Activity::default());
+    let mut c = Watched::new(TokioIo::new(c), act.clone());
+    let mut b = Watched::new(TokioIo::new(b), act.clone());
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut c, &mut b) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "tunnel ended with an error");
+            }
+        }
+        () = act.idle(idle) => tracing::debug!(backend = &*guard.backend().id, "tunnel idle; closed"),
+        () = killed => tracing::debug!(backend = &*guard.backend().id, "backend removed; tunnel closed"),
+    }
+    drop(guard);
+}

@@ -1,0 +1,307 @@
+//! TLS termination by the ingress proxy, on loopback with a test CA: ALPN
+//! (h2 and http/1.1), SNI choosing among certificates, certificate reload
+//! by call and by file watch.
+
+mod ingress_util;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway::ingress::{
+    Backend as B, CertPaths, CertStore, Route, RouteMatch, RouteTable, TlsOptions,
+};
+use http::{Request, Version};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ingress_util::*;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A test CA that issues leaf certificates.
+struct Ca {
+    root: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "ippool test CA");
+        let root = params.self_signed(&key).unwrap().der().clone();
+        Ca {
+            root,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Writes a leaf for `names` to `dir/stem.pem` and `dir/stem.key`;
+    /// returns its paths and DER.
+    fn leaf(&self, dir: &Path, stem: &str, names: &[&str]) -> (CertPaths, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let paths = CertPaths::new(
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        // Write to temporary names, then rename: a watcher never sees half
+        // a file.
+        for (path, text) in [(&paths.cert, cert.pem()), (&paths.key, key.serialize_pem())] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        (paths, cert.der().clone())
+    }
+
+    fn client(&self, alpn: &[&[u8]]) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.root.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "ippool-ingress-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn handshake(
+    connector: &TlsConnector,
+    addr: std::net::SocketAddr,
+    sni: &str,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(
+        IO_TIMEOUT,
+        connector.connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake")
+}
+
+fn peer_cert(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+fn routes(a: &Backend) -> RouteTable {
+    let t = RouteTable::default();
+    t.upsert_route(Route::new("a", RouteMatch::host("a.test")).with_backend(B::new("a", a.addr)))
+        .unwrap();
+    t.upsert_route(Route::new("b", RouteMatch::host("b.test")).with_backend(B::new("b", a.addr)))
+        .unwrap();
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_tls_with_sni_choosing_the_certificate() {
+    let dir = TempDir::new("sni");
+    let ca = Ca::new();
+    let (pa, der_a) = ca.leaf(&dir.0, "a", &["a.test"]);
+    let (pb, der_b) = ca.leaf(&dir.0, "b", &["b.test", "*.b.test"]);
+    let certs = CertStore::load([pa, pb]).unwrap();
+    assert_eq!(certs.names()[1], ["b.test", "*.b.test"]);
+    let backend = Backend::start("a").await;
+    let table = routes(&backend);
+    let mut o = opts(&table);
+    o.tls = Some(TlsOptions::new(certs));
+    let p = Running::start(o).await;
+    let h2 = ca.client(&[b"h2", b"http/1.1"]);
+
+    // SNI b.test: b's certificate, ALPN h2, HTTP/2 end to end.
+    let tls = handshake(&h2, p.addr, "b.test").await;
+    assert!(peer_cert(&tls) == der_b);
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("https://b.test/hello")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = read(sender.send_request(req).await.unwrap()).await.unwrap();
+    assert_eq!((r.status, r.version), (200, Version::HTTP_2));
+    let seen = backend.seen();
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["host"], "b.test");
+    assert!(
+        seen.headers["forwarded"]
+            .to_str()
+            .unwrap()
+            .ends_with(";proto=https")
+    );
+
+    // A wildcard name.
+    let tls = handshake(&h2, p.addr, "x.b.test").await;
+    assert!(peer_cert(&tls) == der_b);
+
+    // SNI a.test, HTTP/1.1 only: a's certificate, HTTP/1.1.
+    let h1 = ca.client(&[b"http/1.1"]);
+    let tls = handshake(&h1, p.addr, "a.test").await;
+    assert!(peer_cert(&tls) == der_a);
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = read(
+        sender
+            .send_request(request("GET", "a.test", "/"))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.version), (200, Version::HTTP_11));
+
+    // An unknown name gets the first certificate (and fails verification
+    // for that name); a plain-text client fails the handshake.
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let bad = h1
+        .connect(ServerName::try_from("c.test").unwrap(), tcp)
+        .await;
+    assert!(bad.is_err());
+    let resp = raw(p.addr, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    assert!(!resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let m = p.metrics.snapshot();
+    assert!(m.tls_handshake_errors_total >= 2, "{m:?}");
+    assert_eq!(m.http2_requests_total, 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_without_a_restart() {
+    let dir = TempDir::new("reload");
+    let ca = Ca::new();
+    let (pa, der_old) = ca.leaf(&dir.0, "a", &["a.test"]);
+    let certs = CertStore::load([pa.clone()]).unwrap();
+    let backend = Backend::start("a").await;
+    let table = routes(&backend);
+    let mut o = opts(&table);
+    o.tls = Some(TlsOptions {
+        certs: certs.clone(),
+        watch: None,
+    });
+    let p = Running::start(o).await;
+    let client = ca.client(&[b"http/1.1"]);
+    let before = handshake(&client, p.addr, "a.test").await;
+    assert!(peer_cert(&before) == der_old);
+
+    // New files: old handshakes keep theirs until reload() ...
+    let (_, der_new) = ca.leaf(&dir.0, "a", &["a.test"]);
+    assert!(der_new != der_old);
+    assert!(peer_cert(&handshake(&client, p.addr, "a.test").await) == der_old);
+    certs.reload().unwrap();
+    // ... then new handshakes see the new certificate.
+    assert!(peer_cert(&handshake(&client, p.addr, "a.test").await) == der_new);
+    // The connection made before still works.
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(before))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = read(
+        sender
+            .send_request(request("GET", "a.test", "/"))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+
+    // A broken key keeps the old set.
+    std::fs::write(&pa.key, "not a key").unwrap();
+    assert!(certs.reload().is_err());
+    assert!(peer_cert(&handshake(&client, p.addr, "a.test").await) == der_new);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_certificate_files_are_picked_up_by_the_watch() {
+    let dir = TempDir::new("watch");
+    let ca = Ca::new();
+    let (pa, der_old) = ca.leaf(&dir.0, "a", &["a.test"]);
+    let certs = CertStore::load([pa]).unwrap();
+    let backend = Backend::start("a").await;
+    let table = routes(&backend);
+    let mut o = opts(&table);
+    o.tls = Some(TlsOptions {
+        certs,
+        watch: Some(Duration::from_millis(100)),
+    });
+    let p = Running::start(o).await;
+    let client = ca.client(&[b"http/1.1"]);
+    assert!(peer_cert(&handshake(&client, p.addr, "a.test").await) == der_old);
+    // Modification times can be coarse: make sure the new files differ
+    // in time as well as content.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (_, der_new) = ca.leaf(&dir.0, "a", &["a.test"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = peer_cert(&handshake(&client, p.addr, "a.test").await);
+        if got == der_new {
+            break;
+        }
+        assert!(got == der_old);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch never reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.stop().await;
+}
+
+#[test]
+fn loading_reports_bad_files() {
+    let dir = TempDir::new("bad");
+    let ca = Ca::new();
+    let (pa, _) = ca.leaf(&dir.0, "a", &["a.test"]);
+    let (pb, _) = ca.leaf(&dir.0, "b", &["b.test"]);
+    // Mismatched key.
+    let e = CertStore::load([CertPaths::new(&pa.cert, &pb.key)]).unwrap_err();
+    assert!(e.to_string().contains("does not match"), "{e}");
+    // Missing file.
+    let e = CertStore::load([CertPaths::new(dir.0.join("nope.pem"), &pa.key)]).unwrap_err();
+    assert!(e.to_string().contains("nope.pem"), "{e}");
+    // None at all.
+    assert!(CertStore::load([]).is_err());
+}
