@@ -13,6 +13,7 @@
 //! | `DELETE /api/rules/{set}/{list}?rule=RULE` | remove a runtime rule (config rules: 409, edit the file) |
 //! | `GET /api/rules/{set}/export[?ports=80,443]` | the live set (runtime rules and bans included) as an nftables script |
 //! | `GET /api/events` | server-sent events: `benched`, `restored`, `bench_suppressed`, `banned`, `ban_lifted`, `rule_added`, `rule_removed` (JSON data; `lagged` when a slow reader missed some) |
+//! | `GET /api/routes` | every ingress route: matches, balance, and each backend's state, weight, draining, in-flight requests, latency |
 //! | `GET /api/services` | backends registered over the registration channel, and the channel's counters |
 //! | `GET /api/keys` | the registry's keys: `id`, `role`, `allow` |
 //! | `DELETE /api/keys/{id}` | revoke a key: its connection closes (4003) and its services go at once |
@@ -69,6 +70,8 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
     /// The registration channel, when `[registry]` is configured.
     pub registry: Option<registry::Registry>,
+    /// The route tables of the `[ingress.*]`, by name.
+    pub ingress: Vec<(String, gateway::ingress::RouteTable)>,
 }
 
 /// The admin API's routes.
@@ -84,6 +87,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/bans", get(list_bans))
         .route("/api/reload", post(reload))
         .route("/api/services", get(list_services))
+        .route("/api/routes", get(list_routes))
         .route("/api/keys", get(list_keys))
         .route("/api/keys/{id}", axum::routing::delete(revoke_key))
         .route("/api/events", get(events))
@@ -556,6 +560,42 @@ async fn reload(State(state): State<AdminState>) -> Response {
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+async fn list_routes(State(state): State<AdminState>) -> Response {
+    let mut out = Vec::new();
+    for (name, table) in &state.ingress {
+        let snap = table.snapshot();
+        for r in &snap.routes {
+            let backends: Vec<serde_json::Value> = r
+                .backends
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "id": b.id,
+                        "addr": b.addr.to_string(),
+                        "weight": b.weight,
+                        "state": crate::pools::state_str(&b.state),
+                        "check_up": b.check_up,
+                        "draining": b.draining,
+                        "in_flight": b.in_flight,
+                        "requests": b.requests_total,
+                        "failures": b.failures_total,
+                        "latency_ms": b.latency_ewma.map(|d| d.as_secs_f64() * 1e3),
+                    })
+                })
+                .collect();
+            out.push(serde_json::json!({
+                "ingress": name,
+                "route": r.name,
+                "matches": r.matches.iter().map(|m| serde_json::json!({
+                    "host": m.host, "path_prefix": m.path_prefix })).collect::<Vec<_>>(),
+                "balance": format!("{:?}", r.balance),
+                "backends": backends,
+            }));
+        }
+    }
+    Json(serde_json::json!({ "routes": out })).into_response()
 }
 
 fn no_registry() -> Response {

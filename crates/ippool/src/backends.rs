@@ -125,3 +125,126 @@ pub async fn forward(
         }
     }
 }
+
+/// Keeps an ingress route table in step with the registry: a registered
+/// service becomes one backend per route it asked for (in the route with
+/// the same host and path prefix, created when there is none), with the
+/// service's weight; draining and removal follow the registry.
+pub struct RouteSync {
+    table: gateway::ingress::RouteTable,
+    /// Service id → the (route, backend id) pairs it put in the table.
+    placed: std::sync::Mutex<std::collections::HashMap<String, Vec<(String, String)>>>,
+}
+
+impl RouteSync {
+    /// Syncs into `table`.
+    pub fn new(table: gateway::ingress::RouteTable) -> RouteSync {
+        RouteSync {
+            table,
+            placed: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// As a closure for [`forward`].
+    pub fn into_fn(self) -> impl Fn(&registry::Event) + Send + Sync + 'static {
+        move |e| self.apply(e)
+    }
+
+    fn route_for(&self, host: &str, path: &str) -> Result<String, String> {
+        use gateway::ingress as gi;
+        let host = (!host.is_empty() && host != "*").then_some(host);
+        let want = gi::RouteMatch::new(host, path);
+        let snap = self.table.snapshot();
+        if let Some(r) = snap.routes.iter().find(|r| r.matches.contains(&want)) {
+            return Ok(r.name.clone());
+        }
+        let name = format!("registered:{}{}", host.unwrap_or("*"), path);
+        self.table
+            .upsert_route(gi::Route::new(name.clone(), want))
+            .map_err(|e| e.to_string())?;
+        Ok(name)
+    }
+
+    fn take(&self, service: &str) -> Vec<(String, String)> {
+        self.placed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(service)
+            .unwrap_or_default()
+    }
+
+    /// Applies one registry event.
+    pub fn apply(&self, e: &registry::Event) {
+        use registry::Event as E;
+        match e {
+            E::Registered { service } => {
+                // An upsert: what the service had before goes first.
+                for (_, id) in self.take(&service.id) {
+                    let _ = self.table.remove(&id);
+                }
+                let mut placed = Vec::new();
+                for r in &service.routes {
+                    let route = match self.route_for(&r.host, &r.path_prefix) {
+                        Ok(route) => route,
+                        Err(err) => {
+                            tracing::warn!(service = %service.id, error = %err, "route not created");
+                            continue;
+                        }
+                    };
+                    let id = format!("{}@{}{}", service.id, r.host, r.path_prefix);
+                    let b = gateway::ingress::Backend::new(id.clone(), service.addr)
+                        .with_weight(service.weight.max(1));
+                    match self.table.upsert_backend(&route, b) {
+                        Ok(()) => placed.push((route, id)),
+                        Err(err) => {
+                            tracing::warn!(service = %service.id, error = %err, "backend not added");
+                        }
+                    }
+                }
+                self.placed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(service.id.clone(), placed);
+            }
+            E::Deregistered { service, .. } => {
+                for (_, id) in self.take(service) {
+                    let _ = self.table.remove(&id);
+                }
+            }
+            E::Draining {
+                service, deadline, ..
+            } => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let placed = self
+                    .placed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(service)
+                    .cloned()
+                    .unwrap_or_default();
+                for (_, id) in placed {
+                    // Draining at once (no new requests); the registry's
+                    // Deregistered, after its drain_timeout, removes it.
+                    // The returned future (waiting for in-flight requests)
+                    // is not needed for that.
+                    drop(self.table.drain(&id, left));
+                }
+            }
+            E::WeightChanged {
+                service, weight, ..
+            } => {
+                let placed = self
+                    .placed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(service)
+                    .cloned()
+                    .unwrap_or_default();
+                for (_, id) in placed {
+                    let _ = self.table.set_weight(&id, (*weight).max(1));
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -27,11 +27,13 @@ use toml::Spanned;
 use crate::rules::RuleSets;
 
 mod egress;
+mod ingress;
 mod l4;
 mod monitor;
 mod registry;
 
 pub use egress::{EgressConfig, EgressSpec, PoolConfig, PoolSpec};
+pub use ingress::{IngressConfig, IngressSpec};
 pub use l4::{L4Config, L4Spec};
 pub use monitor::{MonitorConfig, MonitorSpec, PoolAddresses, PoolName};
 pub use registry::{RegistryConfig, RegistrySpec};
@@ -74,6 +76,9 @@ pub struct Config {
     /// TCP balancers: `[l4.<name>]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub l4: BTreeMap<PoolName, L4Config>,
+    /// Reverse proxies: `[ingress.<name>]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ingress: BTreeMap<PoolName, IngressConfig>,
     /// The backend self-registration channel: `[registry]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryConfig>,
@@ -398,6 +403,8 @@ pub struct Loaded {
     pub l4: Vec<L4Spec>,
     /// `[registry]`, resolved.
     pub registry: Option<RegistrySpec>,
+    /// The reverse proxies of `[ingress.*]`, resolved.
+    pub ingress: Vec<IngressSpec>,
 }
 
 impl Loaded {
@@ -855,8 +862,32 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         balancers.push(spec);
     }
 
+    let mut proxies = Vec::with_capacity(config.ingress.len());
+    for (name, c) in &config.ingress {
+        check_set(&c.rules, format!("ingress.{name}.rules"))?;
+        proxies.push(ingress::resolve(&src, base, name, c)?);
+    }
     let registry = match (&config.registry, scope) {
-        (Some(r), Scope::Full) => Some(registry::resolve(&src, base, r)?),
+        (Some(r), Scope::Full) => {
+            let spec = registry::resolve(&src, base, r)?;
+            if let Some(i) = &spec.ingress
+                && !config.ingress.keys().any(|k| k.to_string() == *i)
+            {
+                return Err(src.error(
+                    None,
+                    Some("registry.ingress".into()),
+                    format!("no [ingress.{i}] to put registered backends in"),
+                ));
+            }
+            if spec.ingress.is_none() && config.ingress.len() > 1 {
+                return Err(src.error(
+                    None,
+                    Some("registry.ingress".into()),
+                    "several [ingress.*] sections: name the one registered backends join".into(),
+                ));
+            }
+            Some(spec)
+        }
         _ => None,
     };
 
@@ -872,6 +903,7 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         egress: listeners,
         l4: balancers,
         registry,
+        ingress: proxies,
     })
 }
 

@@ -19,6 +19,13 @@
 //!   `ippool_egress_connections_total{listener}`,
 //!   `ippool_egress_bytes_total{listener,direction}` and
 //!   `ippool_egress_tunnels_open{listener}`.
+//! - Reverse proxies, from [`gateway::ingress::IngressMetrics`]:
+//!   `ippool_ingress_requests_total{listener}`,
+//!   `ippool_ingress_responses_total{listener,class}` (`1xx` … `5xx`),
+//!   `ippool_ingress_errors_total{listener,kind}` (`no_route`,
+//!   `no_backend`, `bad_gateway`, `timeout`, `body_too_large`,
+//!   `bad_request`, `tls_handshake`) and
+//!   `ippool_ingress_connections_open{listener}`.
 //! - TCP balancers, from [`gateway::l4::L4Metrics`]:
 //!   `ippool_l4_{accepted,forwarded,no_upstream,failed,retries}_total{listener}`,
 //!   `ippool_l4_active{listener}`, `ippool_l4_bytes_total{listener,direction}`
@@ -246,6 +253,11 @@ impl Metrics {
         lock(&self.egress.listeners).push((name.to_owned(), m));
     }
 
+    /// Exports the counters of reverse proxy `name` from now on.
+    pub fn add_ingress(&self, name: &str, m: Arc<gateway::ingress::IngressMetrics>) {
+        lock(&self.egress.ingresses).push((name.to_owned(), m));
+    }
+
     /// Exports the counters of TCP balancer `name` from now on.
     pub fn add_l4(&self, name: &str, m: Arc<gateway::l4::L4Metrics>) {
         lock(&self.egress.balancers).push((name.to_owned(), m));
@@ -299,6 +311,7 @@ struct EgressCollector {
     pools: Mutex<Vec<(String, addrpool::Pool)>>,
     listeners: Mutex<Vec<(String, Arc<gateway::egress::EgressMetrics>)>>,
     balancers: Mutex<Vec<(String, Arc<gateway::l4::L4Metrics>)>>,
+    ingresses: Mutex<Vec<(String, Arc<gateway::ingress::IngressMetrics>)>>,
 }
 
 /// A histogram from bucket counts (not cumulative) and a sum.
@@ -525,11 +538,111 @@ impl Collector for EgressCollector {
             MetricType::Gauge,
             &rows,
         )?;
-        self.encode_l4(&mut encoder)
+        self.encode_l4(&mut encoder)?;
+        self.encode_ingress(&mut encoder)
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    listener: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    listener: String,
+    kind: &'static str,
+}
+
 impl EgressCollector {
+    fn encode_ingress(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all: Vec<(String, gateway::ingress::IngressMetricsSnapshot)> = lock(&self.ingresses)
+            .iter()
+            .map(|(n, m)| (n.clone(), m.snapshot()))
+            .collect();
+        let label = |n: &String| ListenerLabel {
+            listener: n.clone(),
+        };
+        let rows: Vec<_> = all
+            .iter()
+            .map(|(n, s)| (label(n), ConstCounter::new(s.requests_total)))
+            .collect();
+        family(
+            encoder,
+            "ingress_requests",
+            "Requests received",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = all
+            .iter()
+            .flat_map(|(n, s)| {
+                ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                    .into_iter()
+                    .zip(s.responses_total)
+                    .map(move |(class, v)| {
+                        let l = ClassLabels {
+                            listener: n.clone(),
+                            class,
+                        };
+                        (l, ConstCounter::new(v))
+                    })
+            })
+            .collect();
+        family(
+            encoder,
+            "ingress_responses",
+            "Responses by status class",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = all
+            .iter()
+            .flat_map(|(n, s)| {
+                [
+                    ("no_route", s.no_route_total),
+                    ("no_backend", s.no_backend_total),
+                    ("bad_gateway", s.bad_gateway_total),
+                    ("timeout", s.timeouts_total),
+                    ("body_too_large", s.body_too_large_total),
+                    ("bad_request", s.bad_request_total),
+                    ("tls_handshake", s.tls_handshake_errors_total),
+                ]
+                .map(|(kind, v)| {
+                    let l = KindLabels {
+                        listener: n.clone(),
+                        kind,
+                    };
+                    (l, ConstCounter::new(v))
+                })
+            })
+            .collect();
+        family(
+            encoder,
+            "ingress_errors",
+            "Requests the proxy answered itself, by kind",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = all
+            .iter()
+            .map(|(n, s)| {
+                (
+                    label(n),
+                    ConstGauge::new(i64::try_from(s.connections_open).unwrap_or(i64::MAX)),
+                )
+            })
+            .collect();
+        family(
+            encoder,
+            "ingress_connections_open",
+            "Client connections open now",
+            MetricType::Gauge,
+            &rows,
+        )
+    }
+
     fn encode_l4(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let balancers: Vec<(String, gateway::l4::L4MetricsSnapshot)> = lock(&self.balancers)
             .iter()

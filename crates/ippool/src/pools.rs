@@ -291,6 +291,26 @@ pub fn publish_transition(events: &crate::events::Events, pool: &str, key: &str,
     events.publish(transition_kind(t), data);
 }
 
+/// Logs a transition of `key` (a backend) in pool `pool`.
+pub fn log_transition_key(pool: &str, key: &str, t: &Transition) {
+    match t {
+        Transition::Benched { cause, cooldown } => tracing::info!(
+            pool,
+            backend = key,
+            cause = ?cause,
+            cooldown = %humantime::format_duration(*cooldown),
+            "backend benched"
+        ),
+        Transition::BenchSuppressed { cause } => tracing::warn!(
+            pool,
+            backend = key,
+            cause = ?cause,
+            "backend not benched: max_benched_percent of the route is already out"
+        ),
+        Transition::Restored => tracing::info!(pool, backend = key, "backend restored"),
+    }
+}
+
 /// Logs a transition of `ip` in pool `pool`.
 pub fn log_transition(pool: &str, ip: IpAddr, t: &Transition) {
     match t {

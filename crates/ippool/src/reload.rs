@@ -4,7 +4,9 @@
 //! (runtime rules and bans kept, one pointer swap for readers). Changes to
 //! sections that own sockets or pools (listeners, pools, monitors, the
 //! registry, a set's auto-blocking or rate limit) are reported as needing a
-//! restart: they are not applied half-way.
+//! restart: they are not applied half-way. The registry's key store is
+//! read again (added `.pub` files accepted, removed ones refused and their
+//! connections closed).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +23,10 @@ pub struct Report {
     pub reloaded: Vec<String>,
     /// Sections that changed but take effect only after a restart.
     pub restart_required: Vec<String>,
+    /// Keys in the registry's key store after the reload (no registry:
+    /// absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<usize>,
 }
 
 /// Re-reads the config file on demand.
@@ -29,6 +35,7 @@ pub struct Reloader {
     path: PathBuf,
     rules: Arc<RuleSets>,
     store: store::Store,
+    registry: Option<registry::Registry>,
     current: Mutex<(Config, Arc<str>)>,
 }
 
@@ -39,12 +46,14 @@ impl Reloader {
         config: Config,
         rules: Arc<RuleSets>,
         store: store::Store,
+        registry: Option<registry::Registry>,
     ) -> Reloader {
         let json: Arc<str> = Arc::from(serde_json::to_string(&config).unwrap_or_default());
         Reloader {
             path,
             rules,
             store,
+            registry,
             current: Mutex::new((config, json)),
         }
     }
@@ -70,7 +79,13 @@ impl Reloader {
         let mut report = Report {
             reloaded: Vec::new(),
             restart_required: Vec::new(),
+            keys: None,
         };
+        if let Some(r) = &self.registry {
+            r.reload_keys()
+                .map_err(|e| format!("registry.keys_dir: {e}"))?;
+            report.keys = Some(r.keys().len());
+        }
         let empty = serde_json::Map::new();
         let obj = |v: &serde_json::Value, k: &str| {
             v.get(k)

@@ -90,7 +90,7 @@ pub fn run(loaded: Loaded) -> Result<(), ServeError> {
 
 type TaskResult = (&'static str, Result<(), String>);
 
-async fn serve(loaded: Loaded) -> Result<(), ServeError> {
+async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ServeError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -175,6 +175,20 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     if started.is_ok() {
         started = start_l4(&loaded.l4, &metrics, &guards, &mut pools, &mut proxies).await;
     }
+    let mut tables = Vec::new();
+    if started.is_ok() {
+        match start_ingress(
+            std::mem::take(&mut loaded.ingress),
+            &metrics,
+            &guards,
+            &mut proxies,
+        )
+        .await
+        {
+            Ok(t) => tables = t,
+            Err(e) => started = Err(e),
+        }
+    }
     let mut registry = None;
     if started.is_ok()
         && let Some(spec) = &loaded.registry
@@ -207,6 +221,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         loaded.config.clone(),
         Arc::clone(&rules),
         store.clone(),
+        registry.as_ref().map(|r| r.registry.clone()),
     ));
     let state = AdminState {
         reloader: Arc::clone(&reloader),
@@ -218,6 +233,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         events: events.clone(),
         shutdown: shutdown.clone(),
         registry: registry.as_ref().map(|r| r.registry.clone()),
+        ingress: tables.clone(),
     };
 
     let want = *loaded.config.admin.listen.get_ref();
@@ -289,6 +305,7 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             match proxy {
                 Listener::Egress(p) => p.serve(shutdown.cancelled_owned()).await,
                 Listener::L4(p) => p.serve(shutdown.cancelled_owned()).await,
+                Listener::Ingress(p) => p.serve(shutdown.cancelled_owned()).await,
             }
             tracing::debug!(listener = %name, "listener stopped");
             ("listener", Ok(()))
@@ -302,7 +319,16 @@ async fn serve(loaded: Loaded) -> Result<(), ServeError> {
             ("registry", Ok(()))
         });
         let (ev, s3) = (events.clone(), shutdown.clone());
-        let apply: Arc<dyn Fn(&registry::Event) + Send + Sync> = Arc::new(|_| {});
+        let target = loaded
+            .registry
+            .as_ref()
+            .and_then(|r| r.ingress.clone())
+            .and_then(|n| tables.iter().find(|(t, _)| *t == n).map(|(_, t)| t.clone()))
+            .or_else(|| tables.first().map(|(_, t)| t.clone()));
+        let apply: Arc<dyn Fn(&registry::Event) + Send + Sync> = match target {
+            Some(table) => Arc::new(crate::backends::RouteSync::new(table).into_fn()),
+            None => Arc::new(|_| {}),
+        };
         tasks.spawn(async move {
             crate::backends::forward(registry, ev, apply, s3).await;
             ("registry events", Ok(()))
@@ -524,6 +550,69 @@ async fn start_l4(
 enum Listener {
     Egress(gateway::egress::EgressProxy),
     L4(gateway::l4::L4Proxy),
+    Ingress(gateway::ingress::IngressProxy),
+}
+
+/// Binds the `[ingress.*]` reverse proxies with their live route tables;
+/// returns the tables by ingress name (registered backends join one).
+async fn start_ingress(
+    specs: Vec<crate::config::IngressSpec>,
+    metrics: &Arc<Metrics>,
+    guards: &Guards,
+    proxies: &mut Vec<(String, Listener)>,
+) -> Result<Vec<(String, gateway::ingress::RouteTable)>, ServeError> {
+    use gateway::ingress as gi;
+    let mut tables = Vec::new();
+    for spec in specs {
+        let section = format!("ingress.{}", spec.name);
+        let err = |message: String| ServeError::Pool {
+            section: section.clone(),
+            message,
+        };
+        let (name, m, ev) = (
+            spec.name.clone(),
+            Arc::clone(metrics),
+            guards.events.clone(),
+        );
+        let sink = move |route: &str, backend: &str, t: health::Transition| {
+            let pool = format!("{name}/{route}");
+            m.count_transition(&pool, crate::pools::transition_kind(&t));
+            crate::pools::log_transition_key(&pool, backend, &t);
+            crate::pools::publish_transition(&ev, &pool, backend, &t);
+        };
+        let table = gi::RouteTable::new(gi::RouteTableOptions {
+            transitions: Some(Arc::new(sink)),
+            ..gi::RouteTableOptions::default()
+        })
+        .map_err(|e| err(e.to_string()))?;
+        for r in spec.routes {
+            table.upsert_route(r).map_err(|e| err(e.to_string()))?;
+        }
+        let mut options = spec.options;
+        options.routes = table.clone();
+        options.guard = guards.guard(spec.rules.as_deref(), true);
+        let listen = options.listen;
+        let tls = options.tls.is_some();
+        let proxy = gi::IngressProxy::bind(options).await.map_err(|e| match e {
+            gi::IngressError::Bind { addr, source } => ServeError::Bind {
+                key: format!("ingress.{}.listen", spec.name),
+                addr,
+                source,
+            },
+            other => err(other.to_string()),
+        })?;
+        let addr = proxy.local_addr();
+        metrics.add_ingress(&spec.name, proxy.metrics());
+        tracing::info!(
+            listener = %spec.name,
+            tls,
+            "ingress.{}: reverse proxy listening on {addr} (configured {listen})",
+            spec.name
+        );
+        tables.push((spec.name.clone(), table));
+        proxies.push((spec.name, Listener::Ingress(proxy)));
+    }
+    Ok(tables)
 }
 
 /// Builds the accept-time guards of listeners and remembers which

@@ -561,6 +561,14 @@ fn example_config_is_valid() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("allow  allow list: 10.1.2.3"), "{stdout}");
     assert!(stdout.contains("deny   deny list: 10.0.0.0/8"), "{stdout}");
+    // Every shipped config checks.
+    for name in ["ingress.toml", "nginx-monitor.toml"] {
+        let cfg = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name);
+        let out = run(&["check"], &cfg);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
+    }
 }
 
 /// The shipped systemd unit: hardened as documented, and valid for

@@ -176,5 +176,31 @@ drain_timeout = "300ms"
         "{}",
         r.body
     );
+
+    // A key added while running is accepted after a reload.
+    let out = Command::new(support::BIN)
+        .args(["keygen", "--id", "web003", "--dir"])
+        .arg(dir.0.join("keys"))
+        .output()
+        .expect("keygen");
+    assert!(out.status.success());
+    let _late = agent(&dir, channel, "web003", "127.0.0.1:8083");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !services(&d).to_string().contains("web003"),
+        "unknown until reloaded"
+    );
+    let r = http(
+        d.admin,
+        "POST",
+        "/api/reload",
+        &[("Authorization", &bearer)],
+        "",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("\"keys\":2"), "{}", r.body);
+    wait_for("web003 after reload", &d, |s| {
+        s.to_string().contains("web003")
+    });
     assert!(d.terminate().success());
 }

@@ -58,6 +58,10 @@ pub struct RegistryConfig {
     /// How long a leaving service drains (default `"30s"`).
     #[serde(default = "d_drain")]
     pub drain_timeout: Spanned<HumanDuration>,
+    /// The `[ingress.<name>]` registered backends join (default: the only
+    /// one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<String>,
 }
 
 /// `[registry]`, resolved.
@@ -67,6 +71,8 @@ pub struct RegistrySpec {
     pub options: registry::RegistryOptions,
     /// The key store directory.
     pub keys_dir: PathBuf,
+    /// The ingress registered backends join.
+    pub ingress: Option<String>,
 }
 
 /// Resolves `[registry]`.
@@ -126,5 +132,9 @@ pub(super) fn resolve(
         drain_timeout: c.drain_timeout.get_ref().0,
         ..registry::RegistryOptions::default()
     };
-    Ok(RegistrySpec { options, keys_dir })
+    Ok(RegistrySpec {
+        options,
+        keys_dir,
+        ingress: c.ingress.clone(),
+    })
 }

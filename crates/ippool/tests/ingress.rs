@@ -1,0 +1,213 @@
+//! The reverse proxy end to end with real processes: static routes from
+//! the config, backends registering themselves with `ippool agent`, a
+//! killed agent's backend gone without failing a request, a stopped one
+//! drained, and 404 / 503 for what has no route or no backend.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Daemon, TempDir, http};
+
+/// An HTTP/1.1 backend (keep-alive) answering every request with `name`.
+fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().expect("clone");
+                let mut r = BufReader::new(c);
+                loop {
+                    let mut line = String::new();
+                    // Read one head; bodies are not expected.
+                    loop {
+                        line.clear();
+                        match r.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                        name.len()
+                    );
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent(dir: &TempDir, channel: SocketAddr, id: &str, service: SocketAddr) -> Agent {
+    let child = Command::new(support::BIN)
+        .args([
+            "agent",
+            "--proxy",
+            &format!("ws://{channel}"),
+            "--id",
+            id,
+            "--key",
+        ])
+        .arg(dir.0.join(format!("keys/{id}.key")))
+        .args(["--service", &service.to_string(), "--route", "app.test/"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    Agent(child)
+}
+
+fn get(proxy: SocketAddr, host: &str) -> (u16, String) {
+    let r = http(proxy, "GET", "/", &[("Host", host)], "");
+    (r.status, r.body)
+}
+
+fn spread(proxy: SocketAddr, host: &str, n: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let (status, body) = get(proxy, host);
+        *seen.entry(format!("{status} {body}")).or_default() += 1;
+    }
+    seen
+}
+
+#[test]
+fn static_and_registered_backends_behind_the_ingress() {
+    let (a, b, c) = (backend("a"), backend("b"), backend("c"));
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
+    for id in ["svc-b", "svc-c"] {
+        let out = Command::new(support::BIN)
+            .args(["keygen", "--id", id, "--dir"])
+            .arg(dir.0.join("keys"))
+            .output()
+            .expect("keygen");
+        assert!(out.status.success());
+    }
+    let cfg = dir.write(
+        "ippool.toml",
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[ingress.web]
+listen = "127.0.0.1:0"
+
+[ingress.web.routes.static]
+host = "static.test"
+backends = ["{a}"]
+
+[registry]
+listen = "127.0.0.1:0"
+keys_dir = "keys"
+heartbeat_interval = "200ms"
+heartbeat_timeout = "800ms"
+drain_timeout = "300ms"
+"#
+        ),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let proxy = d
+        .startup
+        .iter()
+        .find_map(|l| l.split("reverse proxy listening on ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .expect("ingress address in the log");
+    let channel = d.registry();
+
+    assert_eq!(get(proxy, "static.test"), (200, "a".into()));
+    assert_eq!(get(proxy, "nowhere.test").0, 404);
+
+    let mut ab = agent(&dir, channel, "svc-b", b);
+    let _ac = agent(&dir, channel, "svc-c", c);
+    let t0 = Instant::now();
+    loop {
+        let s = spread(proxy, "app.test", 4);
+        if s.contains_key("200 b") && s.contains_key("200 c") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "agents not routed: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = spread(proxy, "app.test", 10);
+    assert_eq!(
+        (s.get("200 b"), s.get("200 c")),
+        (Some(&5), Some(&5)),
+        "round robin: {s:?}"
+    );
+
+    let r = http(d.admin, "GET", "/api/routes", &[], "");
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    let reg = v["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|r| r["matches"][0]["host"] == "app.test")
+        .expect("registered route");
+    assert_eq!(reg["backends"].as_array().map(Vec::len), Some(2), "{reg}");
+
+    // SIGKILL one agent: its backend goes within the heartbeat timeout.
+    // The backend process itself still answers, so every request succeeds;
+    // afterwards only c is used.
+    ab.0.kill().expect("kill -9");
+    let _ = ab.0.wait();
+    let t0 = Instant::now();
+    loop {
+        let s = spread(proxy, "app.test", 4);
+        assert_eq!(
+            s.keys().filter(|k| !k.starts_with("200 ")).count(),
+            0,
+            "{s:?}"
+        );
+        if !s.contains_key("200 b") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "b still routed: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The last agent gone: the route answers 503 with a reason.
+    drop(_ac);
+    let t0 = Instant::now();
+    loop {
+        let (status, _) = get(proxy, "app.test");
+        if status == 503 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "still {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = http(d.admin, "GET", "/metrics", &[], "").body;
+    assert!(
+        m.contains("ippool_ingress_requests_total{listener=\"web\"}"),
+        "{m}"
+    );
+    assert!(d.terminate().success());
+}
