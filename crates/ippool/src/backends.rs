@@ -145,11 +145,6 @@ impl RouteSync {
         }
     }
 
-    /// As a closure for [`forward`].
-    pub fn into_fn(self) -> impl Fn(&registry::Event) + Send + Sync + 'static {
-        move |e| self.apply(e)
-    }
-
     fn route_for(&self, host: &str, path: &str) -> Result<String, String> {
         use gateway::ingress as gi;
         let host = (!host.is_empty() && host != "*").then_some(host);

@@ -32,7 +32,7 @@ mod l4;
 mod monitor;
 mod registry;
 
-pub use egress::{EgressConfig, EgressSpec, PoolConfig, PoolSpec};
+pub use egress::{EgressConfig, EgressSpec, PoolConfig, PoolSpec, SourceSpec};
 pub use ingress::{IngressConfig, IngressSpec};
 pub use l4::{L4Config, L4Spec};
 pub use monitor::{MonitorConfig, MonitorSpec, PoolAddresses, PoolName};
@@ -869,6 +869,7 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
     }
     let registry = match (&config.registry, scope) {
         (Some(r), Scope::Full) => {
+            check_set(&r.rules, "registry.rules".into())?;
             let spec = registry::resolve(&src, base, r)?;
             if let Some(i) = &spec.ingress
                 && !config.ingress.keys().any(|k| k.to_string() == *i)

@@ -190,10 +190,18 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         }
     }
     let mut registry = None;
+    let mut registry_guard = None;
     if started.is_ok()
         && let Some(spec) = &loaded.registry
     {
-        match crate::backends::start(spec).await {
+        let mut spec = spec.clone();
+        let guard = guards.guard(spec.rules.as_deref(), false);
+        if spec.rules.is_some() {
+            let g = Arc::clone(&guard);
+            spec.options.admit = Some(registry::Admit(Arc::new(move |peer| g.admit(peer))));
+        }
+        registry_guard = Some(guard);
+        match crate::backends::start(&spec).await {
             Ok(r) => {
                 tracing::info!(
                     "registry: registration channel listening on ws://{}",
@@ -325,10 +333,17 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             .and_then(|r| r.ingress.clone())
             .and_then(|n| tables.iter().find(|(t, _)| *t == n).map(|(_, t)| t.clone()))
             .or_else(|| tables.first().map(|(_, t)| t.clone()));
-        let apply: Arc<dyn Fn(&registry::Event) + Send + Sync> = match target {
-            Some(table) => Arc::new(crate::backends::RouteSync::new(table).into_fn()),
-            None => Arc::new(|_| {}),
-        };
+        let sync = target.map(crate::backends::RouteSync::new);
+        let guard = registry_guard.clone();
+        let apply: Arc<dyn Fn(&registry::Event) + Send + Sync> = Arc::new(move |e| {
+            if let Some(s) = &sync {
+                s.apply(e);
+            }
+            // A failed handshake is an offense of the peer (auto-blocking).
+            if let (Some(g), registry::Event::AuthFailed { peer, .. }) = (&guard, e) {
+                g.offense(peer.ip(), gateway::guard::Offense::RegistrationAuthFailed);
+            }
+        });
         tasks.spawn(async move {
             crate::backends::forward(registry, ev, apply, s3).await;
             ("registry events", Ok(()))
@@ -455,6 +470,14 @@ async fn start_egress(
             })?;
         let mut options = spec.options(pool);
         options.guard = guards.guard(spec.rules.as_deref(), true);
+        // The proxy's own addresses are no destination (unless allowed):
+        // its pool's range and its listener.
+        let own = own_addresses(specs, &spec.pool, spec.listen);
+        if !own.is_empty() {
+            options
+                .policy
+                .update(|p| p.deny.extend(own.iter().copied()));
+        }
         let proxy = gateway::egress::EgressProxy::bind(options)
             .await
             .map_err(|e| match e {
@@ -708,6 +731,29 @@ async fn save_bans(
     }
 }
 
+/// The addresses an egress listener must not connect to as destinations:
+/// the source range of its pool (CIDR, range or list) and its own listen
+/// address when it is a specific one.
+fn own_addresses(
+    pools: &[crate::config::PoolSpec],
+    pool: &str,
+    listen: SocketAddr,
+) -> Vec<iprules::Rule> {
+    let mut out = Vec::new();
+    if let Some(p) = pools.iter().find(|p| p.name == pool)
+        && let crate::config::SourceSpec::Text(t) = &p.source
+    {
+        out.extend(
+            t.split(',')
+                .filter_map(|r| r.trim().parse::<iprules::Rule>().ok()),
+        );
+    }
+    if !listen.ip().is_unspecified() {
+        out.push(iprules::Rule::from(listen.ip()));
+    }
+    out
+}
+
 /// Shuts the egress pools down: netlink pools remove the addresses they
 /// added, freebind pools the routes they added.
 async fn stop_pools(pools: &[(String, addrpool::Pool)]) {
@@ -733,5 +779,35 @@ fn task_failure(joined: Result<TaskResult, tokio::task::JoinError>) -> ServeErro
             Ok(()) => "stopped unexpectedly".into(),
             Err(e) => e,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_addresses_are_the_pool_range_and_the_listener() {
+        let text = "[pools.v6]\nsource = \"2001:db8:1::/64\"\nassigner = \"freebind\"\n\
+                    [pools.list]\nsource = \"192.0.2.1, 192.0.2.9\"\n";
+        let l = crate::config::load_str(
+            std::path::Path::new("/nonexistent/t.toml"),
+            text,
+            crate::config::Scope::Full,
+        )
+        .unwrap();
+        let own = own_addresses(&l.pools, "v6", "0.0.0.0:3128".parse().unwrap());
+        assert_eq!(
+            own,
+            vec!["2001:db8:1::/64".parse::<iprules::Rule>().unwrap()]
+        );
+        let own = own_addresses(&l.pools, "list", "198.51.100.7:3128".parse().unwrap());
+        let shown: Vec<String> = own.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["192.0.2.1", "192.0.2.9", "198.51.100.7"]);
+        // Through the default policy and these, none is reachable.
+        let mut p = gateway::egress::default_policy();
+        p.deny
+            .extend(own_addresses(&l.pools, "v6", "0.0.0.0:1".parse().unwrap()));
+        assert!(!p.allows("2001:db8:1::5".parse().unwrap()));
     }
 }

@@ -204,3 +204,60 @@ drain_timeout = "300ms"
     });
     assert!(d.terminate().success());
 }
+
+#[test]
+fn failed_handshakes_ban_the_peer() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
+    for id in ["web001", "web002"] {
+        let out = Command::new(support::BIN)
+            .args(["keygen", "--id", id, "--dir"])
+            .arg(dir.0.join("keys"))
+            .output()
+            .expect("keygen");
+        assert!(out.status.success());
+    }
+    // web001's id with web002's key: every handshake fails (4001).
+    std::fs::copy(dir.0.join("keys/web002.key"), dir.0.join("keys/web001.key")).expect("copy");
+    let cfg = dir.write(
+        "ippool.toml",
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[rules.agents]
+default = "allow"
+[rules.agents.autoblock]
+threshold = 2
+window = "1m"
+ban = "1h"
+
+[registry]
+listen = "127.0.0.1:0"
+keys_dir = "keys"
+rules = "agents"
+"#,
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let channel = d.registry();
+    let _forger = agent(&dir, channel, "web001", "127.0.0.1:8081");
+    let t0 = Instant::now();
+    loop {
+        let r = http(d.admin, "GET", "/api/bans", &[], "");
+        if r.body.contains("127.0.0.1") {
+            assert!(r.body.contains("registration_auth_failed"), "{}", r.body);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "no ban: {}", r.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Banned: the channel now refuses the peer at accept.
+    let refused = std::net::TcpStream::connect(channel).map_or(true, |mut s| {
+        use std::io::{Read, Write};
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 16];
+        s.read(&mut buf).map_or(true, |n| n == 0)
+    });
+    assert!(refused, "a banned peer still reaches the channel");
+    assert!(d.terminate().success());
+}

@@ -162,7 +162,7 @@ pub use keys::{
 };
 pub use proto::{Code, Route, SUBPROTOCOL, auth_message};
 pub use server::{
-    Event, Metrics, Registry, RegistryError, RegistryOptions, RegistryServer, Service,
+    Admit, Event, Metrics, Registry, RegistryError, RegistryOptions, RegistryServer, Service,
 };
 
 /// Re-exported so users name the same key types as this crate.

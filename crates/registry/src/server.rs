@@ -51,6 +51,20 @@ pub struct RegistryOptions {
     pub max_message_bytes: usize,
     /// Services one agent may register. Default 64.
     pub max_services_per_agent: usize,
+    /// Who may connect at all, decided at accept before a byte is read
+    /// (a refused peer is reset and counted as refused). Default: anyone.
+    pub admit: Option<Admit>,
+}
+
+/// An accept-time check of peers ([`RegistryOptions::admit`]), e.g. an IP
+/// rule set.
+#[derive(Clone)]
+pub struct Admit(pub Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Admit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admit(..)")
+    }
 }
 
 impl Default for RegistryOptions {
@@ -66,6 +80,7 @@ impl Default for RegistryOptions {
             max_connections: 1024,
             max_message_bytes: 64 * 1024,
             max_services_per_agent: 64,
+            admit: None,
         }
     }
 }
@@ -947,6 +962,15 @@ impl RegistryServer {
                             continue;
                         }
                     };
+                    if let Some(admit) = &registry.inner.opts.admit
+                        && !(admit.0)(peer)
+                    {
+                        Counters::inc(&registry.inner.counters.connections_refused);
+                        // An RST, not a FIN: nothing more to say to it.
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                        drop(stream);
+                        continue;
+                    }
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
                         Counters::inc(&registry.inner.counters.connections_refused);
                         drop(stream);

@@ -1005,3 +1005,28 @@ async fn ipv6_loopback_channel() {
         matches!(ev, Event::Registered { ref service } if service.addr == "[::1]:8080".parse().unwrap())
     );
 }
+
+#[tokio::test]
+async fn admit_refuses_peers_at_accept() {
+    let dir = TempDir::new();
+    let key = add_key(dir.path(), "web001", Role::Agent, &[]);
+    let mut opts = fast_opts();
+    // Only 127.0.0.1 may connect; a client from 127.0.0.2 may not.
+    opts.admit = Some(registry::Admit(std::sync::Arc::new(
+        |peer: std::net::SocketAddr| peer.ip() == std::net::IpAddr::from([127, 0, 0, 1]),
+    )));
+    let srv = TestServer::start(dir.path(), opts).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let refused = match sock.connect(srv.addr).await {
+        Err(_) => true,
+        Ok(tcp) => tokio_tungstenite::client_async(ws_request(srv.addr), tcp)
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a peer the admit check refuses gets no channel");
+    assert_eq!(srv.registry.metrics().connections_refused, 1);
+    // An admitted peer is served as usual.
+    let _ws = raw_auth(srv.addr, "web001", &key).await;
+    assert_eq!(srv.registry.metrics().handshakes_ok, 1);
+}

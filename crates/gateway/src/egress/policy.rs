@@ -83,6 +83,33 @@ pub(crate) fn default_reason(rule: &Rule) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    /// Each range of the list, at both ends, is refused, in its IPv4-mapped
+    /// form too; and the addresses just outside a range that no other rule
+    /// covers are not.
+    #[test]
+    fn each_default_range_is_denied_at_both_ends() {
+        let p = default_policy();
+        for (rule, why) in default_deny_rules() {
+            let (lo, hi) = (rule.first(), rule.last());
+            for ip in [lo, hi] {
+                assert!(!p.allows(ip), "{ip} ({rule}, {why})");
+                if let std::net::IpAddr::V4(v4) = ip {
+                    let mapped = std::net::IpAddr::V6(v4.to_ipv6_mapped());
+                    assert!(!p.allows(mapped), "{mapped} ({rule})");
+                }
+            }
+        }
+        for outside in [
+            "11.0.0.0",
+            "9.255.255.255",
+            "100.128.0.0",
+            "169.253.255.255",
+            "2001:db9::",
+        ] {
+            assert!(p.allows(outside.parse().unwrap()), "{outside}");
+        }
+    }
+
     #[test]
     fn every_default_rule_parses() {
         assert_eq!(default_deny_rules().len(), DEFAULT_DENY.len());

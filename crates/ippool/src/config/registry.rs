@@ -62,6 +62,10 @@ pub struct RegistryConfig {
     /// one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<String>,
+    /// The `[rules.<name>]` set deciding who may connect (checked at
+    /// accept); failed handshakes feed its `autoblock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Spanned<String>>,
 }
 
 /// `[registry]`, resolved.
@@ -73,6 +77,8 @@ pub struct RegistrySpec {
     pub keys_dir: PathBuf,
     /// The ingress registered backends join.
     pub ingress: Option<String>,
+    /// The client rule set, if any.
+    pub rules: Option<String>,
 }
 
 /// Resolves `[registry]`.
@@ -136,5 +142,6 @@ pub(super) fn resolve(
         options,
         keys_dir,
         ingress: c.ingress.clone(),
+        rules: c.rules.as_ref().map(|r| r.get_ref().clone()),
     })
 }
