@@ -2,6 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
+//! | `GET /` | the dashboard (one embedded page: pools, routes, rules, bans, request rates, live events) |
 //! | `GET /ping` | `pong` |
 //! | `GET /config` | the effective config as JSON (holds no secret) |
 //! | `GET /metrics` | Prometheus / OpenMetrics text |
@@ -79,6 +80,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/config", get(config))
         .route("/openapi.json", get(openapi))
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/api/rules", get(list_rules))
         .route("/api/rules/{set}/check", get(check))
@@ -194,6 +196,23 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
         .get(header::AUTHORIZATION)?
         .as_bytes()
         .strip_prefix(b"Bearer ")
+}
+
+/// The dashboard: one page, assets inline, nothing from a CDN.
+pub const DASHBOARD: &str = include_str!("dashboard/index.html");
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
 }
 
 /// The OpenAPI document (a test checks it against the real routes).
