@@ -126,6 +126,9 @@ pub async fn forward(
     }
 }
 
+/// Prefix of the routes created for registered services.
+const REGISTERED: &str = "registered:";
+
 /// Keeps an ingress route table in step with the registry: a registered
 /// service becomes one backend per route it asked for (in the route with
 /// the same host and path prefix, created when there is none), with the
@@ -145,19 +148,45 @@ impl RouteSync {
         }
     }
 
-    fn route_for(&self, host: &str, path: &str) -> Result<String, String> {
+    /// Puts `backend` into the route matching (`host`, `path`), creating
+    /// that route with the backend in one step when there is none (so no
+    /// request sees it empty). Returns the route's name.
+    fn place(
+        &self,
+        host: &str,
+        path: &str,
+        backend: gateway::ingress::Backend,
+    ) -> Result<String, String> {
         use gateway::ingress as gi;
         let host = (!host.is_empty() && host != "*").then_some(host);
         let want = gi::RouteMatch::new(host, path);
         let snap = self.table.snapshot();
         if let Some(r) = snap.routes.iter().find(|r| r.matches.contains(&want)) {
+            self.table
+                .upsert_backend(&r.name, backend)
+                .map_err(|e| e.to_string())?;
             return Ok(r.name.clone());
         }
-        let name = format!("registered:{}{}", host.unwrap_or("*"), path);
+        let name = format!("{REGISTERED}{}{}", host.unwrap_or("*"), path);
         self.table
-            .upsert_route(gi::Route::new(name.clone(), want))
+            .upsert_route(gi::Route::new(name.clone(), want).with_backend(backend))
             .map_err(|e| e.to_string())?;
         Ok(name)
+    }
+
+    /// Removes backends, then the routes this sync created that are left
+    /// empty (a departed host answers 404 again, and the table does not
+    /// grow with every host ever registered).
+    fn remove_all(&self, placed: Vec<(String, String)>) {
+        for (route, id) in &placed {
+            let _ = self.table.remove(id);
+            if route.starts_with(REGISTERED) {
+                let snap = self.table.snapshot();
+                if snap.route(route).is_some_and(|r| r.backends.is_empty()) {
+                    let _ = self.table.remove_route(route);
+                }
+            }
+        }
     }
 
     fn take(&self, service: &str) -> Vec<(String, String)> {
@@ -174,37 +203,30 @@ impl RouteSync {
         match e {
             E::Registered { service } => {
                 // An upsert: what the service had before goes first.
-                for (_, id) in self.take(&service.id) {
-                    let _ = self.table.remove(&id);
-                }
+                let before = self.take(&service.id);
                 let mut placed = Vec::new();
                 for r in &service.routes {
-                    let route = match self.route_for(&r.host, &r.path_prefix) {
-                        Ok(route) => route,
-                        Err(err) => {
-                            tracing::warn!(service = %service.id, error = %err, "route not created");
-                            continue;
-                        }
-                    };
                     let id = format!("{}@{}{}", service.id, r.host, r.path_prefix);
                     let b = gateway::ingress::Backend::new(id.clone(), service.addr)
                         .with_weight(service.weight.max(1));
-                    match self.table.upsert_backend(&route, b) {
-                        Ok(()) => placed.push((route, id)),
+                    match self.place(&r.host, &r.path_prefix, b) {
+                        Ok(route) => placed.push((route, id)),
                         Err(err) => {
                             tracing::warn!(service = %service.id, error = %err, "backend not added");
                         }
                     }
                 }
+                // Old placements not renewed go (after the new ones are in).
+                let stale: Vec<_> = before.into_iter().filter(|p| !placed.contains(p)).collect();
+                self.remove_all(stale);
                 self.placed
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .insert(service.id.clone(), placed);
             }
             E::Deregistered { service, .. } => {
-                for (_, id) in self.take(service) {
-                    let _ = self.table.remove(&id);
-                }
+                let placed = self.take(service);
+                self.remove_all(placed);
             }
             E::Draining {
                 service, deadline, ..

@@ -1,7 +1,7 @@
 //! The reverse proxy end to end with real processes: static routes from
 //! the config, backends registering themselves with `ippool agent`, a
 //! killed agent's backend gone without failing a request, a stopped one
-//! drained, and 404 / 503 for what has no route or no backend.
+//! drained, and 404 once a registered host has no backend left.
 
 mod support;
 
@@ -193,17 +193,25 @@ drain_timeout = "300ms"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The last agent gone: the route answers 503 with a reason.
+    // The last agent gone: its registered route goes too (the host is
+    // unknown again: 404), and the table keeps no empty route behind.
     drop(_ac);
     let t0 = Instant::now();
     loop {
         let (status, _) = get(proxy, "app.test");
-        if status == 503 {
+        if status == 404 {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(5), "still {status}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let r = http(d.admin, "GET", "/api/routes", &[], "");
+    assert!(!r.body.contains("app.test"), "{}", r.body);
+    assert!(
+        r.body.contains("static.test"),
+        "configured routes stay: {}",
+        r.body
+    );
     let m = http(d.admin, "GET", "/metrics", &[], "").body;
     assert!(
         m.contains("ippool_ingress_requests_total{listener=\"web\"}"),

@@ -38,7 +38,11 @@ const MAX_ERRORS: u32 = 32;
 
 /// WebSocket limits for a message size.
 pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+    // Control messages are small; tungstenite's default 128 KiB read
+    // buffer (zero-filled on first read) would cost most of an idle
+    // agent's memory.
     WebSocketConfig::default()
+        .read_buffer_size(4096)
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
 }
