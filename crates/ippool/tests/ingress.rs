@@ -219,3 +219,42 @@ drain_timeout = "300ms"
     );
     assert!(d.terminate().success());
 }
+
+#[test]
+fn ingress_rate_limit_answers_429_with_retry_after() {
+    let a = backend("a");
+    let dir = TempDir::new();
+    let cfg = dir.write(
+        "ippool.toml",
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[rules.clients]
+default = "allow"
+[rules.clients.rate_limit]
+rate = 0.5
+burst = 2
+[ingress.web]
+listen = "127.0.0.1:0"
+rules = "clients"
+[ingress.web.routes.all]
+backends = ["{a}"]
+"#
+        ),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let proxy = d
+        .startup
+        .iter()
+        .find_map(|l| l.split("reverse proxy listening on ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .expect("ingress address");
+    assert_eq!(get(proxy, "x.test"), (200, "a".into()));
+    assert_eq!(get(proxy, "x.test"), (200, "a".into()));
+    let r = http(proxy, "GET", "/", &[("Host", "x.test")], "");
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("2"), "{r:?}");
+    assert!(d.terminate().success());
+}

@@ -83,6 +83,20 @@ pub(crate) async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let _busy = conn.act.busy();
     let http2 = req.version() == Version::HTTP_2;
+    // The client's rate limit, per request (keep-alive does not escape it).
+    if let Err(wait) = conn.ctx.opts.guard.check_request(conn.peer.ip()) {
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        let mut resp = Reject::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            Refusal::BadRequest,
+            format!("too many requests from your address; retry after {secs}s"),
+        )
+        .response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        conn.ctx.metrics.response(resp.status(), http2);
+        return Ok(resp);
+    }
     let resp = match forward(&conn, req).await {
         Ok(r) => r,
         Err(rej) => {
