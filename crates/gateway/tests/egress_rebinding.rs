@@ -96,11 +96,17 @@ async fn a_rebinding_resolver_never_gets_a_refused_address_dialled() {
         "SOCKS5: ruleset refusal in the middle"
     );
 
+    // The upstream records a peer on its own thread, a moment after the
+    // proxy reported the tunnel up: wait for the count (bounded).
+    let t0 = std::time::Instant::now();
+    while good.peers().len() < 4 + 2 + 2 && t0.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(good.peers().len(), 4 + 2 + 2);
     assert!(
         internal.peers().is_empty(),
         "the internal address was never dialled"
     );
-    assert_eq!(good.peers().len(), 4 + 2 + 2);
     proxy.stop().await;
     pool.shutdown().await;
 }
