@@ -162,5 +162,15 @@ backends = ["{backend}"]
         "1"
     );
     assert!(dom.contains("no ban"), "the bans table says there is none");
+    // The pool's state over time is plotted, its caption from the same data.
+    assert!(
+        dom.contains("data-pool-chart=\"loop\""),
+        "no chart for the pool"
+    );
+    let caption = format!(
+        "loop: {} available, {} probation, {} benched",
+        pool["available"], pool["probation"], pool["benched"]
+    );
+    assert!(dom.contains(&caption), "want `{caption}`");
     assert!(d.terminate().success());
 }
