@@ -20,18 +20,27 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. A bad `IPPOOL_LOG` falls back to
-/// `info` with a warning.
+/// The conventional variable, read when [`LOG_ENV`] is not set.
+pub const FALLBACK_LOG_ENV: &str = "RUST_LOG";
+
+/// Installs the global subscriber. Levels come from `IPPOOL_LOG`, else
+/// `RUST_LOG`; a bad value falls back to `info` with a warning.
 pub fn init(format: LogFormat) {
-    let (filter, bad) = match std::env::var(LOG_ENV) {
-        Ok(v) if !v.trim().is_empty() => match Targets::from_str(&v) {
+    let var = [LOG_ENV, FALLBACK_LOG_ENV].into_iter().find_map(|name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (name, v))
+    });
+    let (filter, bad) = match var {
+        Some((name, v)) => match Targets::from_str(&v) {
             Ok(t) => (t, None),
             Err(e) => (
                 default_filter(),
-                Some(format!("{LOG_ENV}={v:?}: {e}; using `info`")),
+                Some(format!("{name}={v:?}: {e}; using `info`")),
             ),
         },
-        _ => (default_filter(), None),
+        None => (default_filter(), None),
     };
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {

@@ -39,7 +39,7 @@ Examples:
 
 Exit status: 0 success, 1 runtime failure (or a denied address for `rules check`),
 2 bad config or bad arguments.
-Log levels come from IPPOOL_LOG (e.g. `debug`, `info,ippool=debug`); logs go to stderr.";
+Log levels come from IPPOOL_LOG, else RUST_LOG (e.g. `debug`, `info,ippool=debug`); logs go to stderr.";
 
 const SERVE_HELP: &str = "\
 Example:

@@ -339,3 +339,25 @@ fn reload_applies_rules_keeps_runtime_ones_and_refuses_bad_files() {
     );
     assert!(d.terminate().success());
 }
+
+#[test]
+fn rust_log_is_read_when_ippool_log_is_not_set() {
+    let dir = TempDir::new();
+    let cfg = dir.write("ippool.toml", CONFIG);
+    let mut d = Daemon::start(
+        &cfg,
+        &[
+            ("IPPOOL_TEST_TOKEN", TOKEN),
+            ("IPPOOL_LOG", ""),
+            ("RUST_LOG", "ippool=loud"),
+        ],
+    );
+    assert!(
+        d.startup
+            .iter()
+            .any(|l| l.contains("RUST_LOG=\"ippool=loud\"") && l.contains("using `info`")),
+        "{:?}",
+        d.startup
+    );
+    assert!(d.terminate().success());
+}
