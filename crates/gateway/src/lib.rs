@@ -13,10 +13,12 @@
 //! - [`guard`]: who may connect: accept-time filtering against a live
 //!   [`iprules::Policy`], kernel socket filters, nftables export,
 //!   automatic bans and per-client rate limits.
+//! - [`access`]: access-log entries in nginx `combined` format.
 //! - [`ingress`]: the reverse proxy: HTTP/1.1, HTTP/2, WebSocket and TLS
 //!   (SNI, reloadable certificates), routes by host and path prefix changed
 //!   at run time, per-route balancing, passive and active backend health.
 
+pub mod access;
 pub mod egress;
 pub mod guard;
 pub mod ingress;

@@ -3,6 +3,7 @@
 //! ([`config`]), the admin API ([`admin`]), metrics ([`metrics`]) and the
 //! runtime ([`serve`]).
 
+mod accessfile;
 mod admin;
 mod agentcmd;
 mod backends;

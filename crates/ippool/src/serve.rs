@@ -127,6 +127,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         rules: Arc::clone(&rules),
         bans: ban_tx,
         events: events.clone(),
+        writers: std::sync::Mutex::new(Vec::new()),
         filters: std::sync::Mutex::new(Vec::new()),
     };
     let metrics = Arc::new(Metrics::new(&rules));
@@ -287,6 +288,14 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         tasks.spawn(async move {
             save_bans(ban_rx, store, shutdown).await;
             ("bans", Ok(()))
+        });
+    }
+    let writers = std::mem::take(&mut *guards.writers.lock().unwrap_or_else(|p| p.into_inner()));
+    for w in writers {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            w.run(shutdown).await;
+            ("access log", Ok(()))
         });
     }
     let filters = std::mem::take(&mut *guards.filters.lock().unwrap_or_else(|p| p.into_inner()));
@@ -470,6 +479,13 @@ async fn start_egress(
             })?;
         let mut options = spec.options(pool);
         options.guard = guards.guard(spec.rules.as_deref(), true);
+        if let Some(p) = &spec.access_log {
+            options.access_log = Some(
+                guards
+                    .access_log(format!("egress.{}", spec.name), p)
+                    .await?,
+            );
+        }
         // The proxy's own addresses are no destination (unless allowed):
         // its pool's range and its listener.
         let own = own_addresses(specs, &spec.pool, spec.listen);
@@ -612,6 +628,13 @@ async fn start_ingress(
             table.upsert_route(r).map_err(|e| err(e.to_string()))?;
         }
         let mut options = spec.options;
+        if let Some(p) = &spec.access_log {
+            options.access_log = Some(
+                guards
+                    .access_log(format!("ingress.{}", spec.name), p)
+                    .await?,
+            );
+        }
         options.routes = table.clone();
         options.guard = guards.guard(spec.rules.as_deref(), true);
         let listen = options.listen;
@@ -644,6 +667,8 @@ struct Guards {
     rules: Arc<crate::rules::RuleSets>,
     bans: tokio::sync::mpsc::UnboundedSender<(String, gateway::guard::Ban)>,
     events: crate::events::Events,
+    /// Access-log writers to run as tasks.
+    writers: std::sync::Mutex<Vec<crate::accessfile::Writer>>,
     /// (listener, set, socket) of listeners whose set has `kernel_filter`.
     filters: std::sync::Mutex<Vec<(String, String, std::os::fd::OwnedFd)>>,
 }
@@ -672,6 +697,25 @@ impl Guards {
         self.rules
             .guard(set, per_request, hook)
             .unwrap_or_else(|| Arc::new(gateway::guard::Guard::default()))
+    }
+
+    /// An access-log sink for `path`, its writer kept to run as a task.
+    async fn access_log(
+        &self,
+        key: String,
+        path: &std::path::Path,
+    ) -> Result<Arc<dyn gateway::access::AccessLog>, ServeError> {
+        let (sink, writer) = crate::accessfile::open(path)
+            .await
+            .map_err(|e| ServeError::Pool {
+                section: key,
+                message: format!("access_log {}: {e}", path.display()),
+            })?;
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(writer);
+        Ok(Arc::new(sink))
     }
 
     fn policy(&self, set: &str) -> Option<Arc<iprules::Shared<iprules::Policy>>> {

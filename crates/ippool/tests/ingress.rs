@@ -258,3 +258,81 @@ backends = ["{a}"]
     assert_eq!(r.header("retry-after"), Some("2"), "{r:?}");
     assert!(d.terminate().success());
 }
+
+/// Both proxies write nginx `combined` lines that the `accesslog` crate
+/// (ippool's own nginx log reader) parses back to what happened.
+#[test]
+fn access_logs_are_nginx_combined() {
+    let a = backend("a");
+    let upstream = support::PeerEcho::start();
+    let dir = TempDir::new();
+    let cfg = dir.write(
+        "ippool.toml",
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[pools.loop]
+source = "127.0.60.0/30"
+[egress.main]
+listen = "127.0.0.1:0"
+pool = "loop"
+allow = ["127.0.0.0/8"]
+access_log = "egress.log"
+[ingress.web]
+listen = "127.0.0.1:0"
+access_log = "ingress.log"
+[ingress.web.routes.all]
+host = "known.test"
+backends = ["{a}"]
+"#
+        ),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let proxy = d
+        .startup
+        .iter()
+        .find_map(|l| l.split("reverse proxy listening on ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .expect("ingress address");
+    let r = http(
+        proxy,
+        "GET",
+        "/x?y=1",
+        &[("Host", "known.test"), ("User-Agent", "probe/1")],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(get(proxy, "unknown.test").0, 404);
+    let url = format!("http://{}/p", upstream.addr);
+    assert_eq!(http(d.egress("main"), "GET", &url, &[], "").status, 200);
+    assert!(d.terminate().success(), "lines are flushed on shutdown");
+
+    let fmt = accesslog::LogFormat::combined();
+    let ingress = std::fs::read_to_string(dir.0.join("ingress.log")).expect("ingress.log");
+    let lines: Vec<&str> = ingress.lines().collect();
+    assert_eq!(lines.len(), 2, "{ingress}");
+    let first = fmt.parse(lines[0]).expect("a combined line");
+    assert_eq!(first.status().unwrap(), Some(200));
+    assert_eq!(first.value("request"), Some("GET /x?y=1 HTTP/1.1"));
+    assert_eq!(first.value("http_user_agent"), Some("probe/1"));
+    assert_eq!(first.body_bytes_sent().unwrap(), Some(1));
+    assert_eq!(
+        first.remote_addr().unwrap(),
+        Some("127.0.0.1".parse().unwrap())
+    );
+    assert!(first.time().unwrap().is_some());
+    assert_eq!(
+        fmt.parse(lines[1]).expect("line").status().unwrap(),
+        Some(404)
+    );
+
+    let egress = std::fs::read_to_string(dir.0.join("egress.log")).expect("egress.log");
+    let rec = fmt.parse(egress.trim_end()).expect("a combined line");
+    assert_eq!(rec.status().unwrap(), Some(200));
+    assert_eq!(
+        rec.value("request"),
+        Some(format!("GET {url} HTTP/1.1").as_str())
+    );
+}

@@ -256,6 +256,51 @@ fn rate_limited(wait: Duration) -> Response<ProxyBody> {
 }
 
 async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Response<ProxyBody> {
+    let entry = ctx
+        .opts
+        .access_log
+        .as_ref()
+        .map(|_| access_entry(state.peer, &req));
+    let resp = handle_inner(ctx, state, req).await;
+    if let (Some(log), Some(mut e)) = (&ctx.opts.access_log, entry) {
+        e.status = resp.status().as_u16();
+        e.bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        log.record(e);
+    }
+    resp
+}
+
+/// The request half of an access-log entry.
+fn access_entry(peer: SocketAddr, req: &Request<Incoming>) -> crate::access::AccessEntry {
+    let h = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    crate::access::AccessEntry {
+        peer: peer.ip(),
+        user: None,
+        time: std::time::SystemTime::now(),
+        method: req.method().as_str().to_owned(),
+        target: req.uri().to_string(),
+        version: crate::access::version_name(req.version()),
+        status: 0,
+        bytes: 0,
+        referer: h(header::REFERER),
+        user_agent: h(header::USER_AGENT),
+    }
+}
+
+async fn handle_inner(
+    ctx: &Arc<Ctx>,
+    state: &ConnState,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let protocol = if req.method() == Method::CONNECT {
         Protocol::Connect
     } else {

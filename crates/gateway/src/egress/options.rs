@@ -157,6 +157,8 @@ pub struct EgressOptions {
     pub guard: Arc<crate::guard::Guard>,
     /// How destination names are resolved. Default: [`SystemResolver`].
     pub resolver: Arc<dyn Resolve>,
+    /// Receives one entry per HTTP request and CONNECT. Default: none.
+    pub access_log: Option<Arc<dyn crate::access::AccessLog>>,
 }
 
 impl EgressOptions {
@@ -177,6 +179,7 @@ impl EgressOptions {
             keep_alive: KeepAlive::default(),
             guard: Arc::new(crate::guard::Guard::default()),
             resolver: Arc::new(SystemResolver),
+            access_log: None,
         }
     }
 }

@@ -197,6 +197,8 @@ pub struct IngressOptions {
     /// [`Offense::Malformed`](crate::guard::Offense::Malformed).
     /// Default: everyone.
     pub guard: Arc<crate::guard::Guard>,
+    /// Receives one entry per request. Default: none.
+    pub access_log: Option<Arc<dyn crate::access::AccessLog>>,
 }
 
 impl IngressOptions {
@@ -218,6 +220,7 @@ impl IngressOptions {
             keep_alive: KeepAlive::default(),
             forwarding: Forwarding::default(),
             guard: Arc::new(crate::guard::Guard::default()),
+            access_log: None,
         }
     }
 

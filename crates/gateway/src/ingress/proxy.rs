@@ -81,6 +81,47 @@ pub(crate) async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let Some(log) = conn.ctx.opts.access_log.clone() else {
+        return handle_inner(conn, req).await;
+    };
+    let h = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut e = crate::access::AccessEntry {
+        peer: conn.peer.ip(),
+        user: None,
+        time: std::time::SystemTime::now(),
+        method: req.method().as_str().to_owned(),
+        target: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().to_string(), |p| p.as_str().to_owned()),
+        version: crate::access::version_name(req.version()),
+        status: 0,
+        bytes: 0,
+        referer: h(header::REFERER),
+        user_agent: h(header::USER_AGENT),
+    };
+    let resp = handle_inner(conn, req).await;
+    if let Ok(r) = &resp {
+        e.status = r.status().as_u16();
+        e.bytes = r
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        log.record(e);
+    }
+    resp
+}
+
+async fn handle_inner(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let _busy = conn.act.busy();
     let http2 = req.version() == Version::HTTP_2;
     // The client's rate limit, per request (keep-alive does not escape it).

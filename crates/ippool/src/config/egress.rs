@@ -256,6 +256,10 @@ pub struct EgressConfig {
     /// Most idle upstream connections per (source, destination) (default 8).
     #[serde(default = "d_ka_key")]
     pub keep_alive_max_idle_per_key: usize,
+    /// An access log, nginx `combined` format (relative to the config
+    /// file). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<PathBuf>,
 }
 
 fn d_listen() -> Spanned<SocketAddr> {
@@ -351,6 +355,8 @@ pub struct EgressSpec {
     pub keep_alive: gateway::egress::KeepAlive,
     /// The client rule set, if any.
     pub rules: Option<String>,
+    /// The access log file, resolved.
+    pub access_log: Option<PathBuf>,
 }
 
 impl EgressSpec {
@@ -710,6 +716,7 @@ pub(super) fn resolve_egress(
             max_idle_per_key: e.keep_alive_max_idle_per_key,
         },
         rules: e.rules.as_ref().map(|r| r.get_ref().clone()),
+        access_log: e.access_log.as_ref().map(|p| base.join(p)),
     })
 }
 

@@ -167,6 +167,10 @@ pub struct IngressConfig {
     /// The routes.
     #[serde(default)]
     pub routes: BTreeMap<PoolName, RouteConfig>,
+    /// An access log, nginx `combined` format (relative to the config
+    /// file). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<PathBuf>,
 }
 
 /// An ingress, resolved.
@@ -179,6 +183,8 @@ pub struct IngressSpec {
     pub routes: Vec<gateway::ingress::Route>,
     /// The client rule set, if any.
     pub rules: Option<String>,
+    /// The access log file, resolved.
+    pub access_log: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for IngressSpec {
@@ -319,5 +325,6 @@ pub(super) fn resolve(
         options,
         routes: all,
         rules: c.rules.as_ref().map(|r| r.get_ref().clone()),
+        access_log: c.access_log.as_ref().map(|p| base.join(p)),
     })
 }
