@@ -189,6 +189,16 @@ impl RouteSync {
         }
     }
 
+    /// The backend ids `service` has in the table.
+    fn placed_of(&self, service: &str) -> Vec<(String, String)> {
+        self.placed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn take(&self, service: &str) -> Vec<(String, String)> {
         self.placed
             .lock()
@@ -232,13 +242,7 @@ impl RouteSync {
                 service, deadline, ..
             } => {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
-                let placed = self
-                    .placed
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(service)
-                    .cloned()
-                    .unwrap_or_default();
+                let placed = self.placed_of(service);
                 for (_, id) in placed {
                     // Draining at once (no new requests); the registry's
                     // Deregistered, after its drain_timeout, removes it.
@@ -250,13 +254,7 @@ impl RouteSync {
             E::WeightChanged {
                 service, weight, ..
             } => {
-                let placed = self
-                    .placed
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(service)
-                    .cloned()
-                    .unwrap_or_default();
+                let placed = self.placed_of(service);
                 for (_, id) in placed {
                     let _ = self.table.set_weight(&id, (*weight).max(1));
                 }

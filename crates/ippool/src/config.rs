@@ -995,6 +995,46 @@ fn guard_options(
     Ok(out)
 }
 
+/// The servers of the `upstream` block `name` of the nginx config `conf`
+/// (read from `path`) that `keep` selects, as (address, weight); the
+/// message says which block or server line is wrong, and `instead` what
+/// to write in the config instead.
+fn nginx_upstream(
+    conf: &accesslog::NginxConfig,
+    path: &Path,
+    name: &str,
+    keep: impl Fn(&accesslog::UpstreamServer) -> bool,
+    instead: &str,
+) -> Result<Vec<(SocketAddr, u32)>, String> {
+    let Some(block) = conf.upstreams.iter().find(|u| u.name == name) else {
+        let known: Vec<&str> = conf.upstreams.iter().map(|u| u.name.as_str()).collect();
+        return Err(format!(
+            "{} has no upstream `{name}` (found: {})",
+            path.display(),
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        ));
+    };
+    block
+        .servers
+        .iter()
+        .filter(|s| keep(s))
+        .map(|s| {
+            s.socket_addr.map(|a| (a, s.weight)).ok_or_else(|| {
+                format!(
+                    "{} line {}: server `{}` is not an IP address; {instead}",
+                    path.display(),
+                    s.line,
+                    s.address
+                )
+            })
+        })
+        .collect()
+}
+
 fn check_token(token: &str) -> Result<Secret, String> {
     if token.is_empty() {
         return Err("the admin token is empty".into());

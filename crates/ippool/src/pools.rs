@@ -201,7 +201,7 @@ impl Pool {
     }
 
     fn publish(&self, ip: IpAddr, t: Transition, metrics: &Metrics) {
-        log_transition(&self.name, ip, &t);
+        log_transition(&self.name, "address", &ip.to_string(), &t);
         metrics.count_transition(&self.name, transition_kind(&t));
         publish_transition(&self.events, &self.name, &ip.to_string(), &t);
     }
@@ -291,43 +291,24 @@ pub fn publish_transition(events: &crate::events::Events, pool: &str, key: &str,
     events.publish(transition_kind(t), data);
 }
 
-/// Logs a transition of `key` (a backend) in pool `pool`.
-pub fn log_transition_key(pool: &str, key: &str, t: &Transition) {
+/// Logs a transition of `key` in pool `pool`; `what` names the key
+/// (`address`, `backend`).
+pub fn log_transition(pool: &str, what: &str, key: &str, t: &Transition) {
     match t {
         Transition::Benched { cause, cooldown } => tracing::info!(
             pool,
-            backend = key,
+            key,
             cause = ?cause,
             cooldown = %humantime::format_duration(*cooldown),
-            "backend benched"
+            "{what} benched"
         ),
         Transition::BenchSuppressed { cause } => tracing::warn!(
             pool,
-            backend = key,
+            key,
             cause = ?cause,
-            "backend not benched: max_benched_percent of the route is already out"
+            "{what} not benched: max_benched_percent of the pool is already out"
         ),
-        Transition::Restored => tracing::info!(pool, backend = key, "backend restored"),
-    }
-}
-
-/// Logs a transition of `ip` in pool `pool`.
-pub fn log_transition(pool: &str, ip: IpAddr, t: &Transition) {
-    match t {
-        Transition::Benched { cause, cooldown } => tracing::info!(
-            pool,
-            %ip,
-            cause = ?cause,
-            cooldown = %humantime::format_duration(*cooldown),
-            "address benched"
-        ),
-        Transition::BenchSuppressed { cause } => tracing::warn!(
-            pool,
-            %ip,
-            cause = ?cause,
-            "address not benched: max_benched_percent of the pool is already out"
-        ),
-        Transition::Restored => tracing::info!(pool, %ip, "address restored"),
+        Transition::Restored => tracing::info!(pool, key, "{what} restored"),
     }
 }
 

@@ -616,7 +616,7 @@ async fn start_ingress(
         let sink = move |route: &str, backend: &str, t: health::Transition| {
             let pool = format!("{name}/{route}");
             m.count_transition(&pool, crate::pools::transition_kind(&t));
-            crate::pools::log_transition_key(&pool, backend, &t);
+            crate::pools::log_transition(&pool, "backend", backend, &t);
             crate::pools::publish_transition(&ev, &pool, backend, &t);
         };
         let table = gi::RouteTable::new(gi::RouteTableOptions {

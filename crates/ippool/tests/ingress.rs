@@ -8,10 +8,9 @@ mod support;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Daemon, TempDir, http};
+use support::{Agent, Daemon, TempDir, http};
 
 /// An HTTP/1.1 backend (keep-alive) answering every request with `name`.
 fn backend(name: &'static str) -> SocketAddr {
@@ -48,33 +47,8 @@ fn backend(name: &'static str) -> SocketAddr {
     addr
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn agent(dir: &TempDir, channel: SocketAddr, id: &str, service: SocketAddr) -> Agent {
-    let child = Command::new(support::BIN)
-        .args([
-            "agent",
-            "--proxy",
-            &format!("ws://{channel}"),
-            "--id",
-            id,
-            "--key",
-        ])
-        .arg(dir.0.join(format!("keys/{id}.key")))
-        .args(["--service", &service.to_string(), "--route", "app.test/"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
-    Agent(child)
+    Agent::start(&dir.0, channel, id, &service.to_string(), "app.test/")
 }
 
 fn get(proxy: SocketAddr, host: &str) -> (u16, String) {
@@ -97,12 +71,7 @@ fn static_and_registered_backends_behind_the_ingress() {
     let dir = TempDir::new();
     std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
     for id in ["svc-b", "svc-c"] {
-        let out = Command::new(support::BIN)
-            .args(["keygen", "--id", id, "--dir"])
-            .arg(dir.0.join("keys"))
-            .output()
-            .expect("keygen");
-        assert!(out.status.success());
+        support::keygen(&dir.0.join("keys"), id);
     }
     let cfg = dir.write(
         "ippool.toml",
@@ -128,13 +97,7 @@ drain_timeout = "300ms"
         ),
     );
     let mut d = Daemon::start(&cfg, &[]);
-    let proxy = d
-        .startup
-        .iter()
-        .find_map(|l| l.split("reverse proxy listening on ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .expect("ingress address in the log");
+    let proxy = d.ingress("web");
     let channel = d.registry();
 
     assert_eq!(get(proxy, "static.test"), (200, "a".into()));
@@ -244,13 +207,7 @@ backends = ["{a}"]
         ),
     );
     let mut d = Daemon::start(&cfg, &[]);
-    let proxy = d
-        .startup
-        .iter()
-        .find_map(|l| l.split("reverse proxy listening on ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .expect("ingress address");
+    let proxy = d.ingress("web");
     assert_eq!(get(proxy, "x.test"), (200, "a".into()));
     assert_eq!(get(proxy, "x.test"), (200, "a".into()));
     let r = http(proxy, "GET", "/", &[("Host", "x.test")], "");
@@ -289,13 +246,7 @@ backends = ["{a}"]
         ),
     );
     let mut d = Daemon::start(&cfg, &[]);
-    let proxy = d
-        .startup
-        .iter()
-        .find_map(|l| l.split("reverse proxy listening on ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .expect("ingress address");
+    let proxy = d.ingress("web");
     let r = http(
         proxy,
         "GET",

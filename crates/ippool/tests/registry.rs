@@ -5,47 +5,15 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Daemon, TempDir, http};
+use support::{Agent, Daemon, TempDir, http};
 
 const TOKEN: &str = "registry-admin-token-0123456789";
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn agent(dir: &TempDir, channel: std::net::SocketAddr, id: &str, service: &str) -> Agent {
-    let child = Command::new(support::BIN)
-        .args([
-            "agent",
-            "--proxy",
-            &format!("ws://{channel}"),
-            "--id",
-            id,
-            "--key",
-        ])
-        .arg(dir.0.join(format!("keys/{id}.key")))
-        .args([
-            "--service",
-            service,
-            "--route",
-            "example.com/api",
-            "--weight",
-            "3",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
-    Agent(child)
+    Agent::start(&dir.0, channel, id, service, "example.com/api")
 }
 
 fn services(d: &Daemon) -> serde_json::Value {
@@ -70,16 +38,7 @@ fn agents_register_drain_die_and_get_revoked() {
     let dir = TempDir::new();
     std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
     for id in ["web001", "web002"] {
-        let out = Command::new(support::BIN)
-            .args(["keygen", "--id", id, "--dir"])
-            .arg(dir.0.join("keys"))
-            .output()
-            .expect("keygen");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        support::keygen(&dir.0.join("keys"), id);
     }
     let bad = Command::new(support::BIN)
         .args(["keygen", "--id", "../etc/passwd", "--dir"])
@@ -178,12 +137,7 @@ drain_timeout = "300ms"
     );
 
     // A key added while running is accepted after a reload.
-    let out = Command::new(support::BIN)
-        .args(["keygen", "--id", "web003", "--dir"])
-        .arg(dir.0.join("keys"))
-        .output()
-        .expect("keygen");
-    assert!(out.status.success());
+    support::keygen(&dir.0.join("keys"), "web003");
     let _late = agent(&dir, channel, "web003", "127.0.0.1:8083");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -210,12 +164,7 @@ fn failed_handshakes_ban_the_peer() {
     let dir = TempDir::new();
     std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
     for id in ["web001", "web002"] {
-        let out = Command::new(support::BIN)
-            .args(["keygen", "--id", id, "--dir"])
-            .arg(dir.0.join("keys"))
-            .output()
-            .expect("keygen");
-        assert!(out.status.success());
+        support::keygen(&dir.0.join("keys"), id);
     }
     // web001's id with web002's key: every handshake fails (4001).
     std::fs::copy(dir.0.join("keys/web002.key"), dir.0.join("keys/web001.key")).expect("copy");

@@ -146,39 +146,17 @@ pub(super) fn resolve(
                 let conf = accesslog::NginxConfig::from_file(&path)
                     .map_err(|e| err(p.span(), "nginx_conf", format!("{}: {e}", path.display())))?;
                 let wanted = b.get_ref();
-                let Some(block) = conf.upstreams.iter().find(|u| &u.name == wanted) else {
-                    let known: Vec<&str> = conf.upstreams.iter().map(|u| u.name.as_str()).collect();
-                    return Err(err(
-                        b.span(),
-                        "upstream",
-                        format!(
-                            "{} has no upstream `{wanted}` (found: {})",
-                            path.display(),
-                            if known.is_empty() {
-                                "none".into()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    ));
-                };
-                let mut ups = Vec::new();
-                for s in block.servers.iter().filter(|s| !s.down && !s.backup) {
-                    let Some(sa) = s.socket_addr else {
-                        return Err(err(
-                            b.span(),
-                            "upstream",
-                            format!(
-                                "{} line {}: server `{}` is not an IP address; list the \
-                                 upstreams in `upstreams` instead",
-                                path.display(),
-                                s.line,
-                                s.address
-                            ),
-                        ));
-                    };
-                    ups.push(gateway::l4::Upstream::new(sa).with_weight(s.weight));
-                }
+                let ups = super::nginx_upstream(
+                    &conf,
+                    &path,
+                    wanted,
+                    |s| !s.down && !s.backup,
+                    "list the upstreams in `upstreams` instead",
+                )
+                .map_err(|m| err(b.span(), "upstream", m))?
+                .into_iter()
+                .map(|(a, w)| gateway::l4::Upstream::new(a).with_weight(w))
+                .collect();
                 (ups, format!("upstream {wanted} of {}", path.display()))
             }
             (None, None, _) => {

@@ -571,37 +571,16 @@ pub(super) fn resolve(
                 return Err(err(up.span(), "upstream", "needs `nginx_conf`".into()));
             };
             let wanted = up.get_ref();
-            let Some(block) = conf.upstreams.iter().find(|u| &u.name == wanted) else {
-                let known: Vec<&str> = conf.upstreams.iter().map(|u| u.name.as_str()).collect();
-                return Err(err(
-                    up.span(),
-                    "upstream",
-                    format!(
-                        "{} has no upstream `{wanted}` (found: {})",
-                        path.display(),
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                ));
-            };
             let mut ips = Vec::new();
-            for s in &block.servers {
-                let Some(sa) = s.socket_addr else {
-                    return Err(err(
-                        up.span(),
-                        "upstream",
-                        format!(
-                            "{} line {}: server `{}` is not an IP address; list the pool in \
-                             `addresses` instead",
-                            path.display(),
-                            s.line,
-                            s.address
-                        ),
-                    ));
-                };
+            let servers = super::nginx_upstream(
+                conf,
+                path,
+                wanted,
+                |_| true,
+                "list the pool in `addresses` instead",
+            )
+            .map_err(|m| err(up.span(), "upstream", m))?;
+            for (sa, _) in servers {
                 if !ips.contains(&sa.ip()) {
                     ips.push(sa.ip());
                 }

@@ -114,37 +114,36 @@ impl Daemon {
         );
     }
 
-    /// The address `egress.<name>` listens on, from the start-up log.
-    pub fn egress(&self, name: &str) -> SocketAddr {
-        let needle = format!("egress.{name}: proxy (HTTP, CONNECT, SOCKS5) listening on ");
-        self.startup
-            .iter()
-            .find_map(|l| l.split(&needle).nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
-    }
-
-    /// The address `l4.<name>` listens on, from the start-up log.
-    pub fn l4(&self, name: &str) -> SocketAddr {
-        let needle = format!("l4.{name}: TCP balancer listening on ");
-        self.startup
-            .iter()
-            .find_map(|l| l.split(&needle).nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
-    }
-
-    /// The address of the registration channel, from the start-up log.
-    pub fn registry(&self) -> SocketAddr {
-        let needle = "registration channel listening on ws://";
+    /// The address logged after `needle` at start-up.
+    fn logged(&self, needle: &str) -> SocketAddr {
         self.startup
             .iter()
             .find_map(|l| l.split(needle).nth(1))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no `{needle}` in:\n{}", self.startup.join("\n")))
+    }
+
+    /// The address `egress.<name>` listens on.
+    pub fn egress(&self, name: &str) -> SocketAddr {
+        self.logged(&format!(
+            "egress.{name}: proxy (HTTP, CONNECT, SOCKS5) listening on "
+        ))
+    }
+
+    /// The address `l4.<name>` listens on.
+    pub fn l4(&self, name: &str) -> SocketAddr {
+        self.logged(&format!("l4.{name}: TCP balancer listening on "))
+    }
+
+    /// The address `ingress.<name>` listens on.
+    pub fn ingress(&self, name: &str) -> SocketAddr {
+        self.logged(&format!("ingress.{name}: reverse proxy listening on "))
+    }
+
+    /// The address of the registration channel.
+    pub fn registry(&self) -> SocketAddr {
+        self.logged("registration channel listening on ws://")
     }
 
     /// Log lines that arrived since start-up, waiting up to `wait` for one
@@ -176,6 +175,54 @@ impl Daemon {
             assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// `ippool keygen --id ID --dir DIR`, which must succeed.
+pub fn keygen(dir: &Path, id: &str) {
+    let out = Command::new(BIN)
+        .args(["keygen", "--id", id, "--dir"])
+        .arg(dir)
+        .output()
+        .expect("keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An `ippool agent` process, killed on drop.
+pub struct Agent(pub Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Agent {
+    /// Registers `service` for `route` (`HOST/PATH`) with the channel at
+    /// `channel`, as `id` with `keys/ID.key` under `dir`.
+    pub fn start(dir: &Path, channel: SocketAddr, id: &str, service: &str, route: &str) -> Agent {
+        let child = Command::new(BIN)
+            .args([
+                "agent",
+                "--proxy",
+                &format!("ws://{channel}"),
+                "--id",
+                id,
+                "--key",
+            ])
+            .arg(dir.join(format!("keys/{id}.key")))
+            .args(["--service", service, "--route", route, "--weight", "3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agent");
+        Agent(child)
     }
 }
 
