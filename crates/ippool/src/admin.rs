@@ -265,11 +265,7 @@ async fn check(
     Query(q): Query<CheckQuery>,
 ) -> Response {
     if state.rules.get(&set).is_none() {
-        let known: Vec<&str> = state.rules.names().collect();
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no rule set `{set}` (known: {})", known.join(", ")),
-        );
+        return unknown_set(&state, &set);
     }
     let Some(text) = q.ip else {
         return error(
@@ -300,8 +296,12 @@ async fn list_set(State(state): State<AdminState>, Path(set): Path<String>) -> R
 }
 
 fn unknown_set(state: &AdminState, set: &str) -> Response {
+    no_set(state, set).into_response()
+}
+
+fn no_set(state: &AdminState, set: &str) -> ApiError {
     let known: Vec<&str> = state.rules.names().collect();
-    error(
+    ApiError(
         StatusCode::NOT_FOUND,
         format!("no rule set `{set}` (known: {})", known.join(", ")),
     )
@@ -320,11 +320,7 @@ impl IntoResponse for ApiError {
 /// Parses the `{set}/{list}` of a rule route.
 fn set_and_list(state: &AdminState, set: &str, list: &str) -> Result<List, ApiError> {
     if state.rules.get(set).is_none() {
-        let known: Vec<&str> = state.rules.names().collect();
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no rule set `{set}` (known: {})", known.join(", ")),
-        ));
+        return Err(no_set(state, set));
     }
     List::parse(list).ok_or_else(|| {
         ApiError(
