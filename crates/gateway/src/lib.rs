@@ -23,3 +23,4 @@ pub mod egress;
 pub mod guard;
 pub mod ingress;
 pub mod l4;
+mod relay;

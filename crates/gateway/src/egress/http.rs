@@ -22,10 +22,11 @@ use super::auth::{self, AuthError, Identity};
 use super::body::{Exchange, ProxyBody, UpBody};
 use super::dial::{self, DialError};
 use super::metrics::{Protocol, RequestResult};
-use super::tunnel::{self, Activity, Metered, Side};
+use super::tunnel::{self, Touched};
 use super::upstream::{Conn, Key, KeyRef};
 use super::{Ctx, SessionFrom};
 use crate::guard::Offense;
+use crate::relay::Activity;
 
 /// The response header that tells the client the source address used.
 pub const SOURCE_HEADER: &str = "x-ippool-source";
@@ -175,16 +176,9 @@ fn error_response(r: &Reject) -> Response<ProxyBody> {
 
 /// Serves one client connection speaking HTTP/1.x.
 pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
-    let act = Activity::new();
+    let act = Arc::new(Activity::default());
     act.touch();
-    let io = Metered::new(
-        stream,
-        Side::Client,
-        act.clone(),
-        ctx.metrics.clone(),
-        Default::default(),
-    )
-    .uncounted();
+    let io = Touched::new(stream, act.clone());
     let state = Arc::new(ConnState {
         tunnel: Mutex::new(None),
         peer,
@@ -456,7 +450,15 @@ async fn connect(
     let (idle, metrics) = (ctx.opts.idle_timeout, ctx.metrics.clone());
     let run: Tunnel = Box::pin(async move {
         match hyper::upgrade::on(req).await {
-            Ok(up) => tunnel::run(TokioIo::new(up), stream, idle, metrics).await,
+            // The client connection is a plain socket under hyper: take it
+            // back (with what hyper read past the request) to splice it.
+            Ok(up) => match up.downcast::<TokioIo<Touched<TcpStream>>>() {
+                Ok(parts) => {
+                    let client = parts.io.into_inner().io;
+                    tunnel::run(client, parts.read_buf, stream, idle, metrics).await;
+                }
+                Err(_) => tracing::error!("CONNECT upgrade is not a TCP stream; tunnel closed"),
+            },
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     });

@@ -82,7 +82,14 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, mut stream: TcpStream, peer: SocketAddr
         return;
     }
     ctx.metrics.request(Protocol::Socks5, RequestResult::Ok);
-    tunnel::run(stream, upstream, ctx.opts.idle_timeout, ctx.metrics.clone()).await;
+    tunnel::run(
+        stream,
+        bytes::Bytes::new(),
+        upstream,
+        ctx.opts.idle_timeout,
+        ctx.metrics.clone(),
+    )
+    .await;
 }
 
 async fn reply(stream: &mut TcpStream, code: u8, bound: Option<SocketAddr>) -> std::io::Result<()> {

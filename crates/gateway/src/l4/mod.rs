@@ -70,7 +70,6 @@
 mod balancer;
 mod metrics;
 mod options;
-mod splice;
 
 use std::future::Future;
 use std::io;
@@ -89,9 +88,9 @@ pub use options::{
     L4Options, L4OptionsError, MAX_WEIGHT, Strategy, TransitionSink, UnknownStrategy, Upstream,
 };
 
+use crate::relay::{self, Activity, Meter, Side};
 use balancer::{Balancer, Pick, inc};
 use metrics::Refused;
-use splice::End;
 
 /// Why an L4 listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -396,15 +395,34 @@ async fn serve_conn(
     let _ = upstream.set_nodelay(true);
     ctx.metrics.forwarded(idx);
     let addr = ctx.balancer.ups[idx].addr;
-    match splice::splice(client, upstream, idx, ctx.opts.idle_timeout, &ctx.metrics).await {
-        End::Closed => tracing::trace!(%peer, upstream = %addr, "connection closed"),
-        End::Error(e) => {
-            tracing::debug!(%peer, upstream = %addr, error = %e, "connection ended with an error")
-        }
-        End::Idle => {
+    let act = Activity::default();
+    let meter = Counted {
+        metrics: &ctx.metrics,
+        idx,
+    };
+    tokio::select! {
+        r = relay::splice(&client, &upstream, &act, &meter) => match r {
+            Ok(()) => tracing::trace!(%peer, upstream = %addr, "connection closed"),
+            Err(e) => tracing::debug!(%peer, upstream = %addr, error = %e, "connection ended with an error"),
+        },
+        () = act.idle(ctx.opts.idle_timeout) => {
             tracing::debug!(%peer, upstream = %addr, idle = ?ctx.opts.idle_timeout, "connection idle; closed")
         }
     }
+}
+
+/// Counts a connection's bytes per upstream.
+struct Counted<'a> {
+    metrics: &'a L4Metrics,
+    idx: usize,
+}
+
+impl Meter for Counted<'_> {
+    fn moved(&self, from: Side, n: usize) {
+        self.metrics.bytes(self.idx, from == Side::Client, n);
+    }
+
+    fn ended(&self, _: Side) {}
 }
 
 #[cfg(test)]
