@@ -29,7 +29,9 @@
 //! [`upsert_backend`](RouteTable::upsert_backend),
 //! [`set_weight`](RouteTable::set_weight), [`drain`](RouteTable::drain)
 //! (no new requests, in-flight ones finish within a timeout, then
-//! removed) and [`remove`](RouteTable::remove). Static backends from the
+//! removed), [`hold`](RouteTable::hold) / [`undrain`](RouteTable::undrain)
+//! (an operator's drain: out of rotation but kept) and
+//! [`remove`](RouteTable::remove). Static backends from the
 //! config and registered ones live in the same table. Requests read a
 //! snapshot with one atomic load; writers never block them.
 //!

@@ -9,7 +9,7 @@
 //! [`BackendRt`]s shared by successive snapshots, so a change keeps it.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -552,6 +552,10 @@ struct BackendCfg {
     weight: u32,
     /// The drain generation, while draining.
     drain: Option<u64>,
+    /// Held out of rotation by an operator ([`RouteTable::hold`]): takes
+    /// nothing new and stays until [`RouteTable::undrain`]; an update of
+    /// the backend (a re-registration) keeps it held.
+    held: bool,
 }
 
 struct RouteCfg {
@@ -567,6 +571,9 @@ struct Config {
     /// Backend id → route name.
     owners: HashMap<String, String>,
     next_drain: u64,
+    /// Ids held out of rotation ([`RouteTable::hold`]); a backend added
+    /// with one of them starts held.
+    holds: HashSet<String>,
 }
 
 impl Config {
@@ -593,7 +600,7 @@ impl Config {
             let members: Box<[Member]> = rc
                 .backends
                 .iter()
-                .filter(|b| b.weight > 0 && b.drain.is_none())
+                .filter(|b| b.weight > 0 && b.drain.is_none() && !b.held)
                 .map(|b| Member {
                     rt: b.rt.clone(),
                     weight: b.weight,
@@ -967,6 +974,7 @@ impl RouteTable {
     }
 
     fn put_backend(cfg: &mut Config, route: &str, b: Backend) {
+        let held = cfg.holds.contains(&b.id);
         cfg.owners.insert(b.id.clone(), route.to_owned());
         let Some(rc) = cfg.routes.get_mut(route) else {
             return;
@@ -974,7 +982,7 @@ impl RouteTable {
         match rc.backends.iter_mut().find(|x| *x.rt.id == *b.id) {
             Some(x) if x.rt.addr == b.addr => {
                 x.weight = b.weight;
-                if x.drain.take().is_some() {
+                if x.drain.take().is_some() && !x.held {
                     x.rt.undrain();
                 }
             }
@@ -991,14 +999,22 @@ impl RouteTable {
                 old.kill();
                 x.weight = b.weight;
                 x.drain = None;
+                if x.held {
+                    x.rt.draining.store(true, Ordering::Release);
+                }
             }
             None => {
                 let id: Arc<str> = b.id.as_str().into();
                 rc.state.lock().insert(id.clone());
+                let rt = Arc::new(BackendRt::new(id, b.addr, rc.state.fast));
+                if held {
+                    rt.draining.store(true, Ordering::Release);
+                }
                 rc.backends.push(BackendCfg {
-                    rt: Arc::new(BackendRt::new(id, b.addr, rc.state.fast)),
+                    rt,
                     weight: b.weight,
                     drain: None,
+                    held,
                 });
             }
         }
@@ -1094,6 +1110,72 @@ impl RouteTable {
         })
     }
 
+    /// Holds a backend out of rotation, as an operator's drain (HAProxy's
+    /// `set server … state drain`): it takes no new requests, those in
+    /// flight finish, and it stays in the table (counters, health checks)
+    /// until [`undrain`](Self::undrain). The hold belongs to the id: a
+    /// backend that leaves and comes back under it (an agent restarting)
+    /// is still held. A [`drain`](Self::drain) in progress stops short of
+    /// removing it. Whether it was not already held.
+    pub fn hold(&self, id: &str) -> Result<bool, RouteError> {
+        let mut cfg = self.config();
+        cfg.backend_mut(id)?;
+        let changed = Self::hold_in(&mut cfg, id);
+        self.publish(&cfg);
+        Ok(changed)
+    }
+
+    /// Holds the id whether or not a backend has it now (restoring saved
+    /// holds at start, before agents register). Whether it was not already
+    /// held.
+    pub fn hold_id(&self, id: &str) -> bool {
+        let mut cfg = self.config();
+        let changed = Self::hold_in(&mut cfg, id);
+        self.publish(&cfg);
+        changed
+    }
+
+    fn hold_in(cfg: &mut Config, id: &str) -> bool {
+        let changed = cfg.holds.insert(id.to_owned());
+        if let Ok((rc, i)) = cfg.backend_mut(id) {
+            let b = &mut rc.backends[i];
+            b.held = true;
+            // A drain in progress sees another generation and leaves it be.
+            b.drain = None;
+            b.rt.draining.store(true, Ordering::Release);
+        }
+        changed
+    }
+
+    /// Puts a held or draining backend back in rotation; a drain in
+    /// progress is cancelled. Whether it was held or draining.
+    pub fn undrain(&self, id: &str) -> Result<bool, RouteError> {
+        let mut cfg = self.config();
+        let was_held = cfg.holds.remove(id);
+        let changed = match cfg.backend_mut(id) {
+            Ok((rc, i)) => {
+                let b = &mut rc.backends[i];
+                let changed = b.held || b.drain.is_some();
+                b.held = false;
+                b.drain = None;
+                b.rt.undrain();
+                changed
+            }
+            Err(_) if was_held => true,
+            Err(e) => return Err(e),
+        };
+        self.publish(&cfg);
+        Ok(changed)
+    }
+
+    /// The ids held by [`hold`](Self::hold) or [`hold_id`](Self::hold_id),
+    /// sorted; present or not.
+    pub fn holds(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.config().holds.iter().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     /// Closes every idle upstream connection.
     pub fn close_idle(&self) {
         for r in &self.compiled().routes {
@@ -1137,7 +1219,8 @@ impl RouteTable {
                                 .health_check
                                 .as_ref()
                                 .map(|_| rt.check_up.load(Ordering::Relaxed)),
-                            draining: b.drain.is_some(),
+                            draining: b.drain.is_some() || b.held,
+                            held: b.held,
                             in_flight: rt.in_flight(),
                             requests_total: get(&rt.stats.requests),
                             failures_total: get(&rt.stats.failures),
@@ -1240,8 +1323,11 @@ pub struct BackendSnapshot {
     pub state: State,
     /// What active checks say (`None`: the route has none).
     pub check_up: Option<bool>,
-    /// Draining (takes no new requests).
+    /// Draining (takes no new requests): being drained for removal, or
+    /// held.
     pub draining: bool,
+    /// Held out of rotation by an operator ([`RouteTable::hold`]).
+    pub held: bool,
     /// Requests (and tunnels) in flight.
     pub in_flight: u64,
     /// Requests sent to it.
@@ -1413,6 +1499,78 @@ mod tests {
         assert!(matches!(t.remove("a"), Err(RouteError::UnknownBackend(_))));
         t.remove_route("r").unwrap();
         assert!(t.find("r.test", "/").is_none());
+    }
+
+    #[test]
+    fn hold_takes_a_backend_out_until_undrained() {
+        let t = RouteTable::default();
+        t.upsert_route(
+            Route::new("r", RouteMatch::host("r.test"))
+                .with_backend(Backend::new("a", addr(1)))
+                .with_backend(Backend::new("b", addr(2))),
+        )
+        .unwrap();
+        let members = |t: &RouteTable| {
+            let r = t.find("r.test", "/").unwrap();
+            let mut ids: Vec<String> = r.members.iter().map(|m| m.rt.id.to_string()).collect();
+            ids.sort();
+            (ids, r.all.len())
+        };
+        assert!(t.hold("a").unwrap());
+        assert!(!t.hold("a").unwrap(), "a second hold changes nothing");
+        assert_eq!(members(&t), (vec!["b".to_owned()], 2));
+        let snap = t.snapshot();
+        let a = snap.backend("a").unwrap();
+        assert!(a.held && a.draining);
+        // A re-registration (same address) keeps it held.
+        t.upsert_backend("r", Backend::new("a", addr(1)).with_weight(5))
+            .unwrap();
+        assert_eq!(members(&t), (vec!["b".to_owned()], 2));
+        assert!(t.undrain("a").unwrap());
+        assert!(!t.undrain("a").unwrap(), "nothing to undrain");
+        assert_eq!(members(&t), (vec!["a".to_owned(), "b".to_owned()], 2));
+        assert!(!t.snapshot().backend("a").unwrap().draining);
+        assert!(matches!(t.hold("zz"), Err(RouteError::UnknownBackend(_))));
+        assert!(matches!(
+            t.undrain("zz"),
+            Err(RouteError::UnknownBackend(_))
+        ));
+        // The hold belongs to the id: gone and back, still held.
+        t.hold("a").unwrap();
+        t.remove("a").unwrap();
+        t.upsert_backend("r", Backend::new("a", addr(7))).unwrap();
+        assert_eq!(members(&t), (vec!["b".to_owned()], 2));
+        assert_eq!(t.holds(), ["a"]);
+        // Restored holds apply to backends that come later.
+        assert!(t.hold_id("later"));
+        assert!(!t.hold_id("later"));
+        t.upsert_backend("r", Backend::new("later", addr(8)))
+            .unwrap();
+        assert_eq!(members(&t), (vec!["b".to_owned()], 3));
+        assert!(t.undrain("later").unwrap());
+        t.remove("later").unwrap();
+        assert!(t.hold_id("gone"));
+        assert!(t.undrain("gone").unwrap(), "an absent held id is undrained");
+        assert_eq!(t.holds(), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn hold_stops_a_drain_short_of_removal() {
+        let t = RouteTable::default();
+        t.upsert_route(
+            Route::new("r", RouteMatch::host("r.test")).with_backend(Backend::new("a", addr(1))),
+        )
+        .unwrap();
+        let drain = t.drain("a", Duration::from_secs(5)).unwrap();
+        t.hold("a").unwrap();
+        assert_eq!(drain.await, DrainOutcome::Cancelled);
+        assert!(t.snapshot().backend("a").unwrap().held);
+        // And undrain cancels a drain in progress too.
+        t.undrain("a").unwrap();
+        let drain = t.drain("a", Duration::from_secs(5)).unwrap();
+        t.undrain("a").unwrap();
+        assert_eq!(drain.await, DrainOutcome::Cancelled);
+        assert_eq!(t.find("r.test", "/").unwrap().members.len(), 1);
     }
 
     #[test]
