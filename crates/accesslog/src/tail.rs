@@ -117,15 +117,15 @@ impl Source {
         }
     }
 
-    /// Reads to end of file, handing out complete lines. Returns whether any
-    /// byte was read.
+    /// Reads to end of file, handing out complete lines, until `f` refuses
+    /// one (that line stays unread: the next drain starts with it).
     fn drain(
         &mut self,
         buf: &mut [u8],
         max_line: usize,
         stats: &mut TailStats,
-        f: &mut dyn FnMut(&str),
-    ) -> io::Result<bool> {
+        f: &mut dyn FnMut(&str) -> bool,
+    ) -> io::Result<Drained> {
         // copytruncate: the file shrank under us; start over.
         if self.file.metadata()?.len() < self.read_pos {
             stats.truncations += 1;
@@ -140,7 +140,10 @@ impl Source {
                 Err(e) => return Err(e),
             };
             if n == 0 {
-                return Ok(any);
+                return Ok(Drained {
+                    any,
+                    stopped: false,
+                });
             }
             any = true;
             let chunk_start = self.read_pos;
@@ -151,11 +154,18 @@ impl Source {
                 let e = s + k;
                 let skipping = std::mem::take(&mut self.skipping);
                 if !skipping {
-                    if self.partial.is_empty() {
-                        emit(&chunk[s..e], f);
+                    let taken = if self.partial.is_empty() {
+                        emit(&chunk[s..e], f)
                     } else {
                         self.partial.extend_from_slice(&chunk[s..e]);
-                        emit(&self.partial, f);
+                        emit(&self.partial, f)
+                    };
+                    if !taken {
+                        // `pos` is the start of this line: read it again
+                        // next time.
+                        self.partial.clear();
+                        self.read_pos = self.pos;
+                        return Ok(Drained { any, stopped: true });
                     }
                     stats.lines += 1;
                 }
@@ -175,7 +185,16 @@ impl Source {
     }
 }
 
-fn emit(line: &[u8], f: &mut dyn FnMut(&str)) {
+/// What a [`Source::drain`] did.
+struct Drained {
+    /// Whether any byte was read.
+    any: bool,
+    /// Whether the callback refused a line (the file was not read to its
+    /// end).
+    stopped: bool,
+}
+
+fn emit(line: &[u8], f: &mut dyn FnMut(&str) -> bool) -> bool {
     match std::str::from_utf8(line) {
         Ok(s) => f(s),
         Err(_) => f(&String::from_utf8_lossy(line)),
@@ -198,6 +217,9 @@ fn emit(line: &[u8], f: &mut dyn FnMut(&str)) {
 ///   [`Tailer::open`] with it resumes right after the last line handed out.
 ///   If the file was rotated meanwhile, the rest of the old file is read from
 ///   `<path>.1` when that is the same inode, then the new file from its start.
+///   An offset for another file identity, or past the end of the file
+///   (truncated meanwhile), is not applied. To stop mid-backlog and still
+///   persist an exact offset, take lines with [`poll_while`](Self::poll_while).
 /// * A missing file is waited for; when it appears it is read from its start.
 /// * A partial last line is held until its newline arrives; lines longer
 ///   than 1 MiB are dropped and counted. Bytes that are not UTF-8 are
@@ -326,19 +348,39 @@ impl Tailer {
     /// Hands every complete line that is available now (without its `\n`) to
     /// `f`, in file order, and returns how many there were.
     pub fn poll_with(&mut self, mut f: impl FnMut(&str)) -> io::Result<usize> {
+        self.poll_while(|line| {
+            f(line);
+            true
+        })
+    }
+
+    /// Like [`poll_with`](Self::poll_with), but `f` may refuse a line by
+    /// returning `false`: the poll stops there and that line is not
+    /// consumed. The next poll hands it out again, and
+    /// [`offset`](Self::offset) stays right before it, so a caller can stop
+    /// mid-backlog (shutdown, a bound on the work per poll) and persist an
+    /// offset that covers exactly the lines it took. Returns how many lines
+    /// `f` took.
+    pub fn poll_while(&mut self, mut f: impl FnMut(&str) -> bool) -> io::Result<usize> {
         let before = self.stats.lines;
         let (buf, max_line, stats) = (&mut self.buf, self.max_line, &mut self.stats);
         // 1. The rotated-away file, while nginx may still write to it.
         if let Some((old, last_growth)) = &mut self.old {
-            if old.drain(buf, max_line, stats, &mut f)? {
+            let d = old.drain(buf, max_line, stats, &mut f)?;
+            if d.any {
                 *last_growth = Instant::now();
             } else if last_growth.elapsed() >= self.grace {
                 self.old = None;
             }
+            if d.stopped {
+                return Ok((self.stats.lines - before) as usize);
+            }
         }
         // 2. The current file, to its end.
-        if let Some(cur) = &mut self.current {
-            cur.drain(buf, max_line, stats, &mut f)?;
+        if let Some(cur) = &mut self.current
+            && cur.drain(buf, max_line, stats, &mut f)?.stopped
+        {
+            return Ok((self.stats.lines - before) as usize);
         }
         // 3. Has the path moved on to another file?
         match fs::metadata(&self.path) {

@@ -211,3 +211,99 @@ fn many_lines_across_buffer_boundaries() {
     );
     assert_eq!(got, lines);
 }
+
+#[test]
+fn poll_while_stops_before_a_refused_line() {
+    let dir = TempDir::new("poll-while");
+    let log = dir.join("a.log");
+    append(&log, "one\ntwo\nthree\nfour\nfive");
+    let mut t = Tailer::open(&log, Mode::Parse, None).unwrap();
+    let mut took = Vec::new();
+    let n = t
+        .poll_while(|l| {
+            if took.len() == 2 {
+                return false;
+            }
+            took.push(l.to_string());
+            true
+        })
+        .unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(took, ["one", "two"]);
+    // The offset covers exactly the lines taken.
+    assert_eq!(t.offset().unwrap().pos, 8);
+    // A restart from it hands out the refused line first ...
+    let saved = t.offset().unwrap();
+    let mut again = Tailer::open(&log, Mode::Serve, Some(saved)).unwrap();
+    assert_eq!(again.poll().unwrap(), ["three", "four"]);
+    // ... and so does the same tailer's next poll, partial line held.
+    assert_eq!(t.poll().unwrap(), ["three", "four"]);
+    append(&log, "\n");
+    assert_eq!(t.poll().unwrap(), ["five"]);
+    assert_eq!(t.stats().lines, 5);
+}
+
+#[test]
+fn poll_while_stops_in_a_rotated_file_without_losing_either() {
+    let dir = TempDir::new("poll-while-rotated");
+    let log = dir.join("a.log");
+    append(&log, "1\n");
+    let mut t = Tailer::open(&log, Mode::Parse, None).unwrap();
+    assert_eq!(t.poll().unwrap(), ["1"]);
+    append(&log, "2\n3\n");
+    fs::rename(&log, dir.join("a.log.1")).unwrap();
+    append(&log, "4\n");
+    // Rotation noticed: the old file's rest, then the new file.
+    let mut seen = Vec::new();
+    let mut budget = 1;
+    loop {
+        let n = t
+            .poll_while(|l| {
+                if budget == 0 {
+                    return false;
+                }
+                budget -= 1;
+                seen.push(l.to_string());
+                true
+            })
+            .unwrap();
+        if n == 0 && budget > 0 {
+            break;
+        }
+        budget = 1;
+    }
+    assert_eq!(seen, ["2", "3", "4"]);
+}
+
+#[test]
+fn a_saved_offset_that_does_not_fit_is_ignored() {
+    let dir = TempDir::new("foreign-offset");
+    let log = dir.join("a.log");
+    append(&log, "1\n2\n");
+    let meta = fs::metadata(&log).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    // Another file's identity (no `a.log.1` holds it): this file came
+    // after a rotation, so all of it is new, whatever the mode.
+    let foreign = Offset {
+        dev: meta.dev(),
+        inode: meta.ino() + 1_000_000,
+        pos: 2,
+    };
+    let mut t = Tailer::open(&log, Mode::Serve, Some(foreign)).unwrap();
+    assert_eq!(t.poll().unwrap(), ["1", "2"]);
+    // The same file, but the offset is past its end (truncated while
+    // stopped): read from its start.
+    let beyond = Offset {
+        dev: meta.dev(),
+        inode: meta.ino(),
+        pos: meta.len() + 100,
+    };
+    let mut t = Tailer::open(&log, Mode::Serve, Some(beyond)).unwrap();
+    assert_eq!(t.poll().unwrap(), ["1", "2"]);
+    // A rotated-away file whose identity matches but that is shorter than
+    // the offset is not resumed either.
+    fs::rename(&log, dir.join("a.log.1")).unwrap();
+    append(&log, "3\n");
+    let mut t = Tailer::open(&log, Mode::Serve, Some(beyond)).unwrap();
+    assert_eq!(t.poll().unwrap(), ["3"]);
+}

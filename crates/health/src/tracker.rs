@@ -392,6 +392,75 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
         true
     }
 
+    /// Puts `key` back out of service as it was before a restart: benched
+    /// at `since` for `cooldown`, its `strike`-th benching in a row (see
+    /// [`BenchRecord::strike`]), for `cause`. Once `since + cooldown` has
+    /// passed the key is on probation as usual, so a cooldown that ran out
+    /// while the process was down costs one probe, not another cooldown.
+    /// The next benching's cooldown continues from `cooldown` (× `backoff`,
+    /// at most `max_cooldown`, at least the configured `cooldown`).
+    ///
+    /// The key's failure run and window are cleared and permits taken
+    /// before are stale. This is a restoration, not a new benching: it is
+    /// not counted in [`Counters::benched`] and returns no
+    /// [`Transition`]; it is added to the key's bench history.
+    ///
+    /// Returns `Ok(false)`, changing nothing, when the key is available
+    /// and `max_benched_percent` of the pool is already out of service (a
+    /// key already out of service is re-benched whatever the cap). Errors
+    /// for an unknown key.
+    pub fn restore_bench(
+        &mut self,
+        key: &K,
+        since: Instant,
+        cooldown: Duration,
+        cause: BenchCause,
+        strike: u32,
+    ) -> Result<bool, UnknownKey> {
+        let idx = *self.index.get(key).ok_or(UnknownKey)?;
+        let cap = self.options.max_benched(self.entries.len());
+        let Tracker {
+            options,
+            entries,
+            out,
+            next_epoch,
+            ..
+        } = self;
+        let e = entries.get_mut(idx).ok_or(UnknownKey)?;
+        if e.phase == Phase::Available {
+            if *out >= cap {
+                return Ok(false);
+            }
+            *out += 1;
+        }
+        let cooldown = cooldown.min(crate::options::MAX_DURATION);
+        e.phase = Phase::Out { since, cooldown };
+        e.epoch = *next_epoch;
+        *next_epoch = next_epoch.wrapping_add(1);
+        e.strikes = strike.max(1);
+        // Never below the configured first cooldown (the saved one may be
+        // from another config, or cut short).
+        e.next_cooldown =
+            grow(cooldown, options.backoff, options.max_cooldown).max(options.cooldown);
+        e.consecutive = 0;
+        e.window.clear();
+        e.restored_at = None;
+        if Arc::strong_count(&e.probes) > 1 {
+            e.probes = Arc::new(AtomicU32::new(0));
+        }
+        e.benches.push(
+            options.max_bench_history,
+            BenchRecord {
+                at: since,
+                cooldown,
+                cause,
+                strike: e.strikes,
+                restored_at: None,
+            },
+        );
+        Ok(true)
+    }
+
     /// Whether the key is in the pool.
     pub fn contains(&self, key: &K) -> bool {
         self.index.contains_key(key)

@@ -420,3 +420,112 @@ fn configured_classifier_applies() {
         Ok(Some(Transition::Benched { .. }))
     ));
 }
+
+#[test]
+fn restored_bench_keeps_its_remaining_cooldown_then_probation() {
+    let t0 = Instant::now();
+    let mut t = pool(&["a", "b"], opts());
+    // Benched 4 minutes before the restart, for 10: 6 left.
+    let since = t0.checked_sub(4 * MIN).unwrap_or(t0);
+    let cause = BenchCause::ConsecutiveFailures(3);
+    assert_eq!(t.restore_bench(&"a", since, 10 * MIN, cause, 1), Ok(true));
+    assert_eq!(
+        t.state(&"a", t0),
+        Some(State::Benched {
+            since,
+            cooldown: 10 * MIN
+        })
+    );
+    assert!(matches!(
+        t.acquire(&"a", t0),
+        Err(Unavailable::Benched { .. })
+    ));
+    let stats = t.stats(t0);
+    assert_eq!((stats.benched, stats.available), (1, 1));
+    // A restoration is no new benching.
+    assert_eq!(stats.counters.benched, 0);
+    let history: Vec<_> = t.bench_history(&"a").expect("known").copied().collect();
+    assert_eq!(history.len(), 1);
+    assert_eq!((history[0].at, history[0].strike), (since, 1));
+
+    // The rest of the cooldown passes: probation, then restored as usual.
+    let later = since + 10 * MIN;
+    assert_eq!(t.state(&"a", later), Some(State::Probation));
+    let probe = t.acquire(&"a", later).expect("a probe");
+    assert!(probe.is_probe());
+    assert_eq!(
+        t.finish(probe, Outcome::Status(200), later),
+        Ok(Some(Transition::Restored))
+    );
+    assert!(t.is_available(&"a", later));
+}
+
+#[test]
+fn restored_bench_continues_the_backoff_and_respects_the_cap() {
+    let t0 = Instant::now();
+    let mut t = pool(&["a", "b", "c", "d"], opts());
+    // A second strike of 20 minutes: a probation failure gets 35 (the max).
+    assert_eq!(
+        t.restore_bench(&"a", t0, 20 * MIN, BenchCause::ProbationFailure, 2),
+        Ok(true)
+    );
+    let after = t0 + 20 * MIN;
+    assert_eq!(t.state(&"a", after), Some(State::Probation));
+    assert_eq!(
+        t.record(&"a", Outcome::Timeout, after),
+        Ok(Some(benched_for(35 * MIN, BenchCause::ProbationFailure)))
+    );
+
+    // An expired bench comes back on probation, not available.
+    let long_ago = t0.checked_sub(MIN).unwrap_or(t0);
+    assert_eq!(
+        t.restore_bench(
+            &"b",
+            long_ago,
+            Duration::from_secs(1),
+            BenchCause::ProbationFailure,
+            1
+        ),
+        Ok(true)
+    );
+    assert_eq!(t.state(&"b", after), Some(State::Probation));
+
+    // The cap: at most half of 4 out of service.
+    let mut capped = pool(
+        &["a", "b", "c", "d"],
+        HealthOptions {
+            max_benched_percent: 50,
+            ..opts()
+        },
+    );
+    let cause = BenchCause::ConsecutiveFailures(3);
+    assert_eq!(capped.restore_bench(&"a", t0, 10 * MIN, cause, 1), Ok(true));
+    assert_eq!(capped.restore_bench(&"b", t0, 10 * MIN, cause, 1), Ok(true));
+    assert_eq!(
+        capped.restore_bench(&"c", t0, 10 * MIN, cause, 1),
+        Ok(false)
+    );
+    assert!(capped.is_available(&"c", t0), "refused: unchanged");
+    // Re-restoring a key already out is no new one.
+    assert_eq!(capped.restore_bench(&"a", t0, 5 * MIN, cause, 1), Ok(true));
+    assert_eq!(capped.stats(t0).benched, 2);
+    assert_eq!(
+        capped.restore_bench(&"zz", t0, MIN, cause, 1),
+        Err(UnknownKey)
+    );
+}
+
+#[test]
+fn permits_taken_before_a_restored_bench_are_stale() {
+    let t0 = Instant::now();
+    let mut t = pool(&["a", "b"], opts());
+    let permit = t.acquire(&"a", t0).expect("available");
+    assert_eq!(
+        t.restore_bench(&"a", t0, MIN, BenchCause::ProbationFailure, 1),
+        Ok(true)
+    );
+    let later = t0 + 2 * MIN;
+    // The old permit's success does not restore the key.
+    assert_eq!(t.finish(permit, Outcome::Status(200), later), Ok(None));
+    assert_eq!(t.state(&"a", later), Some(State::Probation));
+}
