@@ -52,7 +52,7 @@ use std::sync::Arc;
 pub use embedded::Embedded;
 pub use error::StoreError;
 pub use memory::Memory;
-pub use records::{Ban, KeyRecord, LogOffset, RuntimeRule};
+pub use records::{Ban, HealthRecord, Hold, KeyRecord, LogOffset, RuntimeRule};
 
 /// The store's format version. A store written with a higher version is
 /// refused ([`StoreError::NewerFormat`]).
@@ -70,20 +70,23 @@ pub enum Table {
     Bans,
     /// Agent keys ([`KeyRecord`]).
     Keys,
-    /// Health and bench state per pool address or backend (opaque JSON).
+    /// Benched addresses per pool ([`HealthRecord`]).
     Health,
     /// Access-log offsets per monitor ([`LogOffset`]).
     Offsets,
+    /// Backends an operator held out of rotation ([`Hold`]).
+    Holds,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Rules,
         Table::Bans,
         Table::Keys,
         Table::Health,
         Table::Offsets,
+        Table::Holds,
     ];
 
     /// The table's name in the backend.
@@ -94,6 +97,7 @@ impl Table {
             Table::Keys => "keys",
             Table::Health => "health",
             Table::Offsets => "offsets",
+            Table::Holds => "holds",
         }
     }
 }
@@ -237,6 +241,45 @@ impl Store {
     /// Every agent key.
     pub fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.scan_json(Table::Keys)
+    }
+
+    /// Saves a held backend.
+    pub fn put_hold(&self, hold: &Hold) -> Result<(), StoreError> {
+        self.put_json(Table::Holds, &hold.key(), hold)
+    }
+
+    /// Removes a hold; whether there was one.
+    pub fn remove_hold(&self, hold: &Hold) -> Result<bool, StoreError> {
+        self.delete(Table::Holds, &hold.key())
+    }
+
+    /// Every held backend, sorted by (ingress, backend).
+    pub fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        self.scan_json(Table::Holds)
+    }
+
+    /// Saves a benched address (replacing the record of the same pool and
+    /// address).
+    pub fn put_bench(&self, record: &HealthRecord) -> Result<(), StoreError> {
+        self.put_json(Table::Health, &record.key(), record)
+    }
+
+    /// Removes the bench of `address` in `pool`; whether there was one.
+    pub fn remove_bench(&self, pool: &str, address: &str) -> Result<bool, StoreError> {
+        self.delete(Table::Health, &format!("{pool}/{address}"))
+    }
+
+    /// Every saved bench, sorted by (pool, address) as text (expired ones
+    /// included: the caller decides).
+    pub fn benches(&self) -> Result<Vec<HealthRecord>, StoreError> {
+        self.scan_json(Table::Health)
+    }
+
+    /// The saved benches of `pool`.
+    pub fn benches_of(&self, pool: &str) -> Result<Vec<HealthRecord>, StoreError> {
+        let mut all = self.benches()?;
+        all.retain(|r| r.pool == pool);
+        Ok(all)
     }
 
     /// Saves where a monitor is in its log.

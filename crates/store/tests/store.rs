@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use store::{Ban, Embedded, KeyRecord, LogOffset, RuntimeRule, Store, StoreError};
+use store::{Ban, Embedded, HealthRecord, KeyRecord, LogOffset, RuntimeRule, Store, StoreError};
 
 struct TempDir(PathBuf);
 
@@ -85,9 +85,55 @@ fn exercise(s: &Store) {
         monitor: "web".into(),
         file_id: "2049:1234".into(),
         offset: 4096,
+        path: Some("/var/log/nginx/access.log".into()),
     };
     s.put_offset(&o).unwrap();
     assert_eq!(s.offset("web").unwrap(), Some(o));
+
+    assert!(s.benches().unwrap().is_empty());
+    let bench = |pool: &str, address: &str, strike: u32| HealthRecord {
+        pool: pool.into(),
+        address: address.into(),
+        since_unix_ms: 1_800_000_000_000,
+        until_unix_ms: 1_800_000_600_000,
+        strike,
+        cause: "consecutive_failures:3".into(),
+    };
+    s.put_bench(&bench("web", "192.0.2.2", 1)).unwrap();
+    s.put_bench(&bench("web", "192.0.2.1", 1)).unwrap();
+    s.put_bench(&bench("api", "192.0.2.1", 1)).unwrap();
+    s.put_bench(&bench("web", "192.0.2.2", 2)).unwrap(); // replaces
+    assert_eq!(
+        s.benches().unwrap(),
+        vec![
+            bench("api", "192.0.2.1", 1),
+            bench("web", "192.0.2.1", 1),
+            bench("web", "192.0.2.2", 2)
+        ]
+    );
+    assert_eq!(s.benches_of("web").unwrap().len(), 2);
+    assert!(s.remove_bench("web", "192.0.2.1").unwrap());
+    assert!(!s.remove_bench("web", "192.0.2.1").unwrap());
+    assert_eq!(
+        s.benches_of("web").unwrap(),
+        vec![bench("web", "192.0.2.2", 2)]
+    );
+    assert_eq!(s.benches_of("api").unwrap().len(), 1, "pools apart");
+
+    let hold = |ingress: &str, backend: &str| store::Hold {
+        ingress: ingress.into(),
+        backend: backend.into(),
+    };
+    s.put_hold(&hold("web", "site-2")).unwrap();
+    s.put_hold(&hold("web", "site-1")).unwrap();
+    s.put_hold(&hold("web", "site-1")).unwrap(); // idempotent
+    s.put_hold(&hold("api", "site-1")).unwrap();
+    assert!(s.remove_hold(&hold("api", "site-1")).unwrap());
+    assert!(!s.remove_hold(&hold("api", "site-1")).unwrap());
+    assert_eq!(
+        s.holds().unwrap(),
+        vec![hold("web", "site-1"), hold("web", "site-2")]
+    );
 }
 
 #[test]
@@ -105,6 +151,8 @@ fn embedded_backend_survives_reopening() {
     assert_eq!(s.bans().unwrap()[0].times, 7);
     assert_eq!(s.keys().unwrap().len(), 1);
     assert_eq!(s.offset("web").unwrap().map(|o| o.offset), Some(4096));
+    assert_eq!(s.benches().unwrap().len(), 2);
+    assert_eq!(s.holds().unwrap().len(), 2);
 }
 
 #[test]
