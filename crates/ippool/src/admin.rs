@@ -13,12 +13,15 @@
 //! | `POST /api/rules/{set}/{list}` | add a runtime rule: `{"rule": "192.0.2.0/24", "ttl": "1h"}` (`ttl` optional); durable before the answer |
 //! | `DELETE /api/rules/{set}/{list}?rule=RULE` | remove a runtime rule (config rules: 409, edit the file) |
 //! | `GET /api/rules/{set}/export[?ports=80,443]` | the live set (runtime rules and bans included) as an nftables script |
-//! | `GET /api/events` | server-sent events: `benched`, `restored`, `bench_suppressed`, `banned`, `ban_lifted`, `rule_added`, `rule_removed` (JSON data; `lagged` when a slow reader missed some) |
-//! | `GET /api/routes` | every ingress route: matches, balance, and each backend's state, weight, draining, in-flight requests, latency |
+//! | `GET /api/events` | server-sent events: `benched`, `restored`, `bench_suppressed`, `banned`, `ban_lifted`, `rule_added`, `rule_removed`, `backend_drained`, `backend_undrained`, and the registry's (JSON data; `lagged` when a slow reader missed some) |
+//! | `GET /api/routes` | every ingress route: matches, balance, and each backend's state, weight, draining, held, in-flight requests, latency |
+//! | `POST /api/backends/{id}/drain[?ingress=NAME]` | hold a backend out of rotation: no new requests, those in flight finish; it stays listed, and held across restarts and re-registrations, until undrained (durable before the answer) |
+//! | `POST /api/backends/{id}/undrain[?ingress=NAME]` | put a held or draining backend back in rotation |
 //! | `GET /api/services` | backends registered over the registration channel, and the channel's counters |
-//! | `GET /api/keys` | the registry's keys: `id`, `role`, `allow` |
+//! | `GET /api/keys` | the registry's keys: `id`, `role`, `allow`, `public_key` |
+//! | `POST /api/keys` | add a key: `{"id": "web002", "public_key": "BASE64", "role": "agent", "allow": ["peer", "10.0.0.0/24"]}` (`role`, `allow` optional); written to `keys_dir` (fsynced) before the answer; 409 if the id has a key |
 //! | `DELETE /api/keys/{id}` | revoke a key: its connection closes (4003) and its services go at once |
-//! | `POST /api/reload` | re-read the config file (as SIGHUP): new rules now; `restart_required` lists what needs a restart; 400 with the reason for an invalid file |
+//! | `POST /api/reload` | re-read the config file (as SIGHUP): new config-file rules now; `[egress.*]`/`[ingress.*]` added, removed or changed are started and stopped (open connections drain), removed `[l4.*]` stopped; `started`, `stopped`, `restart_required` in the answer; 400 with the reason (invalid file, a pool or rule set not running, a port that cannot be bound) and nothing changed |
 //! | `GET /api/bans` | active bans of every set: `set`, `rule`, `remaining_seconds`, `times`, `offense` |
 //! | `DELETE /api/bans/{set}?rule=RULE` | lift a ban (durable; the client's ban count is kept for escalation) |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |
@@ -71,8 +74,45 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
     /// The registration channel, when `[registry]` is configured.
     pub registry: Option<registry::Registry>,
-    /// The route tables of the `[ingress.*]`, by name.
-    pub ingress: Vec<(String, gateway::ingress::RouteTable)>,
+    /// The route tables of the running `[ingress.*]` (a reload adds and
+    /// removes them).
+    pub ingress: IngressTables,
+}
+
+/// The route tables of the running `[ingress.*]`, by name: filled by the
+/// listeners as they start and stop, read by the admin API.
+#[derive(Clone, Debug, Default)]
+pub struct IngressTables(
+    Arc<std::sync::RwLock<std::collections::BTreeMap<String, gateway::ingress::RouteTable>>>,
+);
+
+impl IngressTables {
+    /// Every table, by name.
+    pub fn all(&self) -> Vec<(String, gateway::ingress::RouteTable)> {
+        let map = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter().map(|(n, t)| (n.clone(), t.clone())).collect()
+    }
+
+    /// Lists `table` as ingress `name` (replacing one of that name).
+    pub fn insert(&self, name: &str, table: gateway::ingress::RouteTable) {
+        let mut map = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(name.to_owned(), table);
+    }
+
+    /// Stops listing ingress `name`.
+    pub fn remove(&self, name: &str) {
+        let mut map = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.remove(name);
+    }
 }
 
 /// The admin API's routes.
@@ -90,7 +130,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/reload", post(reload))
         .route("/api/services", get(list_services))
         .route("/api/routes", get(list_routes))
-        .route("/api/keys", get(list_keys))
+        .route("/api/keys", get(list_keys).post(add_key))
+        .route("/api/backends/{id}/drain", post(drain_backend))
+        .route("/api/backends/{id}/undrain", post(undrain_backend))
         .route("/api/keys/{id}", axum::routing::delete(revoke_key))
         .route("/api/events", get(events))
         .route("/api/bans/{set}", axum::routing::delete(lift_ban))
@@ -579,7 +621,7 @@ async fn reload(State(state): State<AdminState>) -> Response {
 
 async fn list_routes(State(state): State<AdminState>) -> Response {
     let mut out = Vec::new();
-    for (name, table) in &state.ingress {
+    for (name, table) in &state.ingress.all() {
         let snap = table.snapshot();
         for r in &snap.routes {
             let backends: Vec<serde_json::Value> = r
@@ -593,6 +635,7 @@ async fn list_routes(State(state): State<AdminState>) -> Response {
                         "state": crate::pools::state_str(&b.state),
                         "check_up": b.check_up,
                         "draining": b.draining,
+                        "held": b.held,
                         "in_flight": b.in_flight,
                         "requests": b.requests_total,
                         "failures": b.failures_total,
@@ -635,11 +678,201 @@ async fn list_keys(State(state): State<AdminState>) -> Response {
             serde_json::json!({
                 "id": k.id.to_string(),
                 "role": k.role,
-                "allow": k.allow.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>(),
+                "allow": k.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "public_key": k.public_key_text(),
             })
         })
         .collect();
     Json(serde_json::json!({ "keys": keys })).into_response()
+}
+
+/// The body of `POST /api/keys`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddKeyBody {
+    id: String,
+    public_key: String,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+async fn add_key(State(state): State<AdminState>, body: Bytes) -> Response {
+    let Some(r) = state.registry.clone() else {
+        return no_registry();
+    };
+    let body: AddKeyBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")),
+    };
+    let id: registry::KeyId = match body.id.parse() {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("id: {e}")),
+    };
+    let public_key = match registry::KeyEntry::decode_public_key(&body.public_key) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("public_key: {e}")),
+    };
+    let role: registry::Role = match body.role.as_deref().unwrap_or("agent").parse() {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("role: {e}")),
+    };
+    let mut allow = Vec::with_capacity(body.allow.len());
+    for (i, a) in body.allow.iter().enumerate() {
+        match a.parse::<registry::Allow>() {
+            Ok(a) => allow.push(a),
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("allow[{i}]: `{a}`: {e}")),
+        }
+    }
+    if r.keys().iter().any(|k| k.id == id) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("`{id}` already has a key: revoke it first"),
+        );
+    }
+    let entry = registry::KeyEntry {
+        id: id.clone(),
+        public_key,
+        role,
+        allow,
+    };
+    let shown = serde_json::json!({
+        "id": id.to_string(),
+        "role": entry.role,
+        "allow": entry.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "public_key": entry.public_key_text(),
+    });
+    match tokio::task::spawn_blocking(move || r.add_key(entry)).await {
+        Ok(Ok(())) => {
+            tracing::info!(%id, "key added");
+            Json(shown).into_response()
+        }
+        Ok(Err(e @ registry::KeyError::Exists { .. })) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The query of the backend routes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendQuery {
+    ingress: Option<String>,
+}
+
+/// The route table holding backend `id` (narrowed to `ingress` if given).
+fn backend_table(
+    state: &AdminState,
+    id: &str,
+    ingress: Option<&str>,
+) -> Result<(String, gateway::ingress::RouteTable), (StatusCode, String)> {
+    let tables = state.ingress.all();
+    if tables.is_empty() {
+        return Err((StatusCode::NOT_FOUND, "no [ingress] is configured".into()));
+    }
+    if let Some(n) = ingress
+        && !tables.iter().any(|(name, _)| name == n)
+    {
+        return Err((StatusCode::NOT_FOUND, format!("no ingress `{n}`")));
+    }
+    let found: Vec<_> = tables
+        .iter()
+        .filter(|(name, _)| ingress.is_none_or(|n| n == name))
+        .filter(|(_, t)| t.snapshot().backend(id).is_some())
+        .collect();
+    match found.as_slice() {
+        [] => Err((StatusCode::NOT_FOUND, format!("no backend `{id}`"))),
+        [(name, t)] => Ok((name.clone(), t.clone())),
+        _ => Err((
+            StatusCode::CONFLICT,
+            format!(
+                "backend `{id}` is in several ingresses ({}): add ?ingress=NAME",
+                found
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+async fn drain_backend(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(q): Query<BackendQuery>,
+) -> Response {
+    set_held(&state, &id, q.ingress.as_deref(), true).await
+}
+
+async fn undrain_backend(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(q): Query<BackendQuery>,
+) -> Response {
+    set_held(&state, &id, q.ingress.as_deref(), false).await
+}
+
+/// Holds (or undrains) a backend: durable first, then live, so a hold
+/// survives a restart and a failed write changes nothing.
+async fn set_held(state: &AdminState, id: &str, ingress: Option<&str>, hold: bool) -> Response {
+    let (name, table) = match backend_table(state, id, ingress) {
+        Ok(t) => t,
+        Err((status, message)) => return error(status, message),
+    };
+    let name = name.as_str();
+    let record = store::Hold {
+        ingress: name.to_owned(),
+        backend: id.to_owned(),
+    };
+    let saved = if hold {
+        persist(&state.store, move |s| s.put_hold(&record)).await
+    } else {
+        persist(&state.store, move |s| s.remove_hold(&record).map(drop)).await
+    };
+    if let Err(r) = saved {
+        return r;
+    }
+    let changed = if hold {
+        table.hold(id)
+    } else {
+        table.undrain(id)
+    };
+    match changed {
+        Ok(changed) => {
+            let what = if hold { "drained" } else { "undrained" };
+            tracing::info!(
+                ingress = name,
+                backend = id,
+                changed,
+                "backend {what} by the admin API"
+            );
+            if changed {
+                state.events.publish(
+                    if hold {
+                        "backend_drained"
+                    } else {
+                        "backend_undrained"
+                    },
+                    serde_json::json!({ "ingress": name, "backend": id }),
+                );
+            }
+            let in_flight = table.snapshot().backend(id).map_or(0, |b| b.in_flight);
+            Json(serde_json::json!({
+                "ingress": name,
+                "backend": id,
+                "held": hold,
+                "changed": changed,
+                "in_flight": in_flight,
+            }))
+            .into_response()
+        }
+        // Removed between the lookup and the change.
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+    }
 }
 
 async fn revoke_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {

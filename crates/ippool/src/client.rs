@@ -1,5 +1,5 @@
 //! The command-line clients of the admin API (`ippool rules list|add|remove`,
-//! `ippool bans`, `ippool pool`): one HTTP/1.1 request over a plain TCP
+//! `ippool bans`, `ippool pool`, `ippool keys`, `ippool backends`): one HTTP/1.1 request over a plain TCP
 //! connection (the admin API listens on loopback by default; put TLS in
 //! front of it with a reverse proxy when it does not), a human table by
 //! default and the API's JSON with `--json`.
@@ -65,13 +65,16 @@ pub enum ClientError {
     /// Not an HTTP response or not JSON.
     #[error("unexpected answer from the admin API: {0}")]
     Protocol(String),
+    /// A bad argument found before calling (an unreadable or invalid file).
+    #[error("{0}")]
+    Input(String),
 }
 
 impl ClientError {
     /// 1 for API refusals and transport failures, 2 for bad arguments.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Url(_) => 2,
+            ClientError::Url(_) | ClientError::Input(_) => 2,
             ClientError::Api { status: 400, .. } => 2,
             _ => 1,
         }

@@ -6,6 +6,7 @@
 mod accessfile;
 mod admin;
 mod agentcmd;
+mod apicmd;
 mod backends;
 mod client;
 mod config;
@@ -117,6 +118,14 @@ enum Command {
     /// Pools and their addresses' health (a client of the running daemon).
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Keys of the registration channel: list, add, revoke (a client of
+    /// the running daemon).
+    #[command(subcommand)]
+    Keys(apicmd::KeysCommand),
+    /// Ingress backends: list, drain, undrain (a client of the running
+    /// daemon).
+    #[command(subcommand)]
+    Backends(apicmd::BackendsCommand),
     /// Write a key pair for a backend agent (or an admin) of the
     /// registration channel.
     #[command(
@@ -476,6 +485,8 @@ fn main() -> ExitCode {
             );
             Ok((v, text))
         }),
+        Command::Keys(c) => api_cmd(c.api(), |_| c.run()),
+        Command::Backends(c) => api_cmd(c.api(), |_| c.run()),
         Command::Logscan(args) => logscan_cmd(args),
         Command::Keygen(a) => agentcmd::keygen(&a),
         Command::Agent(a) => agentcmd::agent(&a),

@@ -248,19 +248,35 @@ impl Metrics {
         lock(&self.egress.pools).push((name.to_owned(), pool));
     }
 
-    /// Exports the counters of egress listener `name` from now on.
+    /// Exports the counters of egress listener `name` from now on, in
+    /// place of those of an earlier listener of that name (replaced at
+    /// reload).
     pub fn add_egress_listener(&self, name: &str, m: Arc<gateway::egress::EgressMetrics>) {
-        lock(&self.egress.listeners).push((name.to_owned(), m));
+        put(&self.egress.listeners, name, m);
     }
 
-    /// Exports the counters of reverse proxy `name` from now on.
+    /// Exports the counters of reverse proxy `name` from now on, in place
+    /// of those of an earlier one of that name (replaced at reload).
     pub fn add_ingress(&self, name: &str, m: Arc<gateway::ingress::IngressMetrics>) {
-        lock(&self.egress.ingresses).push((name.to_owned(), m));
+        put(&self.egress.ingresses, name, m);
     }
 
-    /// Exports the counters of TCP balancer `name` from now on.
+    /// Exports the counters of TCP balancer `name` from now on, in place
+    /// of those of an earlier one of that name.
     pub fn add_l4(&self, name: &str, m: Arc<gateway::l4::L4Metrics>) {
-        lock(&self.egress.balancers).push((name.to_owned(), m));
+        put(&self.egress.balancers, name, m);
+    }
+
+    /// Stops exporting the counters of listener `name` of `kind`
+    /// (`"egress"`, `"l4"` or `"ingress"`; removed at reload). The series
+    /// of pools (`ippool_pool_*`) are not touched.
+    pub fn remove_listener(&self, kind: &str, name: &str) {
+        match kind {
+            "egress" => lock(&self.egress.listeners).retain(|(n, _)| n != name),
+            "l4" => lock(&self.egress.balancers).retain(|(n, _)| n != name),
+            "ingress" => lock(&self.egress.ingresses).retain(|(n, _)| n != name),
+            _ => {}
+        }
     }
 
     /// The text exposition of every metric.
@@ -273,6 +289,13 @@ impl Metrics {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Puts `(name, m)` in `list`, replacing an entry of that name.
+fn put<T>(list: &Mutex<Vec<(String, T)>>, name: &str, m: T) {
+    let mut list = lock(list);
+    list.retain(|(n, _)| n != name);
+    list.push((name.to_owned(), m));
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

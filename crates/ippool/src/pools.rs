@@ -13,13 +13,27 @@
 //! (`POST /api/pools/{pool}/addresses/{ip}/outcome`) and the
 //! `ippool_pool_*` metrics the same way. The registry is built once and
 //! then only read, so lookups take no lock; each tracker has its own.
+//!
+//! # Benches survive a restart
+//!
+//! An nginx pool's benches are kept in the state store
+//! ([`store::HealthRecord`]): [`Pool::restore_benches`] re-applies the
+//! saved ones at start (with the cooldown they have left: one that ran
+//! out while the daemon was down leaves the address on probation) and
+//! from then on every benching and restoration of the pool is queued, in
+//! the order the tracker made it, on the pool's [`BenchJournal`]; the
+//! pool's monitor task writes the queue to the store off the async
+//! workers ([`BenchJournal::save`]). A change is on disk milliseconds
+//! after it happened; a `kill -9` in between loses at most those last
+//! changes. Egress pools' benches are not persisted yet (their tracker
+//! lives in `addrpool` and their transitions do not pass through here).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use health::{Observation, Tracker, Transition};
+use health::{BenchCause, Observation, Tracker, Transition};
 use serde::Serialize;
 
 use crate::metrics::Metrics;
@@ -35,6 +49,166 @@ pub struct Pool {
     events: crate::events::Events,
     backend: Backend,
     reports: Mutex<HashMap<IpAddr, VecDeque<Report>>>,
+    /// Bench changes to persist, once [`Pool::restore_benches`] ran.
+    journal: OnceLock<Arc<BenchJournal>>,
+}
+
+/// One change of a pool's benched addresses, to persist.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BenchChange {
+    /// `ip` was benched (or benched again from probation).
+    Benched {
+        /// The address.
+        ip: IpAddr,
+        /// Since when.
+        since: Instant,
+        /// For how long.
+        cooldown: Duration,
+        /// Why.
+        cause: BenchCause,
+        /// Its strike (1 for a first benching, see
+        /// [`health::BenchRecord::strike`]).
+        strike: u32,
+    },
+    /// A successful probe restored `ip`.
+    Restored {
+        /// The address.
+        ip: IpAddr,
+    },
+}
+
+/// The bench changes of one pool waiting to be written to the store, in
+/// the order the tracker made them (they are queued under the tracker's
+/// lock). Filled by [`Pool::record`]; emptied by one saver
+/// ([`BenchJournal::save`], the pool's monitor task).
+#[derive(Debug, Default)]
+pub struct BenchJournal {
+    queue: Mutex<Vec<BenchChange>>,
+    notify: tokio::sync::Notify,
+}
+
+impl BenchJournal {
+    fn push(&self, change: BenchChange) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(change);
+        self.notify.notify_one();
+    }
+
+    /// Takes the queued changes, oldest first.
+    pub fn take(&self) -> Vec<BenchChange> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Resolves when changes were queued since the last call (at once if
+    /// some were queued while nobody waited).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Writes the queued changes of `pool` to `store`, in order; returns
+    /// how many were written. Blocks on disk I/O (an fsync per change):
+    /// call it from a blocking thread. A change the store refuses is
+    /// logged as an error and dropped (the address keeps its state in
+    /// memory; only a restart would forget it).
+    pub fn save(&self, pool: &str, store: &store::Store) -> usize {
+        let changes = self.take();
+        if changes.is_empty() {
+            return 0;
+        }
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut written = 0;
+        for change in changes {
+            let (ip, result) = match &change {
+                BenchChange::Benched {
+                    ip,
+                    since,
+                    cooldown,
+                    cause,
+                    strike,
+                } => {
+                    let since_unix_ms = unix_ms_at(*since, now, wall);
+                    let until = since_unix_ms
+                        .saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
+                    let record = store::HealthRecord {
+                        pool: pool.to_owned(),
+                        address: ip.to_string(),
+                        since_unix_ms,
+                        until_unix_ms: until,
+                        strike: *strike,
+                        cause: cause_text(cause),
+                    };
+                    (ip, store.put_bench(&record))
+                }
+                BenchChange::Restored { ip } => {
+                    (ip, store.remove_bench(pool, &ip.to_string()).map(|_| ()))
+                }
+            };
+            match result {
+                Ok(()) => written += 1,
+                Err(e) => tracing::error!(
+                    pool,
+                    %ip,
+                    error = %e,
+                    "bench change not saved: a restart would not know it"
+                ),
+            }
+        }
+        written
+    }
+}
+
+/// Unix milliseconds of `at` (past or future), given a matching (`now`,
+/// `wall`).
+fn unix_ms_at(at: Instant, now: Instant, wall: SystemTime) -> u64 {
+    let t = if at <= now {
+        wall.checked_sub(now - at)
+    } else {
+        wall.checked_add(at - now)
+    };
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A [`BenchCause`] as [`store::HealthRecord::cause`] text.
+pub fn cause_text(cause: &BenchCause) -> String {
+    match cause {
+        BenchCause::ConsecutiveFailures(n) => format!("consecutive_failures:{n}"),
+        BenchCause::FailureRatio { failures, requests } => {
+            format!("failure_ratio:{failures}/{requests}")
+        }
+        BenchCause::ProbationFailure => "probation_failure".into(),
+    }
+}
+
+/// The [`BenchCause`] of [`store::HealthRecord::cause`] text.
+pub fn parse_cause(text: &str) -> Option<BenchCause> {
+    match text.split_once(':') {
+        None if text == "probation_failure" => Some(BenchCause::ProbationFailure),
+        Some(("consecutive_failures", n)) => n.parse().ok().map(BenchCause::ConsecutiveFailures),
+        Some(("failure_ratio", ratio)) => {
+            let (f, r) = ratio.split_once('/')?;
+            Some(BenchCause::FailureRatio {
+                failures: f.parse().ok()?,
+                requests: r.parse().ok()?,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// What [`Pool::restore_benches`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Addresses benched again, with the cooldown they had left.
+    pub benched: usize,
+    /// Addresses whose cooldown ran out while the daemon was down: on
+    /// probation (the next success restores them).
+    pub probation: usize,
+    /// Saved benches dropped (the address left the pool, or
+    /// `max_benched_percent` is reached); each is logged.
+    pub dropped: usize,
 }
 
 /// Where a pool's health lives.
@@ -127,6 +301,10 @@ impl Pool {
                 let t = tracker
                     .record(&ip, observation, now)
                     .map_err(|_| unknown())?;
+                if let (Some(t), Some(journal)) = (&t, self.journal.get()) {
+                    // Under the tracker's lock: queued in the order made.
+                    Self::journal_change(journal, &tracker, ip, t, now);
+                }
                 drop(tracker);
                 if let Some(t) = t {
                     self.publish(ip, t, metrics);
@@ -138,6 +316,139 @@ impl Pool {
                 pool: self.name.clone(),
             }),
         }
+    }
+
+    /// Queues the bench change a transition of `ip` made, if any.
+    fn journal_change(
+        journal: &BenchJournal,
+        tracker: &Tracker<IpAddr>,
+        ip: IpAddr,
+        t: &Transition,
+        now: Instant,
+    ) {
+        match t {
+            Transition::Benched { cause, .. } => {
+                let Some(health::State::Benched { since, cooldown }) = tracker.state(&ip, now)
+                else {
+                    return;
+                };
+                let strike = tracker
+                    .bench_history(&ip)
+                    .and_then(|h| h.last().map(|b| b.strike))
+                    .unwrap_or(1);
+                journal.push(BenchChange::Benched {
+                    ip,
+                    since,
+                    cooldown,
+                    cause: *cause,
+                    strike,
+                });
+            }
+            Transition::Restored => journal.push(BenchChange::Restored { ip }),
+            Transition::BenchSuppressed { .. } => {}
+        }
+    }
+
+    /// Re-applies the benches of this pool saved in `store` and, from now
+    /// on, queues every benching and restoration on the returned journal,
+    /// for the pool's saver to write ([`BenchJournal::save`]). `None` for a
+    /// pool whose tracker the registry does not own (egress pools,
+    /// balancers): nothing is restored or persisted for those.
+    ///
+    /// A saved bench keeps the cooldown it had left at (`now`, `wall`);
+    /// one that ran out meanwhile leaves the address on probation. A
+    /// discovering pool takes the address back in; a bench of an address
+    /// that left a fixed pool, or one over `max_benched_percent`, is
+    /// dropped from the store with a log line. Errors when the store
+    /// cannot be read or holds an unreadable record of this pool: nothing
+    /// is reset silently. Blocks on the store (start-up only).
+    pub fn restore_benches(
+        &self,
+        store: &store::Store,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Option<(Arc<BenchJournal>, Restored)>, store::StoreError> {
+        let Backend::Tracked { discover, tracker } = &self.backend else {
+            return Ok(None);
+        };
+        let saved = store.benches_of(&self.name)?;
+        let mut done = Restored::default();
+        let drop_record = |r: &store::HealthRecord, why: &str| {
+            tracing::warn!(
+                pool = %self.name,
+                address = %r.address,
+                "saved bench dropped: {why}"
+            );
+            store.remove_bench(&r.pool, &r.address).map(|_| ())
+        };
+        let mut t = Self::lock(tracker);
+        // 1. Read every record and take the addresses in (the cap on
+        // benched addresses depends on the pool's size).
+        let mut usable = Vec::new();
+        for r in &saved {
+            let bad = |reason: String| store::StoreError::Decode {
+                table: store::Table::Health.name(),
+                key: r.key(),
+                reason,
+            };
+            let ip: IpAddr = r
+                .address
+                .parse()
+                .map_err(|e| bad(format!("address {:?}: {e}", r.address)))?;
+            let cause =
+                parse_cause(&r.cause).ok_or_else(|| bad(format!("unknown cause {:?}", r.cause)))?;
+            if !t.contains(&ip) {
+                if *discover {
+                    t.insert(ip);
+                } else {
+                    drop_record(r, "the address is no longer in the pool")?;
+                    done.dropped += 1;
+                    continue;
+                }
+            }
+            usable.push((r, ip, cause));
+        }
+        // 2. Bench them again, those still in their cooldown first.
+        let now_ms = unix_ms_at(now, now, wall);
+        usable.sort_by_key(|(r, _, _)| r.until_unix_ms <= now_ms);
+        for (r, ip, cause) in usable {
+            let since_wall = SystemTime::UNIX_EPOCH + Duration::from_millis(r.since_unix_ms);
+            let cooldown = Duration::from_millis(r.cooldown_ms());
+            // A bench saved in the future (the clock went back) starts now.
+            let elapsed = wall.duration_since(since_wall).unwrap_or(Duration::ZERO);
+            let (since, cooldown) = match now.checked_sub(elapsed) {
+                Some(since) => (since, cooldown),
+                // Older than this host's monotonic clock: keep what is left.
+                None => (now, cooldown.saturating_sub(elapsed)),
+            };
+            let applied = t
+                .restore_bench(&ip, since, cooldown, cause, r.strike)
+                .unwrap_or(false);
+            if !applied {
+                drop_record(
+                    r,
+                    "max_benched_percent of the pool is already out of service",
+                )?;
+                done.dropped += 1;
+                continue;
+            }
+            match t.state(&ip, now) {
+                Some(health::State::Benched { .. }) => done.benched += 1,
+                _ => done.probation += 1,
+            }
+        }
+        let journal = Arc::clone(self.journal.get_or_init(Arc::default));
+        drop(t);
+        if !saved.is_empty() {
+            tracing::info!(
+                pool = %self.name,
+                benched = done.benched,
+                probation = done.probation,
+                dropped = done.dropped,
+                "saved benches restored"
+            );
+        }
+        Ok(Some((journal, done)))
     }
 
     /// Whether `ip` is in the pool (for an egress pool: held, or retired
@@ -608,6 +919,7 @@ impl Pools {
             events: self.events.clone(),
             backend,
             reports: Mutex::new(HashMap::new()),
+            journal: OnceLock::new(),
         });
         self.pools.insert(name.to_owned(), Arc::clone(&pool));
         Ok(pool)
@@ -722,6 +1034,146 @@ mod tests {
             text.contains("ippool_pool_transitions_total{pool=\"fixed\",kind=\"benched\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn benches_are_journaled_saved_and_restored_with_their_remaining_cooldown() {
+        let metrics = Metrics::new(&crate::rules::RuleSets::default());
+        let store = store::Store::memory();
+        let ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"];
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+
+        let mut pools = Pools::default();
+        let p = pools
+            .register("web", "nginx", tracker(&ips), false)
+            .unwrap();
+        let (journal, r) = p.restore_benches(&store, now, wall).unwrap().unwrap();
+        assert_eq!(r, Restored::default());
+        for _ in 0..3 {
+            p.record(ip, health::Outcome::Status(429), now, &metrics)
+                .unwrap();
+        }
+        assert_eq!(journal.save("web", &store), 1);
+        assert_eq!(journal.save("web", &store), 0, "taken once");
+        let saved = store.benches().unwrap();
+        assert_eq!(saved.len(), 1);
+        assert_eq!(
+            (saved[0].address.as_str(), saved[0].cause.as_str()),
+            ("10.0.0.1", "consecutive_failures:3")
+        );
+        assert_eq!((saved[0].cooldown_ms(), saved[0].strike), (600_000, 1));
+
+        // A restart 100 s later: 500 s left, not a fresh 600.
+        let (later, wall2) = (
+            now + Duration::from_secs(100),
+            wall + Duration::from_secs(100),
+        );
+        let mut pools = Pools::default();
+        let p = pools
+            .register("web", "nginx", tracker(&ips), false)
+            .unwrap();
+        let (journal, r) = p.restore_benches(&store, later, wall2).unwrap().unwrap();
+        assert_eq!((r.benched, r.probation, r.dropped), (1, 0, 0));
+        let view = p.probe(later, 0, Some(ip));
+        let left = view.addresses[0].remaining_seconds.unwrap();
+        assert!((499.9..=500.1).contains(&left), "{left}");
+        assert_eq!(view.benched, 1);
+        assert_eq!(
+            journal.save("web", &store),
+            0,
+            "a restoration is not rewritten"
+        );
+
+        // The cooldown ends: probation, a success restores it and the
+        // record goes.
+        let after = later + Duration::from_secs(501);
+        assert_eq!(p.state(ip, after), Some(health::State::Probation));
+        let t = p
+            .record(ip, health::Outcome::Status(200), after, &metrics)
+            .unwrap();
+        assert_eq!(t, Some(Transition::Restored));
+        assert_eq!(journal.save("web", &store), 1);
+        assert!(store.benches().unwrap().is_empty());
+    }
+
+    #[test]
+    fn saved_benches_that_no_longer_fit_are_dropped_or_refused() {
+        let store = store::Store::memory();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let since = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let record = |pool: &str, address: &str, cause: &str| store::HealthRecord {
+            pool: pool.into(),
+            address: address.into(),
+            since_unix_ms: since - 1_000,
+            until_unix_ms: since + 60_000,
+            strike: 1,
+            cause: cause.into(),
+        };
+        store
+            .put_bench(&record("fixed", "10.0.0.9", "probation_failure"))
+            .unwrap();
+        store
+            .put_bench(&record("open", "10.0.0.9", "failure_ratio:5/10"))
+            .unwrap();
+        // An expired one: probation.
+        let mut old = record("open", "10.0.0.8", "probation_failure");
+        old.until_unix_ms = since - 500;
+        store.put_bench(&old).unwrap();
+
+        let mut pools = Pools::default();
+        let fixed = pools
+            .register("fixed", "nginx", tracker(&["10.0.0.1", "10.0.0.2"]), false)
+            .unwrap();
+        let everyone = Tracker::new(health::HealthOptions {
+            max_benched_percent: 100,
+            ..health::HealthOptions::default()
+        })
+        .unwrap();
+        let open = pools.register("open", "nginx", everyone, true).unwrap();
+        // Out of a fixed pool: dropped from the store.
+        let (_, r) = fixed.restore_benches(&store, now, wall).unwrap().unwrap();
+        assert_eq!((r.benched, r.dropped), (0, 1));
+        assert!(store.benches_of("fixed").unwrap().is_empty());
+        // A discovering pool takes the addresses back.
+        let (_, r) = open.restore_benches(&store, now, wall).unwrap().unwrap();
+        assert_eq!((r.benched, r.probation), (1, 1));
+        assert!(open.contains("10.0.0.9".parse().unwrap()));
+        assert_eq!(
+            open.state("10.0.0.8".parse().unwrap(), now),
+            Some(health::State::Probation)
+        );
+
+        // An unreadable record stops the restore with its key.
+        store
+            .put_bench(&record("bad", "10.0.0.1", "because"))
+            .unwrap();
+        let bad = pools
+            .register("bad", "nginx", tracker(&["10.0.0.1"]), false)
+            .unwrap();
+        let e = bad.restore_benches(&store, now, wall).unwrap_err();
+        assert!(e.to_string().contains("bad/10.0.0.1"), "{e}");
+        assert!(e.to_string().contains("because"), "{e}");
+    }
+
+    #[test]
+    fn bench_causes_round_trip_as_text() {
+        for c in [
+            BenchCause::ConsecutiveFailures(3),
+            BenchCause::FailureRatio {
+                failures: 5,
+                requests: 10,
+            },
+            BenchCause::ProbationFailure,
+        ] {
+            assert_eq!(parse_cause(&cause_text(&c)), Some(c));
+        }
+        for bad in ["", "consecutive_failures", "failure_ratio:5", "x:1"] {
+            assert_eq!(parse_cause(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,91 +1,302 @@
 //! Hot reload (SIGHUP, `POST /api/reload`): the config file is read and
 //! validated again; an invalid file is refused with the reason and the
-//! running config stays. Rule sets take their new config-file rules at once
-//! (runtime rules and bans kept, one pointer swap for readers). Changes to
-//! sections that own sockets or pools (listeners, pools, monitors, the
-//! registry, a set's auto-blocking or rate limit) are reported as needing a
-//! restart: they are not applied half-way. The registry's key store is
-//! read again (added `.pub` files accepted, removed ones refused and their
-//! connections closed).
+//! running config stays.
+//!
+//! # One path
+//!
+//! Both triggers end in [`Applier::apply`], run by the serve loop (which
+//! owns the listeners), one reload at a time: SIGHUP is handled there, and
+//! [`Reloader::reload`] (the admin API's side) sends a request to the loop
+//! and waits for its [`Report`].
+//!
+//! # What is applied live
+//!
+//! - Rule sets take their new config-file rules at once (runtime rules and
+//!   bans kept, one pointer swap for readers).
+//! - The registry's key store is read again (added `.pub` files accepted,
+//!   removed ones refused and their connections closed).
+//! - Listeners, compared section by section with what runs:
+//!   - `[egress.<name>]` and `[ingress.<name>]` added: bound and served.
+//!   - `[egress.*]`, `[ingress.*]` and `[l4.*]` removed: the listener stops
+//!     accepting at once (its port refuses connections) and its open
+//!     connections, requests and tunnels finish, up to the listener's
+//!     `drain_timeout` (or until `shutdown_timeout` if the daemon stops
+//!     meanwhile). Its `ippool_egress_*`, `ippool_ingress_*` or
+//!     `ippool_l4_*` series go; a removed l4's entry in `/probe` and
+//!     `ippool_pool_*` stays until a restart (the pool registry is fixed
+//!     at start).
+//!   - `[egress.*]` changed (the section, or the users its `users_file`
+//!     holds): replaced. The new listener is bound first, then served,
+//!     then the old one is stopped as above; open connections stay on the
+//!     old one with the old settings. The new one starts with fresh
+//!     counters and its own rate-limit state.
+//!   - `[ingress.*]` changed outside `routes`: replaced the same way, on
+//!     the same route table (registered backends, backend health, the
+//!     `/api/routes` view and the registry keep working).
+//!
+//!   A replaced listener is listed in both `started` and `stopped`.
+//!
+//! # What needs a restart (listed in `restart_required`, not applied)
+//!
+//! - `[pools.*]`, `[monitor.*]`, `[registry]`, `[admin]`, `state_dir`,
+//!   `shutdown_timeout`, rule sets added or removed and a set's `default`,
+//!   `autoblock`, `rate_limit` or `kernel_filter`: they own state or
+//!   sockets that other parts hold.
+//! - `[l4.*]` added or changed: each balancer is also a pool of the
+//!   registry behind `/probe` and `ippool_pool_*`, which is fixed at start.
+//! - `[ingress.*]` whose `routes` changed (routes are not reconciled into
+//!   the live table), or whose routes have a `health_check` (the gateway
+//!   lets only the listener that started first run a table's active
+//!   checks, so a replacement would run none).
+//!
+//! Sections are compared with what the daemon runs, so a change still
+//! waiting for a restart is listed again by every reload.
+//!
+//! An `[ingress.*]` added at reload serves its routes and is listed by
+//! `/api/routes` (and its backends can be drained); one removed leaves
+//! that list. Registered backends keep joining the ingress the registry
+//! chose at start (`registry.ingress`, or the first).
+//!
+//! # Refused reloads
+//!
+//! A reload is refused, with nothing changed, when the file is invalid,
+//! when a listener to start names a pool (`egress.<name>.pool`) or a rule
+//! set (`rules`) the daemon does not run (those need a restart first), or
+//! when a listener cannot be bound (the error names `<kind>.<name>.listen`
+//! and the address): every new socket is bound before anything is
+//! applied, and dropped again on failure.
+//!
+//! # Same address: `SO_REUSEPORT`
+//!
+//! Every listener socket is bound with `SO_REUSEPORT` (see
+//! [`crate::serve`]), so the replacement of a listener on the same address
+//! is bound while the old one still accepts: no moment without a listening
+//! socket, and a replacement that cannot start leaves the old one running.
+//! The cost: a connection the kernel queued on the old socket but that the
+//! old listener did not accept before it closed is reset (Linux ≥ 5.14
+//! moves them to the new socket with `net.ipv4.tcp_migrate_req = 1`).
+//! Outside a replacement, a plain bind is tried first, so a port another
+//! process holds (even with `SO_REUSEPORT`) is refused, not shared.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
 use crate::rules::RuleSets;
+use crate::serve::{Kind, Listeners, Prepared};
 
 /// What a reload did.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Report {
     /// Rule sets whose config-file rules were replaced.
     pub reloaded: Vec<String>,
     /// Sections that changed but take effect only after a restart.
     pub restart_required: Vec<String>,
+    /// Listeners started (`kind.name`, e.g. `ingress.web`): added, or
+    /// replacing a changed one.
+    pub started: Vec<String>,
+    /// Listeners stopped (removed, or replaced); their open connections
+    /// drain.
+    pub stopped: Vec<String>,
     /// Keys in the registry's key store after the reload (no registry:
     /// absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys: Option<usize>,
 }
 
-/// Re-reads the config file on demand.
+type Reply = oneshot::Sender<Result<Report, String>>;
+
+/// Asks the serve loop to reload (the admin API's handle), and shows the
+/// config last loaded.
 #[derive(Debug)]
 pub struct Reloader {
-    path: PathBuf,
-    rules: Arc<RuleSets>,
-    store: store::Store,
-    registry: Option<registry::Registry>,
-    current: Mutex<(Config, Arc<str>)>,
+    requests: mpsc::Sender<Reply>,
+    json: Arc<Mutex<Arc<str>>>,
 }
 
 impl Reloader {
-    /// A reloader of the config at `path`, now running `config`.
+    /// A reloader of the config at `path`, now running `config`, and the
+    /// serve loop's side of it.
     pub fn new(
         path: PathBuf,
-        config: Config,
+        config: &Config,
         rules: Arc<RuleSets>,
         store: store::Store,
         registry: Option<registry::Registry>,
-    ) -> Reloader {
-        let json: Arc<str> = Arc::from(serde_json::to_string(&config).unwrap_or_default());
-        Reloader {
+    ) -> (Reloader, Applier) {
+        let json = Arc::new(Mutex::new(render(config)));
+        let (tx, rx) = mpsc::channel(4);
+        let applier = Applier {
             path,
             rules,
             store,
             registry,
-            current: Mutex::new((config, json)),
-        }
-    }
-
-    /// The running config as JSON (for `/config`).
-    pub fn config_json(&self) -> Arc<str> {
-        Arc::clone(
-            &self
-                .current
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .1,
-        )
-    }
-
-    /// Reloads; blocking (file and store reads): call off the async workers.
-    pub fn reload(&self) -> Result<Report, String> {
-        let loaded = config::load(&self.path, config::Scope::Full).map_err(|e| e.to_string())?;
-        let runtime = self.store.rules().map_err(|e| e.to_string())?;
-        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let old = serde_json::to_value(&cur.0).map_err(|e| e.to_string())?;
-        let new = serde_json::to_value(&loaded.config).map_err(|e| e.to_string())?;
-        let mut report = Report {
-            reloaded: Vec::new(),
-            restart_required: Vec::new(),
-            keys: None,
+            booted: serde_json::to_value(config).unwrap_or_default(),
+            json: Arc::clone(&json),
+            requests: rx,
         };
-        if let Some(r) = &self.registry {
-            r.reload_keys()
-                .map_err(|e| format!("registry.keys_dir: {e}"))?;
-            report.keys = Some(r.keys().len());
+        (Reloader { requests: tx, json }, applier)
+    }
+
+    /// The config last loaded, as JSON (for `/config`).
+    pub fn config_json(&self) -> Arc<str> {
+        Arc::clone(&self.json.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Reloads, exactly as SIGHUP does, and waits for the outcome.
+    /// Blocking: call off the async workers (`spawn_blocking`).
+    pub fn reload(&self) -> Result<Report, String> {
+        let stopping = || "the daemon is stopping".to_owned();
+        let (tx, rx) = oneshot::channel();
+        self.requests.blocking_send(tx).map_err(|_| stopping())?;
+        rx.blocking_recv().map_err(|_| stopping())?
+    }
+}
+
+fn render(config: &Config) -> Arc<str> {
+    Arc::from(serde_json::to_string(config).unwrap_or_default())
+}
+
+/// The serve loop's side of reloading: applies a reload to the running
+/// daemon.
+#[derive(Debug)]
+pub struct Applier {
+    path: PathBuf,
+    rules: Arc<RuleSets>,
+    store: store::Store,
+    registry: Option<registry::Registry>,
+    /// The config the daemon started with, as JSON: what sections that
+    /// need a restart are compared with.
+    booted: serde_json::Value,
+    json: Arc<Mutex<Arc<str>>>,
+    requests: mpsc::Receiver<Reply>,
+}
+
+/// A listener a reload starts.
+struct Start {
+    key: String,
+    spec: StartSpec,
+    section: serde_json::Value,
+    /// Bind without the busy-port probe (the address is that of a
+    /// listener this reload stops or replaces).
+    reuse: bool,
+}
+
+enum StartSpec {
+    Egress(crate::config::EgressSpec),
+    Ingress(
+        crate::config::IngressSpec,
+        Option<gateway::ingress::RouteTable>,
+    ),
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("reload failed: {e}"))?
+}
+
+impl Applier {
+    /// The next reload asked for through a [`Reloader`], with where to
+    /// send its outcome (`None` once every reloader is gone).
+    pub async fn next(&mut self) -> Option<oneshot::Sender<Result<Report, String>>> {
+        self.requests.recv().await
+    }
+
+    /// Reloads the config file into the running daemon (see the module
+    /// docs) and logs the outcome. On error nothing was changed.
+    pub async fn apply(&mut self, listeners: &mut Listeners) -> Result<Report, String> {
+        let r = self.try_apply(listeners).await;
+        match &r {
+            Ok(report) => tracing::info!(
+                reloaded = ?report.reloaded,
+                restart_required = ?report.restart_required,
+                started = ?report.started,
+                stopped = ?report.stopped,
+                "config reloaded"
+            ),
+            Err(e) => tracing::warn!("reload refused, the running config stays: {e}"),
         }
+        r
+    }
+
+    async fn try_apply(&mut self, listeners: &mut Listeners) -> Result<Report, String> {
+        let (path, store) = (self.path.clone(), self.store.clone());
+        let (mut loaded, runtime) = blocking(move || {
+            let loaded = config::load(&path, config::Scope::Full).map_err(|e| e.to_string())?;
+            let runtime = store.rules().map_err(|e| e.to_string())?;
+            Ok((loaded, runtime))
+        })
+        .await?;
+        let new = serde_json::to_value(&loaded.config).map_err(|e| e.to_string())?;
+        let mut report = Report::default();
+        let sets = self.restart_required(&new, &mut report.restart_required);
+
+        // Listeners: plan, then bind every new socket; nothing changes
+        // before all are bound.
+        let (starts, stops) = plan(listeners, &mut loaded, &new, &mut report.restart_required)?;
+        let mut prepared: Vec<Prepared> = Vec::with_capacity(starts.len());
+        for s in starts {
+            let env = listeners.env();
+            let mut p = match s.spec {
+                StartSpec::Egress(spec) => env.prepare_egress(&spec, !s.reuse).await,
+                StartSpec::Ingress(spec, table) => env.prepare_ingress(spec, table, !s.reuse).await,
+            }
+            .map_err(|e| e.to_string())?;
+            debug_assert_eq!(p.key(), s.key);
+            p.section = s.section;
+            prepared.push(p);
+        }
+        if let Some(r) = self.registry.clone() {
+            let n = blocking(move || {
+                r.reload_keys()
+                    .map_err(|e| format!("registry.keys_dir: {e}"))?;
+                Ok(r.keys().len())
+            })
+            .await?;
+            report.keys = Some(n);
+        }
+
+        // Apply: the rules, then the listeners. Neither can fail now.
+        let (rules, base) = (Arc::clone(&self.rules), loaded.rules);
+        report.reloaded = blocking(move || {
+            Ok(sets
+                .into_iter()
+                .filter(|n| {
+                    base.get(n)
+                        .map(|p| p.read(Clone::clone))
+                        .is_some_and(|b| rules.reload_base(n, b, &runtime))
+                })
+                .collect())
+        })
+        .await?;
+        let (started, stopped) = listeners.commit(prepared, stops);
+        report.started = started;
+        report.stopped = stopped;
+        for v in [
+            &mut report.restart_required,
+            &mut report.started,
+            &mut report.stopped,
+        ] {
+            v.sort();
+            v.dedup();
+        }
+        *self.json.lock().unwrap_or_else(PoisonError::into_inner) = render(&loaded.config);
+        Ok(report)
+    }
+
+    /// Lists in `out` the changes (from the config the daemon started
+    /// with) of sections applied only at a restart; returns the rule sets
+    /// whose config-file rules are to be reloaded.
+    fn restart_required(&self, new: &serde_json::Value, out: &mut Vec<String>) -> Vec<String> {
+        let old = &self.booted;
         let empty = serde_json::Map::new();
         let obj = |v: &serde_json::Value, k: &str| {
             v.get(k)
@@ -93,60 +304,153 @@ impl Reloader {
                 .cloned()
                 .unwrap_or_else(|| empty.clone())
         };
-        // Every top-level section but rules: compared per entry.
-        let mut keys: Vec<String> = old
+        let keys: BTreeSet<&String> = old
             .as_object()
             .into_iter()
             .chain(new.as_object())
-            .flat_map(|m| m.keys().cloned())
+            .flat_map(|m| m.keys())
             .collect();
-        keys.sort();
-        keys.dedup();
-        for k in keys.iter().filter(|k| *k != "rules") {
+        // Listener sections are planned apart; rules below.
+        for k in keys
+            .into_iter()
+            .filter(|k| !matches!(k.as_str(), "rules" | "egress" | "l4" | "ingress"))
+        {
             if old.get(k) == new.get(k) {
                 continue;
             }
-            match (old.get(k), new.get(k)) {
-                (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b)))
-                    if matches!(k.as_str(), "pools" | "egress" | "l4" | "monitor") =>
-                {
-                    let mut names: Vec<&String> = a.keys().chain(b.keys()).collect();
-                    names.sort();
-                    names.dedup();
-                    for n in names {
-                        if a.get(n) != b.get(n) {
-                            report.restart_required.push(format!("{k}.{n}"));
-                        }
-                    }
-                }
-                _ => report.restart_required.push(k.clone()),
+            if matches!(k.as_str(), "pools" | "monitor") {
+                let (a, b) = (obj(old, k), obj(new, k));
+                let names: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                out.extend(
+                    names
+                        .into_iter()
+                        .filter(|n| a.get(*n) != b.get(*n))
+                        .map(|n| format!("{k}.{n}")),
+                );
+            } else {
+                out.push(k.clone());
             }
         }
         // Rules: new base rules now; structure changes need a restart.
-        let (old_rules, new_rules) = (obj(&old, "rules"), obj(&new, "rules"));
-        let mut names: Vec<&String> = old_rules.keys().chain(new_rules.keys()).collect();
-        names.sort();
-        names.dedup();
+        let (old_rules, new_rules) = (obj(old, "rules"), obj(new, "rules"));
+        let names: BTreeSet<&String> = old_rules.keys().chain(new_rules.keys()).collect();
+        let mut sets = Vec::new();
         for n in names {
             match (old_rules.get(n), new_rules.get(n)) {
                 (Some(a), Some(b)) => {
                     for part in ["default", "autoblock", "rate_limit", "kernel_filter"] {
                         if a.get(part) != b.get(part) {
-                            report.restart_required.push(format!("rules.{n}.{part}"));
+                            out.push(format!("rules.{n}.{part}"));
                         }
                     }
-                    let base = loaded.rules.get(n).map(|p| p.read(Clone::clone));
-                    if let Some(base) = base
-                        && self.rules.reload_base(n, base, &runtime)
-                    {
-                        report.reloaded.push(n.clone());
-                    }
+                    sets.push(n.clone());
                 }
-                _ => report.restart_required.push(format!("rules.{n}")),
+                _ => out.push(format!("rules.{n}")),
             }
         }
-        let json: Arc<str> = Arc::from(serde_json::to_string(&loaded.config).unwrap_or_default());
-        *cur = (loaded.config, json);
-        Ok(report)
+        sets
     }
+}
+
+/// Compares the listener sections of the new file with the running
+/// listeners: what to start (added or changed), what to stop (removed);
+/// adds what cannot be applied live to `restart`. Refuses (with the
+/// reason) a listener that would need a pool or rule set the daemon does
+/// not run.
+fn plan(
+    listeners: &Listeners,
+    loaded: &mut config::Loaded,
+    new: &serde_json::Value,
+    restart: &mut Vec<String>,
+) -> Result<(Vec<Start>, Vec<String>), String> {
+    let running = listeners.running();
+    let env = listeners.env();
+    let section = |kind: Kind, name: &str| -> Option<serde_json::Value> {
+        new.get(kind.as_str()).and_then(|m| m.get(name)).cloned()
+    };
+    let check_rules = |key: &str, set: Option<&str>| match set {
+        Some(set) if !env.has_rule_set(set) => Err(format!(
+            "{key}.rules = \"{set}\": the rule set does not run yet (a new rule set needs a restart)"
+        )),
+        _ => Ok(()),
+    };
+    let mut starts = Vec::new();
+    let mut listen = Vec::new();
+    for spec in std::mem::take(&mut loaded.egress) {
+        let key = format!("egress.{}", spec.name);
+        let sec = section(Kind::Egress, &spec.name).unwrap_or_default();
+        if let Some(r) = running.get(&key)
+            && r.section == sec
+            && r.users == spec.users
+        {
+            continue;
+        }
+        if !env.has_pool(&spec.pool) {
+            return Err(format!(
+                "{key}.pool = \"{}\": no such pool runs (a new pool needs a restart)",
+                spec.pool
+            ));
+        }
+        check_rules(&key, spec.rules.as_deref())?;
+        listen.push(spec.listen);
+        starts.push(Start {
+            key,
+            spec: StartSpec::Egress(spec),
+            section: sec,
+            reuse: false,
+        });
+    }
+    for spec in std::mem::take(&mut loaded.ingress) {
+        let key = format!("ingress.{}", spec.name);
+        let sec = section(Kind::Ingress, &spec.name).unwrap_or_default();
+        let table = match running.get(&key) {
+            None => None,
+            Some(r) if r.section == sec => continue,
+            Some(r) => {
+                let checks = r
+                    .section
+                    .get("routes")
+                    .and_then(|v| v.as_object())
+                    .is_some_and(|m| m.values().any(|r| r.get("health_check").is_some()));
+                if r.section.get("routes") != sec.get("routes") || checks {
+                    restart.push(key);
+                    continue;
+                }
+                r.table.clone()
+            }
+        };
+        check_rules(&key, spec.rules.as_deref())?;
+        listen.push(spec.options.listen);
+        starts.push(Start {
+            key,
+            spec: StartSpec::Ingress(spec, table),
+            section: sec,
+            reuse: false,
+        });
+    }
+    for spec in &loaded.l4 {
+        let key = format!("l4.{}", spec.name);
+        let sec = section(Kind::L4, &spec.name).unwrap_or_default();
+        if running.get(&key).is_none_or(|r| r.section != sec) {
+            restart.push(key);
+        }
+    }
+    let stops: Vec<String> = running
+        .iter()
+        .filter(|(_, r)| section(r.kind, &r.name).is_none())
+        .map(|(k, _)| k.clone())
+        .collect();
+    // Ports this reload frees (listeners stopped or replaced): a listener
+    // taking one binds without the busy-port probe, since the old socket
+    // still listens (with SO_REUSEPORT) until the new one serves.
+    let freed: BTreeSet<u16> = running
+        .iter()
+        .filter(|(k, _)| stops.contains(k) || starts.iter().any(|s| s.key == **k))
+        .map(|(_, r)| r.listen.port())
+        .filter(|p| *p != 0)
+        .collect();
+    for (s, addr) in starts.iter_mut().zip(listen) {
+        s.reuse = freed.contains(&addr.port());
+    }
+    Ok((starts, stops))
 }

@@ -2,15 +2,25 @@
 //!
 //! Every long-running task is owned by one [`JoinSet`]; a
 //! [`CancellationToken`] tells them all to stop on SIGINT or SIGTERM, and
-//! they get `shutdown_timeout` to finish before being aborted. Later
-//! sections (egress proxy, ingress proxy, …) add their tasks to the same
-//! set. Each `[monitor.<name>]` runs as one task of the set (see
-//! [`crate::monitor`]) feeding its pool in the shared [`Pools`] registry.
-//! Each `[pools.<name>]` is an [`addrpool::Pool`] started before the
-//! listeners and shut down after them (so a netlink pool removes the
-//! addresses it added, even when start-up fails half-way); each
-//! `[egress.<name>]` is a [`gateway::egress::EgressProxy`] task.
+//! they get `shutdown_timeout` to finish before being aborted. Each
+//! `[monitor.<name>]` runs as one task of the set (see [`crate::monitor`])
+//! feeding its pool in the shared [`Pools`] registry. Each
+//! `[pools.<name>]` is an [`addrpool::Pool`] started before the listeners
+//! and shut down after them (so a netlink pool removes the addresses it
+//! added, even when start-up fails half-way).
+//!
+//! The data-plane listeners (`[egress.<name>]`, `[l4.<name>]`,
+//! `[ingress.<name>]`) are kept apart in [`Listeners`], by `kind.name`:
+//! each runs as one task under its own child of the shutdown token, with
+//! its access-log writer and kernel socket filter, so a reload (see
+//! [`crate::reload`], applied by the serve loop for SIGHUP and
+//! `POST /api/reload` alike) can start and stop one without touching the
+//! others; shutdown stops them all and awaits them within
+//! `shutdown_timeout` like every other task. Their sockets are bound with
+//! `SO_REUSEPORT` (after a plain bind that checks the port is free), so a
+//! replacement can bind the address its predecessor still listens on.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -99,7 +109,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         .map_err(ServeError::Signal)?;
 
     // Renders now so a config that cannot be shown fails at start.
-    serde_json::to_string(&loaded.config).map_err(ServeError::Render)?;
+    let config_json = serde_json::to_value(&loaded.config).map_err(ServeError::Render)?;
     let shutdown = CancellationToken::new();
 
     // The state store: runtime rules come back before anything listens.
@@ -123,13 +133,12 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     let rules = Arc::new(loaded.rules);
     let (ban_tx, ban_rx) = tokio::sync::mpsc::unbounded_channel();
     let events = crate::events::Events::default();
-    let guards = Guards {
+    let guards = Arc::new(Guards {
         rules: Arc::clone(&rules),
         bans: ban_tx,
         events: events.clone(),
-        writers: std::sync::Mutex::new(Vec::new()),
         filters: std::sync::Mutex::new(Vec::new()),
-    };
+    });
     let metrics = Arc::new(Metrics::new(&rules));
 
     // Pools: one per monitor (egress pools will register here too).
@@ -155,40 +164,67 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         let pool = pools
             .register(&spec.name, "nginx", tracker, discover)
             .map_err(|e| pool_err(e.to_string()))?;
+        // Saved benches and the log offset come back before anything runs.
+        let resume = crate::monitor::resume(&spec, &pool, &store).map_err(ServeError::Store)?;
         metrics.add_pool(&spec.name);
         metrics.add_monitor(&spec.name);
-        monitors.push((spec, pool));
+        monitors.push((spec, pool, resume));
     }
-    // Egress pools, then their listeners. Whatever fails, the pools
-    // started so far are shut down (netlink addresses removed) first.
+    // Egress pools, then the listeners (bound here, served below).
+    // Whatever fails, the pools started so far are shut down (netlink
+    // addresses removed) first.
     let mut egress_pools: Vec<(String, addrpool::Pool)> = Vec::new();
-    let mut proxies = Vec::new();
-    let mut started = start_egress(
-        &loaded.pools,
-        &loaded.egress,
-        &metrics,
-        &guards,
-        &mut pools,
-        &mut egress_pools,
-        &mut proxies,
-    )
-    .await;
-    if started.is_ok() {
-        started = start_l4(&loaded.l4, &metrics, &guards, &mut pools, &mut proxies).await;
-    }
+    let mut started = start_pools(&loaded.pools, &metrics, &mut pools, &mut egress_pools).await;
+    let env = ListenerEnv {
+        guards: Arc::clone(&guards),
+        metrics: Arc::clone(&metrics),
+        pools: egress_pools.clone(),
+        pool_specs: loaded.pools.clone(),
+        shutdown: shutdown.clone(),
+        tables: crate::admin::IngressTables::default(),
+    };
+    let section = |kind: Kind, name: &str| {
+        config_json
+            .get(kind.as_str())
+            .and_then(|m| m.get(name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut prepared = Vec::new();
     let mut tables = Vec::new();
     if started.is_ok() {
-        match start_ingress(
-            std::mem::take(&mut loaded.ingress),
-            &metrics,
-            &guards,
-            &mut proxies,
-        )
-        .await
-        {
-            Ok(t) => tables = t,
-            Err(e) => started = Err(e),
+        started = async {
+            for spec in &loaded.egress {
+                let mut p = env.prepare_egress(spec, true).await?;
+                p.section = section(Kind::Egress, &spec.name);
+                prepared.push(p);
+            }
+            for spec in &loaded.l4 {
+                let mut p = env.prepare_l4(spec, true).await?;
+                if let Listener::L4(proxy) = &p.listener {
+                    pools
+                        .register_l4(&spec.name, proxy.metrics())
+                        .map_err(|e| ServeError::Pool {
+                            section: format!("l4.{}", spec.name),
+                            message: e.to_string(),
+                        })?;
+                    metrics.add_pool(&spec.name);
+                }
+                p.section = section(Kind::L4, &spec.name);
+                prepared.push(p);
+            }
+            for spec in std::mem::take(&mut loaded.ingress) {
+                let name = spec.name.clone();
+                let mut p = env.prepare_ingress(spec, None, true).await?;
+                p.section = section(Kind::Ingress, &name);
+                if let Some(t) = &p.table {
+                    tables.push((name, t.clone()));
+                }
+                prepared.push(p);
+            }
+            Ok::<(), ServeError>(())
         }
+        .await;
     }
     let mut registry = None;
     let mut registry_guard = None;
@@ -219,21 +255,47 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         }
     }
     if let Err(e) = started {
+        drop(prepared);
         stop_pools(&egress_pools).await;
         return Err(e);
     }
     let pools = Arc::new(pools);
     pools.refresh_metrics(&metrics, std::time::Instant::now());
+    // Backends an operator held stay held (before the first request).
+    let holds = match store.holds() {
+        Ok(h) => h,
+        Err(e) => {
+            drop(prepared);
+            stop_pools(&egress_pools).await;
+            return Err(ServeError::Store(e));
+        }
+    };
+    for h in holds {
+        match tables.iter().find(|(n, _)| *n == h.ingress) {
+            Some((_, t)) => {
+                t.hold_id(&h.backend);
+                tracing::info!(ingress = %h.ingress, backend = %h.backend, "backend held (saved drain)");
+            }
+            None => tracing::warn!(
+                ingress = %h.ingress,
+                backend = %h.backend,
+                "a saved drain names an ingress that is not configured; kept for when it is"
+            ),
+        }
+    }
+    for (name, t) in &tables {
+        env.tables.insert(name, t.clone());
+    }
 
-    let reloader = Arc::new(crate::reload::Reloader::new(
+    let (reloader, mut applier) = crate::reload::Reloader::new(
         loaded.path.clone(),
-        loaded.config.clone(),
+        &loaded.config,
         Arc::clone(&rules),
         store.clone(),
         registry.as_ref().map(|r| r.registry.clone()),
-    ));
+    );
     let state = AdminState {
-        reloader: Arc::clone(&reloader),
+        reloader: Arc::new(reloader),
         rules: Arc::clone(&rules),
         metrics: Arc::clone(&metrics),
         pools: Arc::clone(&pools),
@@ -242,7 +304,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         events: events.clone(),
         shutdown: shutdown.clone(),
         registry: registry.as_ref().map(|r| r.registry.clone()),
-        ingress: tables.clone(),
+        ingress: env.tables.clone(),
     };
 
     let want = *loaded.config.admin.listen.get_ref();
@@ -253,6 +315,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     let (listener, bound) = match bound {
         Ok(b) => b,
         Err(source) => {
+            drop(prepared);
             stop_pools(&egress_pools).await;
             return Err(ServeError::Bind {
                 key: "admin.listen".into(),
@@ -290,14 +353,6 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             ("bans", Ok(()))
         });
     }
-    let writers = std::mem::take(&mut *guards.writers.lock().unwrap_or_else(|p| p.into_inner()));
-    for w in writers {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            w.run(shutdown).await;
-            ("access log", Ok(()))
-        });
-    }
     let filters = std::mem::take(&mut *guards.filters.lock().unwrap_or_else(|p| p.into_inner()));
     for (name, set, fd) in filters {
         let (shutdown, policy) = (shutdown.clone(), guards.policy(&set));
@@ -316,18 +371,10 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             ("kernel filter", Ok(()))
         });
     }
-    for (name, proxy) in proxies {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            match proxy {
-                Listener::Egress(p) => p.serve(shutdown.cancelled_owned()).await,
-                Listener::L4(p) => p.serve(shutdown.cancelled_owned()).await,
-                Listener::Ingress(p) => p.serve(shutdown.cancelled_owned()).await,
-            }
-            tracing::debug!(listener = %name, "listener stopped");
-            ("listener", Ok(()))
-        });
-    }
+    // The data-plane listeners: each under its own child token, so a
+    // reload can stop one; shutdown stops them all.
+    let mut listeners = Listeners::new(env);
+    listeners.commit(prepared, Vec::new());
     if let Some(r) = registry {
         let crate::backends::Started { registry, server } = r;
         let s2 = shutdown.clone();
@@ -359,10 +406,10 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         });
     }
     let monitor_count = monitors.len();
-    for (spec, pool) in monitors {
+    for (spec, pool, resume) in monitors {
         let (metrics, shutdown) = (Arc::clone(&metrics), shutdown.clone());
         tasks.spawn(async move {
-            let r = crate::monitor::run(spec, pool, metrics, shutdown).await;
+            let r = crate::monitor::run(spec, pool, metrics, resume, shutdown).await;
             ("monitor", r)
         });
     }
@@ -374,21 +421,26 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         "admin API listening on http://{bound}"
     );
 
+    // SIGHUP and `POST /api/reload` (through `applier.next()`) take the
+    // same path: one reload at a time, here, where the listeners live.
     let mut failure = None;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => {
-                let r = Arc::clone(&reloader);
-                match tokio::task::spawn_blocking(move || r.reload()).await {
-                    Ok(Ok(report)) => tracing::info!(
-                        reloaded = ?report.reloaded,
-                        restart_required = ?report.restart_required,
-                        "SIGHUP: config reloaded"
-                    ),
-                    Ok(Err(e)) => tracing::warn!("SIGHUP: reload refused, the running config stays: {e}"),
-                    Err(e) => tracing::warn!("SIGHUP: reload failed: {e}"),
+                tracing::info!("SIGHUP: reloading the config");
+                // The outcome is logged by `apply`.
+                let _ = applier.apply(&mut listeners).await;
+            }
+            Some(reply) = applier.next() => {
+                let r = applier.apply(&mut listeners).await;
+                let _ = reply.send(r);
+            }
+            Some(joined) = listeners.join_next() => {
+                if let Some(e) = listeners.joined(joined) {
+                    failure = Some(e);
+                    break;
                 }
             }
             Some(joined) = tasks.join_next() => {
@@ -398,6 +450,8 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         }
     }
     shutdown.cancel();
+    // Reloads asked for from now on are refused.
+    drop(applier);
 
     let grace = loaded.config.shutdown_timeout;
     let drained = tokio::time::timeout(grace, async {
@@ -406,6 +460,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
                 tracing::warn!(task, %message, "task ended with an error during shutdown");
             }
         }
+        listeners.drain().await;
     })
     .await;
     if drained.is_err() {
@@ -414,6 +469,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             "tasks still running after shutdown_timeout; aborting them"
         );
         tasks.shutdown().await;
+        listeners.abort().await;
     }
     stop_pools(&egress_pools).await;
     match failure {
@@ -425,17 +481,14 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     }
 }
 
-/// Starts the `[pools.*]` and binds the `[egress.*]` listeners, registering
-/// each pool for `/probe` and the metrics. What was started is left in
-/// `started` and `proxies` even on error, for the caller to shut down.
-async fn start_egress(
+/// Starts the `[pools.*]`, registering each for `/probe` and the metrics.
+/// What was started is left in `started` even on error, for the caller
+/// to shut down.
+async fn start_pools(
     specs: &[crate::config::PoolSpec],
-    listeners: &[crate::config::EgressSpec],
     metrics: &Arc<Metrics>,
-    guards: &Guards,
     registry: &mut Pools,
     started: &mut Vec<(String, addrpool::Pool)>,
-    proxies: &mut Vec<(String, Listener)>,
 ) -> Result<(), ServeError> {
     for spec in specs {
         let section = format!("pools.{}", spec.name);
@@ -468,197 +521,571 @@ async fn start_egress(
             "egress pool started"
         );
     }
-    for spec in listeners {
-        let pool = started
-            .iter()
-            .find(|(n, _)| *n == spec.pool)
-            .map(|(_, p)| p.clone())
-            .ok_or_else(|| ServeError::Pool {
-                section: format!("egress.{}", spec.name),
-                message: format!("pool `{}` did not start", spec.pool),
-            })?;
-        let mut options = spec.options(pool);
-        options.guard = guards.guard(spec.rules.as_deref(), true);
-        if let Some(p) = &spec.access_log {
-            options.access_log = Some(
-                guards
-                    .access_log(format!("egress.{}", spec.name), p)
-                    .await?,
-            );
-        }
-        // The proxy's own addresses are no destination (unless allowed):
-        // its pool's range and its listener.
-        let own = own_addresses(specs, &spec.pool, spec.listen);
-        if !own.is_empty() {
-            options
-                .policy
-                .update(|p| p.deny.extend(own.iter().copied()));
-        }
-        let proxy = gateway::egress::EgressProxy::bind(options)
-            .await
-            .map_err(|e| match e {
-                gateway::egress::EgressError::Bind { addr, source } => ServeError::Bind {
-                    key: format!("egress.{}.listen", spec.name),
-                    addr,
-                    source,
-                },
-                other => ServeError::Pool {
-                    section: format!("egress.{}", spec.name),
-                    message: other.to_string(),
-                },
-            })?;
-        let addr = proxy.local_addr();
-        metrics.add_egress_listener(&spec.name, proxy.metrics());
-        if let Some(set) = &spec.rules {
-            guards.filter_socket(&format!("egress.{}", spec.name), set, proxy.socket());
-        }
-        tracing::info!(
-            listener = %spec.name,
-            pool = %spec.pool,
-            users = spec.users.len(),
-            "egress.{}: proxy (HTTP, CONNECT, SOCKS5) listening on {addr}",
-            spec.name
-        );
-        proxies.push((spec.name.clone(), Listener::Egress(proxy)));
-    }
     Ok(())
 }
 
-/// Binds the `[l4.*]` balancers and registers their upstreams.
-async fn start_l4(
-    specs: &[crate::config::L4Spec],
-    metrics: &Arc<Metrics>,
-    guards: &Guards,
-    registry: &mut Pools,
-    proxies: &mut Vec<(String, Listener)>,
-) -> Result<(), ServeError> {
-    for spec in specs {
-        let mut options = spec.options.clone();
-        let (name, m, ev) = (
-            spec.name.clone(),
-            Arc::clone(metrics),
-            guards.events.clone(),
-        );
-        options.transitions = Some(Arc::new(move |up: SocketAddr, t: health::Transition| {
-            m.count_transition(&name, crate::pools::transition_kind(&t));
-            crate::pools::publish_transition(&ev, &name, &up.to_string(), &t);
-        }));
-        options.guard = guards.guard(spec.rules.as_deref(), false);
-        let proxy = gateway::l4::L4Proxy::bind(spec.listen, options)
-            .await
-            .map_err(|e| match e {
-                gateway::l4::L4Error::Bind { addr, source } => ServeError::Bind {
-                    key: format!("l4.{}.listen", spec.name),
-                    addr,
-                    source,
-                },
-                other => ServeError::Pool {
-                    section: format!("l4.{}", spec.name),
-                    message: other.to_string(),
-                },
-            })?;
-        let addr = proxy.local_addr().map_err(|source| ServeError::Bind {
-            key: format!("l4.{}.listen", spec.name),
-            addr: spec.listen,
-            source,
-        })?;
-        registry
-            .register_l4(&spec.name, proxy.metrics())
-            .map_err(|e| ServeError::Pool {
-                section: format!("l4.{}", spec.name),
-                message: e.to_string(),
-            })?;
-        metrics.add_pool(&spec.name);
-        metrics.add_l4(&spec.name, proxy.metrics());
-        if let Some(set) = &spec.rules {
-            guards.filter_socket(&format!("l4.{}", spec.name), set, proxy.socket());
-        }
-        tracing::info!(
-            listener = %spec.name,
-            upstreams = spec.options.upstreams.len(),
-            strategy = %spec.options.strategy,
-            "l4.{}: TCP balancer listening on {addr}",
-            spec.name
-        );
-        proxies.push((spec.name.clone(), Listener::L4(proxy)));
-    }
-    Ok(())
+/// The kind of a listener section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `[egress.<name>]`: a forward proxy.
+    Egress,
+    /// `[l4.<name>]`: a TCP balancer.
+    L4,
+    /// `[ingress.<name>]`: a reverse proxy.
+    Ingress,
 }
 
-/// A data-plane listener `serve` runs until shutdown.
+impl Kind {
+    /// The section's name in the config file (`egress`, `l4`, `ingress`).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Egress => "egress",
+            Kind::L4 => "l4",
+            Kind::Ingress => "ingress",
+        }
+    }
+}
+
+/// A data-plane listener `serve` runs until it is stopped.
 enum Listener {
     Egress(gateway::egress::EgressProxy),
     L4(gateway::l4::L4Proxy),
     Ingress(gateway::ingress::IngressProxy),
 }
 
-/// Binds the `[ingress.*]` reverse proxies with their live route tables;
-/// returns the tables by ingress name (registered backends join one).
-async fn start_ingress(
-    specs: Vec<crate::config::IngressSpec>,
-    metrics: &Arc<Metrics>,
-    guards: &Guards,
-    proxies: &mut Vec<(String, Listener)>,
-) -> Result<Vec<(String, gateway::ingress::RouteTable)>, ServeError> {
-    use gateway::ingress as gi;
-    let mut tables = Vec::new();
-    for spec in specs {
+/// What listeners are started with, at start-up and at reload.
+pub(crate) struct ListenerEnv {
+    guards: Arc<Guards>,
+    metrics: Arc<Metrics>,
+    /// The running egress pools.
+    pools: Vec<(String, addrpool::Pool)>,
+    /// Their specs as started (the addresses an egress listener must not
+    /// reach as destinations).
+    pool_specs: Vec<crate::config::PoolSpec>,
+    /// The daemon's token; each listener runs under a child of it.
+    shutdown: CancellationToken,
+    /// The route tables of the running ingresses (the admin API's view).
+    tables: crate::admin::IngressTables,
+}
+
+/// A listener bound (accepting into its backlog) but not served yet.
+/// Dropping it closes the socket: nothing else was changed.
+pub(crate) struct Prepared {
+    kind: Kind,
+    name: String,
+    listener: Listener,
+    /// The configured address (port 0: any free port).
+    listen: SocketAddr,
+    /// The log line telling where it listens.
+    announce: String,
+    writer: Option<crate::accessfile::Writer>,
+    /// (rule set, socket) when the set asks for a kernel socket filter.
+    filter: Option<(String, std::os::fd::OwnedFd)>,
+    /// An ingress's route table.
+    table: Option<gateway::ingress::RouteTable>,
+    /// Its section of the config file, as JSON (to compare at reload).
+    pub(crate) section: serde_json::Value,
+    /// An egress listener's users (read from a file the config names, so
+    /// they change without the section changing).
+    pub(crate) users: HashMap<String, String>,
+}
+
+impl Prepared {
+    /// `kind.name`, as in reports.
+    pub(crate) fn key(&self) -> String {
+        format!("{}.{}", self.kind.as_str(), self.name)
+    }
+}
+
+impl ListenerEnv {
+    /// Whether egress pool `name` runs.
+    pub(crate) fn has_pool(&self, name: &str) -> bool {
+        self.pools.iter().any(|(n, _)| n == name)
+    }
+
+    /// Whether rule set `name` runs.
+    pub(crate) fn has_rule_set(&self, name: &str) -> bool {
+        self.guards.rules.get(name).is_some()
+    }
+
+    /// Binds an `[egress.*]` listener on its pool. `probe`: first check
+    /// that nothing else holds the address (see [`bind_listener`]).
+    pub(crate) async fn prepare_egress(
+        &self,
+        spec: &crate::config::EgressSpec,
+        probe: bool,
+    ) -> Result<Prepared, ServeError> {
+        let section = format!("egress.{}", spec.name);
+        let err = |message: String| ServeError::Pool {
+            section: section.clone(),
+            message,
+        };
+        let pool = self
+            .pools
+            .iter()
+            .find(|(n, _)| *n == spec.pool)
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| err(format!("pool `{}` is not running", spec.pool)))?;
+        let mut options = spec.options(pool);
+        options.guard = self.guards.guard(spec.rules.as_deref(), true);
+        let writer = match &spec.access_log {
+            Some(p) => {
+                let (sink, writer) = access_log(&section, p).await?;
+                options.access_log = Some(sink);
+                Some(writer)
+            }
+            None => None,
+        };
+        // The proxy's own addresses are no destination (unless allowed):
+        // its pool's range and its listener.
+        let own = own_addresses(&self.pool_specs, &spec.pool, spec.listen);
+        if !own.is_empty() {
+            options
+                .policy
+                .update(|p| p.deny.extend(own.iter().copied()));
+        }
+        let socket = bind_listener(&format!("{section}.listen"), spec.listen, probe)?;
+        let proxy = gateway::egress::EgressProxy::from_listener(socket, options)
+            .map_err(|e| err(e.to_string()))?;
+        let addr = proxy.local_addr();
+        let filter = spec.rules.as_ref().and_then(|set| {
+            self.guards
+                .filter_fd(&section, set, proxy.socket())
+                .map(|fd| (set.clone(), fd))
+        });
+        Ok(Prepared {
+            kind: Kind::Egress,
+            name: spec.name.clone(),
+            listener: Listener::Egress(proxy),
+            listen: spec.listen,
+            announce: format!(
+                "{section}: proxy (HTTP, CONNECT, SOCKS5) listening on {addr} (pool {}, {} users)",
+                spec.pool,
+                spec.users.len()
+            ),
+            writer,
+            filter,
+            table: None,
+            section: serde_json::Value::Null,
+            users: spec.users.clone(),
+        })
+    }
+
+    /// Binds an `[l4.*]` balancer (its pool is registered by the caller).
+    pub(crate) async fn prepare_l4(
+        &self,
+        spec: &crate::config::L4Spec,
+        probe: bool,
+    ) -> Result<Prepared, ServeError> {
+        let section = format!("l4.{}", spec.name);
+        let mut options = spec.options.clone();
+        let (name, m, ev) = (
+            spec.name.clone(),
+            Arc::clone(&self.metrics),
+            self.guards.events.clone(),
+        );
+        options.transitions = Some(Arc::new(move |up: SocketAddr, t: health::Transition| {
+            m.count_transition(&name, crate::pools::transition_kind(&t));
+            crate::pools::publish_transition(&ev, &name, &up.to_string(), &t);
+        }));
+        options.guard = self.guards.guard(spec.rules.as_deref(), false);
+        let key = format!("{section}.listen");
+        let socket = bind_listener(&key, spec.listen, probe)?;
+        let proxy =
+            gateway::l4::L4Proxy::from_listener(socket, options).map_err(|e| ServeError::Pool {
+                section: section.clone(),
+                message: e.to_string(),
+            })?;
+        let addr = proxy.local_addr().map_err(|source| ServeError::Bind {
+            key,
+            addr: spec.listen,
+            source,
+        })?;
+        let filter = spec.rules.as_ref().and_then(|set| {
+            self.guards
+                .filter_fd(&section, set, proxy.socket())
+                .map(|fd| (set.clone(), fd))
+        });
+        Ok(Prepared {
+            kind: Kind::L4,
+            name: spec.name.clone(),
+            listener: Listener::L4(proxy),
+            listen: spec.listen,
+            announce: format!(
+                "{section}: TCP balancer listening on {addr} ({} upstreams, {})",
+                spec.options.upstreams.len(),
+                spec.options.strategy
+            ),
+            writer: None,
+            filter,
+            table: None,
+            section: serde_json::Value::Null,
+            users: HashMap::new(),
+        })
+    }
+
+    /// Binds an `[ingress.*]` reverse proxy on `table`, or on a new route
+    /// table holding the configured routes.
+    pub(crate) async fn prepare_ingress(
+        &self,
+        spec: crate::config::IngressSpec,
+        table: Option<gateway::ingress::RouteTable>,
+        probe: bool,
+    ) -> Result<Prepared, ServeError> {
+        use gateway::ingress as gi;
         let section = format!("ingress.{}", spec.name);
         let err = |message: String| ServeError::Pool {
             section: section.clone(),
             message,
         };
-        let (name, m, ev) = (
-            spec.name.clone(),
-            Arc::clone(metrics),
-            guards.events.clone(),
-        );
-        let sink = move |route: &str, backend: &str, t: health::Transition| {
-            let pool = format!("{name}/{route}");
-            m.count_transition(&pool, crate::pools::transition_kind(&t));
-            crate::pools::log_transition(&pool, "backend", backend, &t);
-            crate::pools::publish_transition(&ev, &pool, backend, &t);
+        let table = match table {
+            Some(t) => t,
+            None => {
+                let (name, m, ev) = (
+                    spec.name.clone(),
+                    Arc::clone(&self.metrics),
+                    self.guards.events.clone(),
+                );
+                let sink = move |route: &str, backend: &str, t: health::Transition| {
+                    let pool = format!("{name}/{route}");
+                    m.count_transition(&pool, crate::pools::transition_kind(&t));
+                    crate::pools::log_transition(&pool, "backend", backend, &t);
+                    crate::pools::publish_transition(&ev, &pool, backend, &t);
+                };
+                let table = gi::RouteTable::new(gi::RouteTableOptions {
+                    transitions: Some(Arc::new(sink)),
+                    ..gi::RouteTableOptions::default()
+                })
+                .map_err(|e| err(e.to_string()))?;
+                for r in spec.routes {
+                    table.upsert_route(r).map_err(|e| err(e.to_string()))?;
+                }
+                table
+            }
         };
-        let table = gi::RouteTable::new(gi::RouteTableOptions {
-            transitions: Some(Arc::new(sink)),
-            ..gi::RouteTableOptions::default()
-        })
-        .map_err(|e| err(e.to_string()))?;
-        for r in spec.routes {
-            table.upsert_route(r).map_err(|e| err(e.to_string()))?;
-        }
         let mut options = spec.options;
-        if let Some(p) = &spec.access_log {
-            options.access_log = Some(
-                guards
-                    .access_log(format!("ingress.{}", spec.name), p)
-                    .await?,
-            );
-        }
+        let writer = match &spec.access_log {
+            Some(p) => {
+                let (sink, writer) = access_log(&section, p).await?;
+                options.access_log = Some(sink);
+                Some(writer)
+            }
+            None => None,
+        };
         options.routes = table.clone();
-        options.guard = guards.guard(spec.rules.as_deref(), true);
+        options.guard = self.guards.guard(spec.rules.as_deref(), true);
         let listen = options.listen;
         let tls = options.tls.is_some();
-        let proxy = gi::IngressProxy::bind(options).await.map_err(|e| match e {
-            gi::IngressError::Bind { addr, source } => ServeError::Bind {
-                key: format!("ingress.{}.listen", spec.name),
-                addr,
-                source,
-            },
-            other => err(other.to_string()),
-        })?;
+        let socket = bind_listener(&format!("{section}.listen"), listen, probe)?;
+        let proxy =
+            gi::IngressProxy::from_listener(socket, options).map_err(|e| err(e.to_string()))?;
         let addr = proxy.local_addr();
-        metrics.add_ingress(&spec.name, proxy.metrics());
-        tracing::info!(
-            listener = %spec.name,
-            tls,
-            "ingress.{}: reverse proxy listening on {addr} (configured {listen})",
-            spec.name
-        );
-        tables.push((spec.name.clone(), table));
-        proxies.push((spec.name, Listener::Ingress(proxy)));
+        let filter = spec.rules.as_ref().and_then(|set| {
+            self.guards
+                .filter_fd(&section, set, proxy.socket())
+                .map(|fd| (set.clone(), fd))
+        });
+        Ok(Prepared {
+            kind: Kind::Ingress,
+            name: spec.name,
+            listener: Listener::Ingress(proxy),
+            listen,
+            announce: format!(
+                "{section}: reverse proxy listening on {addr} (configured {listen}{})",
+                if tls { ", TLS" } else { "" }
+            ),
+            writer,
+            filter,
+            table: Some(table),
+            section: serde_json::Value::Null,
+            users: HashMap::new(),
+        })
     }
-    Ok(tables)
+}
+
+/// Opens access log `path` of listener `section`: the proxies' sink and
+/// the writer to run as a task.
+async fn access_log(
+    section: &str,
+    path: &std::path::Path,
+) -> Result<
+    (
+        Arc<dyn gateway::access::AccessLog>,
+        crate::accessfile::Writer,
+    ),
+    ServeError,
+> {
+    let (sink, writer) = crate::accessfile::open(path)
+        .await
+        .map_err(|e| ServeError::Pool {
+            section: section.to_owned(),
+            message: format!("access_log {}: {e}", path.display()),
+        })?;
+    Ok((Arc::new(sink), writer))
+}
+
+/// Binds a listening socket on `addr` (`key` names it in errors) with
+/// `SO_REUSEPORT`, so that a reload can bind the replacement of a
+/// listener on the same address while the old one still accepts (see
+/// [`crate::reload`]). With `probe` and a fixed port, a plain bind (no
+/// `SO_REUSEPORT`) is tried first and released: it fails if anything
+/// listens there, even another process's `SO_REUSEPORT` socket, so a
+/// busy port is refused as before instead of being shared.
+fn bind_listener(
+    key: &str,
+    addr: SocketAddr,
+    probe: bool,
+) -> Result<std::net::TcpListener, ServeError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = |reuse_port: bool| -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
+        s.bind(&addr.into())?;
+        Ok(s)
+    };
+    let bound = (|| {
+        if probe && addr.port() != 0 {
+            drop(socket(false)?);
+        }
+        let s = socket(true)?;
+        s.listen(1024)?;
+        s.set_nonblocking(true)?;
+        Ok(std::net::TcpListener::from(s))
+    })();
+    bound.map_err(|source| ServeError::Bind {
+        key: key.to_owned(),
+        addr,
+        source,
+    })
+}
+
+/// A listener that runs.
+pub(crate) struct Running {
+    /// Its kind.
+    pub(crate) kind: Kind,
+    /// Its name.
+    pub(crate) name: String,
+    /// Its section of the config file, as JSON.
+    pub(crate) section: serde_json::Value,
+    /// An egress listener's users.
+    pub(crate) users: HashMap<String, String>,
+    /// The configured address.
+    pub(crate) listen: SocketAddr,
+    /// An ingress's route table (shared with the admin API and the
+    /// registry; a replacement keeps it).
+    pub(crate) table: Option<gateway::ingress::RouteTable>,
+    token: CancellationToken,
+    id: tokio::task::Id,
+}
+
+/// The running data-plane listeners: one task each, under a child token
+/// of the daemon's, kept by `kind.name`. Only the serve loop touches it
+/// (at start-up, at reload and at shutdown).
+pub(crate) struct Listeners {
+    env: ListenerEnv,
+    running: BTreeMap<String, Running>,
+    /// Listeners told to stop, draining, by task (their key, for logs).
+    stopping: HashMap<tokio::task::Id, String>,
+    tasks: JoinSet<()>,
+}
+
+impl Listeners {
+    fn new(env: ListenerEnv) -> Listeners {
+        Listeners {
+            env,
+            running: BTreeMap::new(),
+            stopping: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// What listeners are started with.
+    pub(crate) fn env(&self) -> &ListenerEnv {
+        &self.env
+    }
+
+    /// The running listeners by `kind.name`.
+    pub(crate) fn running(&self) -> &BTreeMap<String, Running> {
+        &self.running
+    }
+
+    /// Serves the `prepared` listeners (each replacing a running one of
+    /// the same key, which is told to stop once its replacement serves),
+    /// then stops the listeners `stop`: they stop accepting at once and
+    /// their open connections finish (up to their `drain_timeout`).
+    /// Returns the keys started and stopped. Cannot fail: every socket is
+    /// bound already.
+    pub(crate) fn commit(
+        &mut self,
+        prepared: Vec<Prepared>,
+        stop: Vec<String>,
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut started, mut stopped) = (Vec::new(), Vec::new());
+        for p in prepared {
+            let key = p.key();
+            let old = self.running.remove(&key);
+            self.spawn(p);
+            if let Some(old) = old {
+                // The replacement took over its metrics already.
+                old.token.cancel();
+                tracing::info!(listener = %key, "{key}: replaced; the old listener stopped accepting, its open connections drain");
+                self.stopping.insert(old.id, format!("{key} (replaced)"));
+                stopped.push(key.clone());
+            }
+            started.push(key);
+        }
+        for key in stop {
+            if let Some(old) = self.running.remove(&key) {
+                old.token.cancel();
+                self.env
+                    .metrics
+                    .remove_listener(old.kind.as_str(), &old.name);
+                if old.kind == Kind::Ingress {
+                    self.env.tables.remove(&old.name);
+                }
+                tracing::info!(listener = %key, "{key}: stopped accepting; open connections drain");
+                self.stopping.insert(old.id, key.clone());
+                stopped.push(key);
+            }
+        }
+        (started, stopped)
+    }
+
+    fn spawn(&mut self, p: Prepared) {
+        let key = p.key();
+        let token = self.env.shutdown.child_token();
+        let m = &self.env.metrics;
+        match &p.listener {
+            Listener::Egress(proxy) => m.add_egress_listener(&p.name, proxy.metrics()),
+            Listener::L4(proxy) => m.add_l4(&p.name, proxy.metrics()),
+            Listener::Ingress(proxy) => m.add_ingress(&p.name, proxy.metrics()),
+        }
+        if let Some(t) = &p.table {
+            self.env.tables.insert(&p.name, t.clone());
+        }
+        let filter = p.filter.and_then(|(set, fd)| {
+            let policy = self.env.guards.policy(&set)?;
+            tracing::info!(listener = %key, set = %set, "kernel socket filter on");
+            Some((gateway::guard::KernelFilter::new(policy), fd))
+        });
+        tracing::info!(listener = %key, "{}", p.announce);
+        let task = self.tasks.spawn(run_listener(
+            key.clone(),
+            p.listener,
+            token.clone(),
+            p.writer,
+            filter,
+        ));
+        self.running.insert(
+            key,
+            Running {
+                kind: p.kind,
+                name: p.name,
+                section: p.section,
+                users: p.users,
+                listen: p.listen,
+                table: p.table,
+                token,
+                id: task.id(),
+            },
+        );
+    }
+
+    /// The next listener task to end (`None` when there is none).
+    async fn join_next(&mut self) -> Option<Result<(tokio::task::Id, ()), tokio::task::JoinError>> {
+        self.tasks.join_next_with_id().await
+    }
+
+    /// A listener task ended: fine if it was told to stop, else a
+    /// failure of the daemon.
+    fn joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) -> Option<ServeError> {
+        let (id, panic) = match joined {
+            Ok((id, ())) => (id, None),
+            Err(e) => (e.id(), Some(e.to_string())),
+        };
+        if let Some(key) = self.stopping.remove(&id) {
+            if let Some(p) = panic {
+                tracing::warn!(listener = %key, "listener task failed while draining: {p}");
+            } else {
+                tracing::info!(listener = %key, "{key}: stopped (drained)");
+            }
+            return None;
+        }
+        let key = self
+            .running
+            .iter()
+            .find(|(_, r)| r.id == id)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_default();
+        self.running.remove(&key);
+        Some(ServeError::Task {
+            task: "listener",
+            message: match panic {
+                Some(p) => format!("{key}: {p}"),
+                None => format!("{key}: stopped unexpectedly"),
+            },
+        })
+    }
+
+    /// Waits for every listener task (after shutdown was signalled).
+    async fn drain(&mut self) {
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::warn!(error = %e, "listener task failed during shutdown");
+            }
+        }
+    }
+
+    /// Aborts the listener tasks left.
+    async fn abort(&mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+/// One listener's task: serves until `token` is cancelled (then stops
+/// accepting and drains), with its access-log writer (flushed once the
+/// proxy is done) and its kernel socket filter (dropped, with its copy of
+/// the socket, as soon as the listener stops, so the port closes at once).
+async fn run_listener(
+    key: String,
+    listener: Listener,
+    token: CancellationToken,
+    writer: Option<crate::accessfile::Writer>,
+    filter: Option<(gateway::guard::KernelFilter, std::os::fd::OwnedFd)>,
+) {
+    let done = CancellationToken::new();
+    let serve = async {
+        let stop = token.clone().cancelled_owned();
+        match listener {
+            Listener::Egress(p) => p.serve(stop).await,
+            Listener::L4(p) => p.serve(stop).await,
+            Listener::Ingress(p) => p.serve(stop).await,
+        }
+        done.cancel();
+    };
+    let write = async {
+        if let Some(w) = writer {
+            w.run(done.clone()).await;
+        }
+    };
+    let watch = async {
+        if let Some((f, fd)) = filter {
+            f.watch(
+                &fd,
+                std::time::Duration::from_millis(250),
+                token.cancelled(),
+            )
+            .await;
+        }
+    };
+    tokio::join!(serve, write, watch);
+    tracing::debug!(listener = %key, "listener stopped");
 }
 
 /// Builds the accept-time guards of listeners and remembers which
@@ -667,9 +1094,8 @@ struct Guards {
     rules: Arc<crate::rules::RuleSets>,
     bans: tokio::sync::mpsc::UnboundedSender<(String, gateway::guard::Ban)>,
     events: crate::events::Events,
-    /// Access-log writers to run as tasks.
-    writers: std::sync::Mutex<Vec<crate::accessfile::Writer>>,
-    /// (listener, set, socket) of listeners whose set has `kernel_filter`.
+    /// (listener, set, socket) of the admin listener when its set has
+    /// `kernel_filter` (data-plane listeners keep their own).
     filters: std::sync::Mutex<Vec<(String, String, std::os::fd::OwnedFd)>>,
 }
 
@@ -693,54 +1119,44 @@ impl Guards {
                 }),
             );
         });
-        // The config checked that the set exists.
+        // The config checked that the set exists (and a reload that the
+        // set runs).
         self.rules
             .guard(set, per_request, hook)
             .unwrap_or_else(|| Arc::new(gateway::guard::Guard::default()))
-    }
-
-    /// An access-log sink for `path`, its writer kept to run as a task.
-    async fn access_log(
-        &self,
-        key: String,
-        path: &std::path::Path,
-    ) -> Result<Arc<dyn gateway::access::AccessLog>, ServeError> {
-        let (sink, writer) = crate::accessfile::open(path)
-            .await
-            .map_err(|e| ServeError::Pool {
-                section: key,
-                message: format!("access_log {}: {e}", path.display()),
-            })?;
-        self.writers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(writer);
-        Ok(Arc::new(sink))
     }
 
     fn policy(&self, set: &str) -> Option<Arc<iprules::Shared<iprules::Policy>>> {
         self.rules.get(set).cloned()
     }
 
-    fn filter_socket(&self, listener: &str, set: &str, fd: std::io::Result<std::os::fd::OwnedFd>) {
+    /// The socket to attach a kernel filter to, if set `set` asks for one.
+    fn filter_fd(
+        &self,
+        listener: &str,
+        set: &str,
+        fd: std::io::Result<std::os::fd::OwnedFd>,
+    ) -> Option<std::os::fd::OwnedFd> {
         if !self.rules.kernel_filter(set) {
-            return;
+            return None;
         }
         match fd {
-            Ok(fd) => self
-                .filters
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((listener.to_owned(), set.to_owned(), fd)),
+            Ok(fd) => Some(fd),
             Err(e) => {
-                tracing::warn!(listener, error = %e, "no kernel socket filter: cannot duplicate the socket")
+                tracing::warn!(listener, error = %e, "no kernel socket filter: cannot duplicate the socket");
+                None
             }
         }
     }
 
     fn filter_listener(&self, listener: &str, set: &str, l: &TcpListener) {
         use std::os::fd::AsFd;
-        self.filter_socket(listener, set, l.as_fd().try_clone_to_owned());
+        if let Some(fd) = self.filter_fd(listener, set, l.as_fd().try_clone_to_owned()) {
+            self.filters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((listener.to_owned(), set.to_owned(), fd));
+        }
     }
 }
 

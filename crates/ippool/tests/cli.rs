@@ -599,6 +599,11 @@ fn systemd_unit_is_hardened_and_valid() {
     }
     assert!(value("ExecStart")[0].contains(" serve -c "), "{unit}");
     assert!(value("ExecStartPre")[0].contains(" check -c "), "{unit}");
+    assert_eq!(
+        value("ExecReload"),
+        ["/bin/kill -HUP $MAINPID"],
+        "reload is SIGHUP"
+    );
     // systemd-analyze ships with systemd; where it is, the unit must pass.
     if let Ok(out) = Command::new("systemd-analyze").arg("--version").output()
         && out.status.success()

@@ -146,3 +146,249 @@ source = "127.0.40.0/30"
     let o = ippool("https://127.0.0.1:1", None, &["bans", "list"]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
 }
+
+/// An HTTP/1.1 backend answering every request with `name` (one request
+/// per connection).
+fn backend(name: &'static str) -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().expect("clone");
+                let mut r = BufReader::new(c);
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{name}",
+                    name.len()
+                );
+                let _ = w.write_all(resp.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// Which backends answer `n` requests for `host`, counted.
+fn answers(proxy: std::net::SocketAddr, host: &str, n: usize) -> Vec<(String, usize)> {
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..n {
+        let r = support::http(proxy, "GET", "/", &[("Host", host)], "");
+        *seen.entry(format!("{} {}", r.status, r.body)).or_default() += 1;
+    }
+    seen.into_iter().collect()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn keys_and_backends_from_the_command_line() {
+    let (a, b, c) = (backend("a"), backend("b"), backend("c"));
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
+    // The agent's key pair is written outside the daemon's keys_dir: it
+    // gets there only through `ippool keys add`.
+    let agent_dir = dir.0.join("agent");
+    std::fs::create_dir_all(agent_dir.join("keys")).expect("mkdir");
+    support::keygen(&agent_dir.join("keys"), "web002");
+    let cfg = dir.write(
+        "ippool.toml",
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+token_env = "IPPOOL_TEST_TOKEN"
+
+[ingress.web]
+listen = "127.0.0.1:0"
+
+[ingress.web.routes.site]
+host = "site.test"
+backends = ["{a}", "{b}"]
+
+[registry]
+listen = "127.0.0.1:0"
+keys_dir = "keys"
+heartbeat_interval = "200ms"
+heartbeat_timeout = "800ms"
+"#
+        ),
+    );
+    let mut d = Daemon::start(&cfg, &[("IPPOOL_TEST_TOKEN", TOKEN)]);
+    let admin = format!("http://{}", d.admin);
+    let proxy = d.ingress("web");
+    let pubfile = agent_dir.join("keys/web002.pub");
+    let pubfile = pubfile.to_str().expect("utf-8 path");
+
+    // keys
+    let o = ippool(&admin, None, &["keys", "list"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(!out(&o).contains("web002"), "{}", out(&o));
+    let o = ippool(&admin, None, &["keys", "add", pubfile]);
+    assert_eq!(o.status.code(), Some(1), "no token: {}", err(&o));
+    assert!(err(&o).contains("401"), "{}", err(&o));
+    let o = ippool(&admin, Some(TOKEN), &["keys", "add", "/nonexistent/x.pub"]);
+    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    assert!(err(&o).contains("/nonexistent/x.pub"), "{}", err(&o));
+    let o = ippool(
+        &admin,
+        Some(TOKEN),
+        &["keys", "add", pubfile, "--allow", "peer,not-an-address"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    assert!(err(&o).contains("allow[1]"), "{}", err(&o));
+    let o = ippool(
+        &admin,
+        Some(TOKEN),
+        &["keys", "add", pubfile, "--allow", "peer,127.0.0.0/8"],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o), "added key web002 (agent)\n");
+    assert!(
+        dir.0.join("keys/web002.pub").exists(),
+        "written to keys_dir"
+    );
+    let o = ippool(&admin, Some(TOKEN), &["keys", "add", pubfile]);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("409"), "{}", err(&o));
+    let o = ippool(&admin, None, &["keys", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let key = &v["keys"][0];
+    assert_eq!(
+        (key["id"].as_str(), key["role"].as_str()),
+        (Some("web002"), Some("agent"))
+    );
+    assert_eq!(key["allow"], serde_json::json!(["peer", "127.0.0.0/8"]));
+    let o = ippool(&admin, None, &["keys", "list"]);
+    let listed = out(&o);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("web002") && l.contains("peer,127.0.0.0/8")),
+        "{listed}"
+    );
+
+    // The added key registers at once.
+    let agent = support::Agent::start(
+        &agent_dir,
+        d.registry(),
+        "web002",
+        &c.to_string(),
+        "app.test/",
+    );
+    wait_until("the agent's route", || {
+        answers(proxy, "app.test", 1) == [("200 c".to_owned(), 1)]
+    });
+
+    // backends
+    let o = ippool(&admin, None, &["backends", "list"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let listed = out(&o);
+    for id in ["site-1", "site-2", "web002"] {
+        assert!(listed.contains(id), "{id}: {listed}");
+    }
+    assert_eq!(
+        answers(proxy, "site.test", 4),
+        [("200 a".to_owned(), 2), ("200 b".to_owned(), 2)]
+    );
+    let o = ippool(&admin, None, &["backends", "drain", "site-1"]);
+    assert_eq!(o.status.code(), Some(1), "no token: {}", err(&o));
+    let o = ippool(&admin, Some(TOKEN), &["backends", "drain", "site-1"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).starts_with("site-1 drained"), "{}", out(&o));
+    assert_eq!(answers(proxy, "site.test", 4), [("200 b".to_owned(), 4)]);
+    let o = ippool(&admin, None, &["backends", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let site1 = v["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["backends"].as_array().into_iter().flatten())
+        .find(|b| b["id"] == "site-1")
+        .cloned()
+        .expect("site-1 still listed");
+    assert_eq!(
+        (site1["held"].as_bool(), site1["draining"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let o = ippool(&admin, None, &["backends", "list", "--ingress", "web"]);
+    assert!(
+        out(&o)
+            .lines()
+            .any(|l| l.contains("site-1") && l.contains("held")),
+        "{}",
+        out(&o)
+    );
+    // A drain is durable: after a restart site-1 is still held.
+    drop(agent);
+    assert!(d.terminate().success());
+    let mut d = Daemon::start(&cfg, &[("IPPOOL_TEST_TOKEN", TOKEN)]);
+    let admin = format!("http://{}", d.admin);
+    let proxy = d.ingress("web");
+    assert_eq!(answers(proxy, "site.test", 4), [("200 b".to_owned(), 4)]);
+    let o = ippool(&admin, None, &["backends", "list"]);
+    assert!(
+        out(&o)
+            .lines()
+            .any(|l| l.contains("site-1") && l.contains("held")),
+        "{}",
+        out(&o)
+    );
+    let agent = support::Agent::start(
+        &agent_dir,
+        d.registry(),
+        "web002",
+        &c.to_string(),
+        "app.test/",
+    );
+    wait_until("the agent's route after the restart", || {
+        answers(proxy, "app.test", 1) == [("200 c".to_owned(), 1)]
+    });
+    let o = ippool(&admin, Some(TOKEN), &["backends", "undrain", "site-1"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o), "site-1 back in rotation\n");
+    assert_eq!(
+        answers(proxy, "site.test", 4),
+        [("200 a".to_owned(), 2), ("200 b".to_owned(), 2)]
+    );
+    let o = ippool(&admin, Some(TOKEN), &["backends", "drain", "nope"]);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(
+        err(&o).contains("404") && err(&o).contains("nope"),
+        "{}",
+        err(&o)
+    );
+    let o = ippool(
+        &admin,
+        Some(TOKEN),
+        &["backends", "drain", "site-1", "--ingress", "other"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("no ingress `other`"), "{}", err(&o));
+
+    // Revoking the key takes its backend away.
+    let o = ippool(&admin, Some(TOKEN), &["keys", "revoke", "web002"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o), "revoked key web002\n");
+    wait_until("the revoked agent's route to go", || {
+        answers(proxy, "app.test", 1)[0].0.starts_with("404")
+    });
+    let o = ippool(&admin, Some(TOKEN), &["keys", "revoke", "web002"]);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    drop(agent);
+    assert!(d.terminate().success());
+}

@@ -119,6 +119,11 @@ backends = ["{backend}"]
         "{} bytes",
         png.len()
     );
+    // `IPPOOL_SCREENSHOT=docs/dashboard.png cargo test … dashboard` keeps
+    // it (how the README's picture is made).
+    if let Some(keep) = std::env::var_os("IPPOOL_SCREENSHOT") {
+        std::fs::write(&keep, &png).expect("write IPPOOL_SCREENSHOT");
+    }
 
     let out = Command::new(&browser)
         .args([

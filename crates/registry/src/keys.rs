@@ -255,6 +255,18 @@ impl KeyEntry {
         })
     }
 
+    /// Decodes a public key in the text form key files and the `key.add`
+    /// message carry (base64 of the 32 key bytes); the error says what is
+    /// wrong with it.
+    pub fn decode_public_key(text: &str) -> Result<VerifyingKey, String> {
+        parse_public_key(text)
+    }
+
+    /// The public key in that text form.
+    pub fn public_key_text(&self) -> String {
+        encode_public_key(&self.public_key)
+    }
+
     /// The entry in the key file format (see the crate documentation).
     pub fn to_file_string(&self) -> String {
         let mut s = format!(
