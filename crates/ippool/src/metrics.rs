@@ -1,7 +1,11 @@
 //! Prometheus metrics of the daemon, encoded with `prometheus-client`.
 //!
 //! - `ippool_build_info{version}`: always 1.
-//! - `ippool_rule_checks_total{set,verdict}`: rule checks answered.
+//! - `ippool_rule_checks_total{set,verdict}`: rule checks answered by the
+//!   admin API.
+//! - `ippool_guard_connections_total{set,result}`: what the listeners of
+//!   each rule set decided at accept (`accepted`, `denied`,
+//!   `rate_limited`; requests, for a per-request rate limit).
 //! - `ippool_rules{set,list}`: rules in each list of each set.
 //! - `ippool_pool_addresses{pool,state}`: addresses of each pool by state
 //!   (`available`, `benched`, `probation`), refreshed at scrape time.
@@ -93,7 +97,7 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric, with the rule counts of `sets` and zeroed
     /// check counters for each set.
-    pub fn new(sets: &RuleSets) -> Metrics {
+    pub fn new(sets: &Arc<RuleSets>) -> Metrics {
         let mut registry = Registry::with_prefix("ippool");
         registry.register(
             "build",
@@ -130,7 +134,10 @@ impl Metrics {
             "Access-log lines read by each monitor, parsed or malformed",
             accesslog_lines.clone(),
         );
-        let egress = Arc::new(EgressCollector::default());
+        let egress = Arc::new(EgressCollector {
+            sets: Arc::clone(sets),
+            ..EgressCollector::default()
+        });
         registry.register_collector(Box::new(Arc::clone(&egress)));
         let m = Metrics {
             egress,
@@ -331,6 +338,8 @@ struct BytesLabels {
 /// the data path keeps its plain atomics and nothing is counted twice.
 #[derive(Debug, Default)]
 struct EgressCollector {
+    /// The rule sets, for their guards' counters.
+    sets: Arc<RuleSets>,
     pools: Mutex<Vec<(String, addrpool::Pool)>>,
     listeners: Mutex<Vec<(String, Arc<gateway::egress::EgressMetrics>)>>,
     balancers: Mutex<Vec<(String, Arc<gateway::l4::L4Metrics>)>>,
@@ -562,8 +571,15 @@ impl Collector for EgressCollector {
             &rows,
         )?;
         self.encode_l4(&mut encoder)?;
-        self.encode_ingress(&mut encoder)
+        self.encode_ingress(&mut encoder)?;
+        self.encode_guards(&mut encoder)
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardLabels {
+    set: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -579,6 +595,30 @@ struct KindLabels {
 }
 
 impl EgressCollector {
+    fn encode_guards(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut rows = Vec::new();
+        for (set, m) in self.sets.guard_counts() {
+            for (result, n) in [
+                ("accepted", m.accepted_total),
+                ("denied", m.denied_total),
+                ("rate_limited", m.rate_limited_total),
+            ] {
+                let labels = GuardLabels {
+                    set: set.to_owned(),
+                    result,
+                };
+                rows.push((labels, ConstCounter::new(n)));
+            }
+        }
+        family(
+            encoder,
+            "guard_connections",
+            "What the listeners of each rule set decided at accept: accepted, denied (by the rules or a ban), rate_limited",
+            MetricType::Counter,
+            &rows,
+        )
+    }
+
     fn encode_ingress(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let all: Vec<(String, gateway::ingress::IngressMetricsSnapshot)> = lock(&self.ingresses)
             .iter()

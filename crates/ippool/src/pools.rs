@@ -979,7 +979,7 @@ mod tests {
 
     #[test]
     fn fixed_and_discovered_pools() {
-        let metrics = Metrics::new(&crate::rules::RuleSets::default());
+        let metrics = Metrics::new(&Arc::new(crate::rules::RuleSets::default()));
         let mut pools = Pools::default();
         let fixed = pools
             .register("fixed", "nginx", tracker(&["10.0.0.1", "10.0.0.2"]), false)
@@ -1038,7 +1038,7 @@ mod tests {
 
     #[test]
     fn benches_are_journaled_saved_and_restored_with_their_remaining_cooldown() {
-        let metrics = Metrics::new(&crate::rules::RuleSets::default());
+        let metrics = Metrics::new(&Arc::new(crate::rules::RuleSets::default()));
         let store = store::Store::memory();
         let ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"];
         let ip: IpAddr = "10.0.0.1".parse().unwrap();

@@ -31,6 +31,9 @@ struct Set {
     autoblock: Option<Arc<gateway::guard::AutoBlock>>,
     rate_limit: Option<gateway::guard::RateLimitOptions>,
     kernel_filter: bool,
+    /// Every guard made for the set's listeners (their counters are the
+    /// set's hits; kept after a listener stops so the sums only grow).
+    guards: std::sync::Mutex<Vec<Arc<gateway::guard::Guard>>>,
 }
 
 /// What a set adds to its listeners beyond its rules.
@@ -253,6 +256,7 @@ impl RuleSets {
                 autoblock,
                 rate_limit: guard.rate_limit,
                 kernel_filter: guard.kernel_filter,
+                guards: std::sync::Mutex::default(),
             },
         );
     }
@@ -277,7 +281,35 @@ impl RuleSets {
         if let Some(ab) = &set.autoblock {
             g = g.with_autoblock(Arc::clone(ab)).with_ban_hook(on_ban);
         }
-        Some(Arc::new(g))
+        let g = Arc::new(g);
+        set.guards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::clone(&g));
+        Some(g)
+    }
+
+    /// What the listeners' guards of each set decided so far (connections
+    /// accepted, denied, rate limited), summed over every guard the set
+    /// made, by set name.
+    pub fn guard_counts(&self) -> Vec<(&str, gateway::guard::GuardMetrics)> {
+        self.sets
+            .iter()
+            .map(|(name, set)| {
+                let guards = set
+                    .guards
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut sum = gateway::guard::GuardMetrics::default();
+                for g in guards.iter() {
+                    let m = g.metrics();
+                    sum.accepted_total += m.accepted_total;
+                    sum.denied_total += m.denied_total;
+                    sum.rate_limited_total += m.rate_limited_total;
+                }
+                (name.as_str(), sum)
+            })
+            .collect()
     }
 
     /// Whether set `name` asks for a kernel socket filter.

@@ -73,6 +73,7 @@ allow = ["127.0.0.0/8"]
 
 [ingress.web]
 listen = "127.0.0.1:0"
+rules = "clients"
 [ingress.web.routes.all]
 backends = ["{backend}"]
 "#
@@ -89,6 +90,11 @@ backends = ["{backend}"]
             "",
         );
         assert_eq!(r.status, 200);
+    }
+    // Requests to a backend that is down: counted, and failed.
+    for _ in 0..3 {
+        let r = http(d.ingress("web"), "GET", "/", &[("Host", "x.test")], "");
+        assert_eq!(r.status, 502, "{r:?}");
     }
     let page = http(d.admin, "GET", "/", &[], "");
     assert_eq!(page.status, 200);
@@ -154,6 +160,50 @@ backends = ["{backend}"]
         );
     }
     assert_eq!(pool["size"], 6);
+    let leases: u64 = pool["addresses"]
+        .as_array()
+        .expect("addresses")
+        .iter()
+        .map(|a| a["leases"].as_u64().expect("an egress address has leases"))
+        .sum();
+    assert_eq!(
+        figure(&dom, "data-pool=\"loop\"", "data-field=\"leased\""),
+        leases.to_string(),
+        "leased"
+    );
+    // Backend traffic, as /api/routes says.
+    let routes: serde_json::Value =
+        serde_json::from_str(&http(d.admin, "GET", "/api/routes", &[], "").body).expect("JSON");
+    let all1 = &routes["routes"][0]["backends"][0];
+    assert_eq!(all1["requests"], 3, "{routes}");
+    for f in ["requests", "failures"] {
+        assert_eq!(
+            figure(
+                &dom,
+                "data-backend=\"all-1\"",
+                &format!("data-field=\"{f}\"")
+            ),
+            all1[f].to_string(),
+            "{f}"
+        );
+    }
+    // Rule hits, as /metrics says: every accepted ingress connection was
+    // checked against `clients` and let in.
+    let m = http(d.admin, "GET", "/metrics", &[], "").body;
+    let accepted = support::metric(
+        &m,
+        "ippool_guard_connections_total{set=\"clients\",result=\"accepted\"}",
+    )
+    .expect("accepts counted");
+    assert!(accepted >= 3.0, "{accepted}");
+    assert_eq!(
+        figure(&dom, "data-set=\"clients\"", "data-field=\"accepted\""),
+        format!("{accepted}")
+    );
+    assert_eq!(
+        figure(&dom, "data-set=\"clients\"", "data-field=\"denied\""),
+        "0"
+    );
     assert_eq!(
         figure(&dom, "data-set=\"clients\"", "data-field=\"deny\""),
         "2"

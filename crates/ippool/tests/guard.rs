@@ -118,6 +118,16 @@ fn rules_bans_and_kernel_filter_on_the_daemon() {
     let ping = "GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     assert_eq!(send_from("127.0.0.9", d.admin, ping), Fate::Refused);
     assert_eq!(send_from("127.0.0.10", d.admin, ping), Fate::Status(200));
+    // The admin listener's set counts what it decided.
+    let m = http(d.admin, "GET", "/metrics", &[], "").body;
+    let hits = |result: &str| {
+        support::metric(
+            &m,
+            &format!("ippool_guard_connections_total{{set=\"operators\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(hits("denied"), Some(1.0), "{m}");
+    assert!(hits("accepted").is_some_and(|n| n >= 1.0), "{m}");
 
     // The egress set has a kernel filter: the denied peer gets no SYN-ACK
     // (the filter is attached at start-up, give it a moment).
