@@ -32,6 +32,34 @@ where
     }
 }
 
+/// Follows the changes of a pool's health tracker that a durable copy of
+/// its benches must follow (see [`crate::Pool::set_health_journal`]), in
+/// the order the pool made them.
+///
+/// Unlike a [`TransitionSink`], it is called **while the pool's lock is
+/// held**, right after the change, so two changes of one address can never
+/// reach it out of order. Keep it to a few field reads and a push onto a
+/// queue: never block (no disk I/O, no waiting on a lock held across I/O)
+/// and never call back into the pool (that would deadlock).
+pub trait HealthJournal: Send + Sync + 'static {
+    /// `source` made `transition` at `now`; `tracker` shows the state it
+    /// left (a benching's start, cooldown and strike).
+    fn transition(
+        &self,
+        source: IpAddr,
+        transition: &Transition,
+        tracker: &health::Tracker<IpAddr>,
+        now: std::time::Instant,
+    );
+
+    /// The pool forgot `source` while it was out of service (on probation:
+    /// its cooldown had ended, but no success had restored it), because it
+    /// no longer holds it: it was retired on probation, or it was
+    /// remembered after being retired while benched and its cooldown ended.
+    /// If the source hands it out again it starts over as available.
+    fn forgotten(&self, source: IpAddr);
+}
+
 /// The health of a pool's addresses, for an admin view (`/probe`).
 #[derive(Debug, Clone)]
 pub struct HealthSnapshot {

@@ -24,7 +24,10 @@
 //!   leased, [`PoolError::NoneAvailable`]. Outcomes come from the connector,
 //!   from [`Lease::report`] / [`Lease::record`] (the proxies) and from
 //!   [`Pool::record_outcome`] (client feedback, access logs);
-//!   [`Pool::health_snapshot`] shows states and histories.
+//!   [`Pool::health_snapshot`] shows states and histories. A
+//!   [`HealthJournal`] sees every benching and restoration in order, to
+//!   keep them across restarts; [`Pool::restore_bench`] puts a saved one
+//!   back.
 //!
 //! All of 127.0.0.0/8 is local on Linux, so a loopback pool works without
 //! root or setup:
@@ -69,7 +72,7 @@ mod pool;
 mod session;
 mod source;
 
-pub use addr_health::{AddressHealth, HealthSnapshot, TransitionSink};
+pub use addr_health::{AddressHealth, HealthJournal, HealthSnapshot, TransitionSink};
 pub use connect::{PoolConnector, PooledStream};
 pub use error::{ConnectError, PoolError};
 /// The per-key availability state machine used for per-address health

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use health::{Observation, Permit, Tracker, Transition};
 
-use crate::addr_health::{self, AddressHealth, HealthSnapshot, LeaseHealth};
+use crate::addr_health::{self, AddressHealth, HealthJournal, HealthSnapshot, LeaseHealth};
 use crate::error::PoolError;
 use crate::netlink::{self, Added, AssignError};
 use crate::outcome::{Metrics, inc};
@@ -184,6 +184,9 @@ struct State {
     /// Per-address health (`PoolOptions::health`): held addresses, and
     /// retired ones remembered while benched.
     health: Option<Tracker<IpAddr>>,
+    /// Told of every change of `health` worth persisting, under the lock
+    /// (see [`Pool::set_health_journal`]).
+    journal: Option<Arc<dyn HealthJournal>>,
 }
 
 impl State {
@@ -196,6 +199,28 @@ impl State {
         self.health
             .as_ref()
             .is_some_and(|t| matches!(t.state(ip, now), Some(health::State::Benched { .. })))
+    }
+
+    /// Drops `ip` from the tracker; if it was out of service (on
+    /// probation), tells the journal, whose saved bench is stale now.
+    fn forget(&mut self, ip: &IpAddr, now: std::time::Instant) {
+        let State {
+            health: tracker,
+            journal,
+            ..
+        } = self;
+        let Some(t) = tracker.as_mut() else {
+            return;
+        };
+        let out = t
+            .state(ip, now)
+            .is_some_and(|s| s != health::State::Available);
+        if t.remove(ip)
+            && out
+            && let Some(j) = journal
+        {
+            j.forgotten(*ip);
+        }
     }
 
     /// With health on and nothing leasable: why, as an error.
@@ -431,6 +456,7 @@ impl Pool {
             to_remove: Vec::new(),
             sessions: HashMap::new(),
             health: None,
+            journal: None,
         };
         let metrics = Metrics::default();
         for (ip, ours) in adopted {
@@ -603,6 +629,90 @@ impl Pool {
         })
     }
 
+    /// Sets the [`HealthJournal`] that hears, from now on and in the order
+    /// the pool makes them, every benching and restoration of its
+    /// addresses and every address it forgets while out of service (or
+    /// removes it, with `None`). What it hears is what a durable copy of
+    /// the benches must follow; [`Pool::restore_bench`] puts such a copy
+    /// back after a restart. Nothing is heard while health is off.
+    pub fn set_health_journal(&self, journal: Option<Arc<dyn HealthJournal>>) {
+        self.inner.lock().journal = journal;
+    }
+
+    /// Puts `source` back out of service as a saved benching left it (after
+    /// a restart): benched at `since` (the tracker's clock: tokio's, which
+    /// is `std`'s unless paused) for `cooldown`, its `strike`-th benching
+    /// in a row, for `cause` (see [`health::Tracker::restore_bench`]).
+    /// Once `since + cooldown` has passed it is on probation. Returns
+    /// whether it was applied.
+    ///
+    /// - An address the pool holds is restored under
+    ///   `max_benched_percent` like a new benching: `Ok(false)`, changing
+    ///   nothing, when the cap is reached.
+    /// - An address of the source the pool does not hold (the usual case
+    ///   right after start: static and freebind pools draw addresses on
+    ///   demand, and a range such as an IPv6 /64 is never materialised) is
+    ///   remembered out of service, like an address retired while benched:
+    ///   the source skips it until its cooldown ends, then the next sweep
+    ///   forgets it ([`HealthJournal::forgotten`]) and the source may hand
+    ///   it out again, starting over. It takes no capacity from the pool,
+    ///   so the cap does not refuse it; it counts as out of service from
+    ///   then on, like every benched address. One whose cooldown has ended
+    ///   already is remembered on probation: drawn before the next sweep,
+    ///   its first lease is a probe; otherwise the sweep forgets it.
+    ///
+    /// This is no transition: neither [`PoolOptions::transitions`] nor the
+    /// [`HealthJournal`] hears of it.
+    ///
+    /// Errors: [`PoolError::HealthDisabled`] when health is off;
+    /// [`PoolError::UnknownAddress`] for an address outside the source
+    /// (for an iterator source, whose members cannot be told, one of the
+    /// other family).
+    pub fn restore_bench(
+        &self,
+        source: IpAddr,
+        since: std::time::Instant,
+        cooldown: Duration,
+        cause: health::BenchCause,
+        strike: u32,
+    ) -> Result<bool, PoolError> {
+        let inner = &self.inner;
+        if inner.opts.health.is_none() {
+            return Err(PoolError::HealthDisabled);
+        }
+        let unknown = || PoolError::UnknownAddress { ip: source };
+        let mut st = inner.lock();
+        let in_source = st
+            .stream
+            .contains(source)
+            .unwrap_or_else(|| inner.family.is_none_or(|f| f == Family::of(source)));
+        if !in_source {
+            return Err(unknown());
+        }
+        let held = st.slots.contains_key(&source);
+        let Some(t) = st.health.as_mut() else {
+            return Err(PoolError::HealthDisabled);
+        };
+        let inserted = t.insert(source);
+        let applied = if held {
+            t.restore_bench(&source, since, cooldown, cause, strike)
+        } else {
+            t.restore_bench_uncapped(&source, since, cooldown, cause, strike)
+                .map(|()| true)
+        }
+        .map_err(|_| unknown())?;
+        if !applied && inserted {
+            t.remove(&source);
+        }
+        drop(st);
+        if applied {
+            // A held address benched no longer counts as spare: top up.
+            inner.wake.notify_one();
+            inner.changed.notify_waiters();
+        }
+        Ok(applied)
+    }
+
     /// The options the pool was started with.
     pub fn options(&self) -> &PoolOptions {
         &self.inner.opts
@@ -753,14 +863,24 @@ impl Inner {
     ) -> Result<Option<Transition>, health::UnknownKey> {
         let change = {
             let mut st = self.lock();
-            let Some(t) = st.health.as_mut() else {
+            let State {
+                health: tracker,
+                journal,
+                ..
+            } = &mut *st;
+            let Some(t) = tracker.as_mut() else {
                 return Ok(None);
             };
             let now = addr_health::now();
-            match permit {
+            let change = match permit {
                 Some(p) => t.finish(p, observation, now)?,
                 None => t.record(&source, observation, now)?,
+            };
+            // Under the lock: the journal hears changes in the order made.
+            if let (Some(c), Some(j)) = (&change, journal.as_ref()) {
+                j.transition(source, c, t, now);
             }
+            change
         };
         if let Some(change) = change {
             match change {
@@ -1069,10 +1189,8 @@ impl Inner {
         // A benched address is remembered until its cooldown ends (the
         // source skips it meanwhile); any other is forgotten.
         let now = addr_health::now();
-        if !st.benched(&ip, now)
-            && let Some(t) = st.health.as_mut()
-        {
-            t.remove(&ip);
+        if !st.benched(&ip, now) {
+            st.forget(&ip, now);
         }
         let owned = st.slots.get(&ip).is_some_and(|s| s.owned);
         inc(&self.metrics.retired);
@@ -1109,10 +1227,8 @@ impl Inner {
                     .filter(|ip| !st.slots.contains_key(ip) && !st.benched(ip, hnow))
                     .copied()
                     .collect();
-                if let Some(t) = st.health.as_mut() {
-                    for ip in done {
-                        t.remove(&ip);
-                    }
+                for ip in done {
+                    st.forget(&ip, hnow);
                 }
             }
             // Idle retirement frees interface addresses; static and freebind

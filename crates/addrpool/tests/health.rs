@@ -407,6 +407,153 @@ async fn benched_addresses_retired_are_remembered_until_their_cooldown() {
     assert!(got.contains(&v4(1)), "{got:?}");
 }
 
+/// What a [`addrpool::HealthJournal`] heard, in order: (address, what,
+/// the bench's start, cooldown and strike for a benching).
+type Heard = Vec<(
+    IpAddr,
+    &'static str,
+    Option<(std::time::Instant, Duration, u32)>,
+)>;
+
+#[derive(Default)]
+struct Journal(Mutex<Heard>);
+
+impl addrpool::HealthJournal for Journal {
+    fn transition(
+        &self,
+        source: IpAddr,
+        transition: &Transition,
+        tracker: &health::Tracker<IpAddr>,
+        now: std::time::Instant,
+    ) {
+        let entry = match transition {
+            Transition::Benched { .. } => {
+                let Some(State::Benched { since, cooldown }) = tracker.state(&source, now) else {
+                    panic!("benched but the tracker says otherwise");
+                };
+                let strike = tracker
+                    .bench_history(&source)
+                    .and_then(|h| h.last().map(|b| b.strike))
+                    .unwrap_or(0);
+                (source, "benched", Some((since, cooldown, strike)))
+            }
+            Transition::Restored => (source, "restored", None),
+            Transition::BenchSuppressed { .. } => (source, "suppressed", None),
+        };
+        self.0.lock().unwrap().push(entry);
+    }
+
+    fn forgotten(&self, source: IpAddr) {
+        self.0.lock().unwrap().push((source, "forgotten", None));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn restored_benches_keep_addresses_out_and_the_journal_hears_changes_in_order() {
+    use health::BenchCause;
+    let seen = Seen::default();
+    let o = PoolOptions {
+        keep_assigned: 6,
+        ..opts(2, MIN, 50, &seen)
+    };
+    let pool = Pool::start(list(&[1, 2, 3, 4, 5, 6, 7, 8]), Assigner::Static, o)
+        .await
+        .unwrap();
+    let journal = Arc::new(Journal::default());
+    pool.set_health_journal(Some(journal.clone()));
+    assert!(pool.held().is_empty(), "a static pool draws on demand");
+
+    // Saved benches of addresses not held yet: one with 50 s of its minute
+    // left, one whose cooldown ended while the process was down. Both are
+    // applied although they are all the tracker knows (the cap is about
+    // held addresses).
+    let now = tokio::time::Instant::now().into_std();
+    let since = now - Duration::from_secs(10);
+    let cause = BenchCause::ConsecutiveFailures(2);
+    assert!(pool.restore_bench(v4(2), since, MIN, cause, 1).unwrap());
+    assert!(
+        pool.restore_bench(v4(3), now - 2 * MIN, MIN, BenchCause::ProbationFailure, 2)
+            .unwrap()
+    );
+    assert_eq!(
+        pool.health_state(v4(2)),
+        Some(State::Benched {
+            since,
+            cooldown: MIN
+        })
+    );
+    assert_eq!(pool.health_state(v4(3)), Some(State::Probation));
+    // Outside the source, of the other family, or with health off: errors.
+    assert!(matches!(
+        pool.restore_bench(v4(9), since, MIN, cause, 1),
+        Err(PoolError::UnknownAddress { .. })
+    ));
+    assert!(matches!(
+        pool.restore_bench("::1".parse().unwrap(), since, MIN, cause, 1),
+        Err(PoolError::UnknownAddress { .. })
+    ));
+    let plain = Pool::start(list(&[1]), Assigner::Static, PoolOptions::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        plain.restore_bench(v4(1), since, MIN, cause, 1),
+        Err(PoolError::HealthDisabled)
+    ));
+    // A restoration is no transition.
+    assert!(seen.lock().unwrap().is_empty());
+    assert!(journal.0.lock().unwrap().is_empty());
+
+    // The source skips the benched address: never leased.
+    let got = lease_sources(&pool, 18).await;
+    assert!(!got.contains(&v4(2)), "{got:?}");
+    assert!(!pool.held().contains(&v4(2)));
+    assert!(pool.held().contains(&v4(3)), "drawn again, on probation");
+
+    // A held address is restored under the cap: 2 out (2, 3) of 7
+    // tracked, at most 3; a benching at run time takes the third place.
+    let t0 = tokio::time::Instant::now().into_std();
+    for _ in 0..2 {
+        pool.record_outcome(v4(4), health::Outcome::Status(429))
+            .unwrap();
+    }
+    assert!(!pool.restore_bench(v4(5), t0, MIN, cause, 1).unwrap());
+    assert_eq!(pool.health_state(v4(5)), Some(State::Available));
+
+    // The probe of 3 succeeds: restored.
+    let mut probed = false;
+    for _ in 0..8 {
+        let l = pool.lease().await.unwrap();
+        if l.source() == v4(3) {
+            assert!(l.is_probe());
+            assert_eq!(
+                l.record(health::Outcome::Status(200)),
+                Some(Transition::Restored)
+            );
+            probed = true;
+            break;
+        }
+    }
+    assert!(probed);
+
+    // 2's cooldown ends while the pool does not hold it: the sweep forgets
+    // it, and the journal hears so.
+    tokio::time::advance(Duration::from_secs(50)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(pool.health_state(v4(2)), None);
+
+    let heard = journal.0.lock().unwrap().clone();
+    assert_eq!(
+        heard,
+        [
+            (v4(4), "benched", Some((t0, MIN, 1))),
+            (v4(3), "restored", None),
+            (v4(2), "forgotten", None),
+        ]
+    );
+    pool.shutdown().await;
+    plain.shutdown().await;
+}
+
 // ---- Against a real upstream -------------------------------------------
 
 /// An HTTP server on 127.0.0.1 answering 429 to the `blocked` sources and

@@ -417,6 +417,36 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
         cause: BenchCause,
         strike: u32,
     ) -> Result<bool, UnknownKey> {
+        self.restore(key, since, cooldown, cause, strike, true)
+    }
+
+    /// [`restore_bench`](Self::restore_bench) whatever
+    /// `max_benched_percent`: for a key whose benching takes no capacity
+    /// from the pool, such as an egress address the pool does not hold
+    /// and whose source will not hand it out meanwhile. The key counts as
+    /// out of service from then on, like any benched key (later benchings
+    /// of the pool see it under the cap). Errors for an unknown key.
+    pub fn restore_bench_uncapped(
+        &mut self,
+        key: &K,
+        since: Instant,
+        cooldown: Duration,
+        cause: BenchCause,
+        strike: u32,
+    ) -> Result<(), UnknownKey> {
+        self.restore(key, since, cooldown, cause, strike, false)
+            .map(|_| ())
+    }
+
+    fn restore(
+        &mut self,
+        key: &K,
+        since: Instant,
+        cooldown: Duration,
+        cause: BenchCause,
+        strike: u32,
+        capped: bool,
+    ) -> Result<bool, UnknownKey> {
         let idx = *self.index.get(key).ok_or(UnknownKey)?;
         let cap = self.options.max_benched(self.entries.len());
         let Tracker {
@@ -428,7 +458,7 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
         } = self;
         let e = entries.get_mut(idx).ok_or(UnknownKey)?;
         if e.phase == Phase::Available {
-            if *out >= cap {
+            if capped && *out >= cap {
                 return Ok(false);
             }
             *out += 1;

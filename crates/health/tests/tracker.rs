@@ -513,6 +513,31 @@ fn restored_bench_continues_the_backoff_and_respects_the_cap() {
         capped.restore_bench(&"zz", t0, MIN, cause, 1),
         Err(UnknownKey)
     );
+    // Uncapped: out of service whatever the cap, and counted as out, so a
+    // new benching of the pool is suppressed.
+    assert_eq!(
+        capped.restore_bench_uncapped(&"c", t0, 10 * MIN, cause, 1),
+        Ok(())
+    );
+    assert!(matches!(
+        capped.state(&"c", t0),
+        Some(State::Benched { .. })
+    ));
+    assert_eq!(capped.stats(t0).benched, 3);
+    let mut last = None;
+    for _ in 0..3 {
+        last = capped
+            .record(&"d", Outcome::Status(429), t0)
+            .expect("known");
+    }
+    assert!(
+        matches!(last, Some(Transition::BenchSuppressed { .. })),
+        "{last:?}"
+    );
+    assert_eq!(
+        capped.restore_bench_uncapped(&"zz", t0, MIN, cause, 1),
+        Err(UnknownKey)
+    );
 }
 
 #[test]
