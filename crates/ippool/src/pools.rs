@@ -16,17 +16,28 @@
 //!
 //! # Benches survive a restart
 //!
-//! An nginx pool's benches are kept in the state store
+//! The benches of nginx and egress pools are kept in the state store
 //! ([`store::HealthRecord`]): [`Pool::restore_benches`] re-applies the
-//! saved ones at start (with the cooldown they have left: one that ran
-//! out while the daemon was down leaves the address on probation) and
-//! from then on every benching and restoration of the pool is queued, in
-//! the order the tracker made it, on the pool's [`BenchJournal`]; the
-//! pool's monitor task writes the queue to the store off the async
-//! workers ([`BenchJournal::save`]). A change is on disk milliseconds
-//! after it happened; a `kill -9` in between loses at most those last
-//! changes. Egress pools' benches are not persisted yet (their tracker
-//! lives in `addrpool` and their transitions do not pass through here).
+//! saved ones at start, before anything serves (with the cooldown they
+//! have left: one that ran out while the daemon was down leaves the
+//! address on probation) and from then on every benching and restoration
+//! of the pool is queued, in the order the tracker made it, on the pool's
+//! [`BenchJournal`]:
+//!
+//! - an nginx pool queues under the tracker's lock in [`Pool::record`];
+//!   its monitor task writes the queue;
+//! - an egress pool's tracker lives in `addrpool`, which calls the pool's
+//!   [`addrpool::HealthJournal`] under its own lock (the
+//!   [`addrpool::TransitionSink`] that counts transitions runs after the
+//!   lock is released, so two changes of one address could reach it out
+//!   of order); an address it forgets while on probation loses its record
+//!   too. A task per pool writes the queue ([`BenchJournal::save_until`])
+//!   and `serve` writes what is left once the listeners have drained
+//!   ([`BenchJournal::flush`]).
+//!
+//! Writes happen on blocking threads ([`BenchJournal::save`]), never on a
+//! connection path. A change is on disk milliseconds after it happened; a
+//! `kill -9` in between loses at most those last changes.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -75,16 +86,28 @@ pub enum BenchChange {
         /// The address.
         ip: IpAddr,
     },
+    /// An egress pool forgot `ip` while it was on probation (it no longer
+    /// holds it; see [`addrpool::HealthJournal::forgotten`]): its record
+    /// goes, as the pool would hand it out again as a fresh address.
+    Forgotten {
+        /// The address.
+        ip: IpAddr,
+    },
 }
 
 /// The bench changes of one pool waiting to be written to the store, in
 /// the order the tracker made them (they are queued under the tracker's
-/// lock). Filled by [`Pool::record`]; emptied by one saver
-/// ([`BenchJournal::save`], the pool's monitor task).
+/// lock). Filled by [`Pool::record`] (nginx pools) or by the
+/// [`addrpool::HealthJournal`] of an egress pool; emptied by its saver
+/// ([`BenchJournal::save`]: the pool's monitor task, or
+/// [`BenchJournal::save_until`] for an egress pool).
 #[derive(Debug, Default)]
 pub struct BenchJournal {
     queue: Mutex<Vec<BenchChange>>,
     notify: tokio::sync::Notify,
+    /// Held by a save from taking the queue to its last write, so two
+    /// saves (a late one and the final one at shutdown) never interleave.
+    saving: Mutex<()>,
 }
 
 impl BenchJournal {
@@ -113,6 +136,7 @@ impl BenchJournal {
     /// logged as an error and dropped (the address keeps its state in
     /// memory; only a restart would forget it).
     pub fn save(&self, pool: &str, store: &store::Store) -> usize {
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let changes = self.take();
         if changes.is_empty() {
             return 0;
@@ -141,7 +165,7 @@ impl BenchJournal {
                     };
                     (ip, store.put_bench(&record))
                 }
-                BenchChange::Restored { ip } => {
+                BenchChange::Restored { ip } | BenchChange::Forgotten { ip } => {
                     (ip, store.remove_bench(pool, &ip.to_string()).map(|_| ()))
                 }
             };
@@ -156,6 +180,66 @@ impl BenchJournal {
             }
         }
         written
+    }
+
+    /// Writes the changes as they are queued, in order, each batch on a
+    /// blocking thread (never on the async workers, never on a connection
+    /// path), until `shutdown`. The saver of an egress pool; what is
+    /// queued after it stops is written by [`BenchJournal::flush`].
+    pub async fn save_until(
+        self: Arc<Self>,
+        pool: String,
+        store: store::Store,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.changed() => {}
+            }
+            self.save_blocking(&pool, &store).await;
+        }
+    }
+
+    /// Writes what is queued, on a blocking thread: the last changes, once
+    /// the listeners have drained at shutdown.
+    pub async fn flush(self: Arc<Self>, pool: String, store: store::Store) {
+        self.save_blocking(&pool, &store).await;
+    }
+
+    async fn save_blocking(self: &Arc<Self>, pool: &str, store: &store::Store) {
+        let (journal, p, s) = (Arc::clone(self), pool.to_owned(), store.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || journal.save(&p, &s)).await {
+            tracing::error!(pool, error = %e, "saving bench changes failed");
+        }
+    }
+}
+
+/// Resumes a saved bench at (`now`, `wall`): its start as an `Instant`,
+/// and its cooldown. A bench saved in the future (the clock went back)
+/// starts now; one older than this host's monotonic clock keeps what is
+/// left of its cooldown.
+fn resume_bench(r: &store::HealthRecord, now: Instant, wall: SystemTime) -> (Instant, Duration) {
+    let since_wall = SystemTime::UNIX_EPOCH + Duration::from_millis(r.since_unix_ms);
+    let cooldown = Duration::from_millis(r.cooldown_ms());
+    let elapsed = wall.duration_since(since_wall).unwrap_or(Duration::ZERO);
+    match now.checked_sub(elapsed) {
+        Some(since) => (since, cooldown),
+        None => (now, cooldown.saturating_sub(elapsed)),
+    }
+}
+
+/// Queues an egress pool's bench changes on its [`BenchJournal`]; called
+/// by the pool under its own lock, so in the order it made them.
+struct EgressJournal(Arc<BenchJournal>);
+
+impl addrpool::HealthJournal for EgressJournal {
+    fn transition(&self, source: IpAddr, t: &Transition, tracker: &Tracker<IpAddr>, now: Instant) {
+        Pool::journal_change(&self.0, tracker, source, t, now);
+    }
+
+    fn forgotten(&self, source: IpAddr) {
+        self.0.push(BenchChange::Forgotten { ip: source });
     }
 }
 
@@ -352,39 +436,41 @@ impl Pool {
     /// Re-applies the benches of this pool saved in `store` and, from now
     /// on, queues every benching and restoration on the returned journal,
     /// for the pool's saver to write ([`BenchJournal::save`]). `None` for a
-    /// pool whose tracker the registry does not own (egress pools,
-    /// balancers): nothing is restored or persisted for those.
+    /// balancer, and for an egress pool without health: nothing is
+    /// restored or persisted for those.
     ///
     /// A saved bench keeps the cooldown it had left at (`now`, `wall`);
-    /// one that ran out meanwhile leaves the address on probation. A
-    /// discovering pool takes the address back in; a bench of an address
-    /// that left a fixed pool, or one over `max_benched_percent`, is
-    /// dropped from the store with a log line. Errors when the store
-    /// cannot be read or holds an unreadable record of this pool: nothing
-    /// is reset silently. Blocks on the store (start-up only).
+    /// one that ran out meanwhile leaves the address on probation. Errors
+    /// when the store cannot be read or written, or holds an unreadable
+    /// record of this pool (then before anything changed): nothing is
+    /// reset silently. Blocks on the store (start-up only).
+    ///
+    /// - nginx pools: a discovering pool takes the address back in; a
+    ///   bench of an address that left a fixed pool, or one over
+    ///   `max_benched_percent`, is dropped from the store with a log line.
+    /// - egress pools ([`addrpool::Pool::restore_bench`]): an address the
+    ///   pool does not hold (the usual case at start) is remembered out of
+    ///   service, so the source skips it until its cooldown ends; an
+    ///   address outside the pool's source, or a held one over
+    ///   `max_benched_percent`, is dropped with a log line. The pool's
+    ///   changes are queued under its own lock ([`addrpool::HealthJournal`]),
+    ///   so in the order it made them, and an address it forgets while on
+    ///   probation has its record removed.
     pub fn restore_benches(
         &self,
         store: &store::Store,
         now: Instant,
         wall: SystemTime,
     ) -> Result<Option<(Arc<BenchJournal>, Restored)>, store::StoreError> {
-        let Backend::Tracked { discover, tracker } = &self.backend else {
-            return Ok(None);
-        };
+        match &self.backend {
+            Backend::Tracked { .. } => {}
+            Backend::Egress(pool) if pool.options().health.is_some() => {}
+            Backend::Egress(_) | Backend::L4(_) => return Ok(None),
+        }
         let saved = store.benches_of(&self.name)?;
-        let mut done = Restored::default();
-        let drop_record = |r: &store::HealthRecord, why: &str| {
-            tracing::warn!(
-                pool = %self.name,
-                address = %r.address,
-                "saved bench dropped: {why}"
-            );
-            store.remove_bench(&r.pool, &r.address).map(|_| ())
-        };
-        let mut t = Self::lock(tracker);
-        // 1. Read every record and take the addresses in (the cap on
-        // benched addresses depends on the pool's size).
-        let mut usable = Vec::new();
+        // 1. Read every record: one unreadable record stops the restore
+        // before anything changed.
+        let mut records = Vec::with_capacity(saved.len());
         for r in &saved {
             let bad = |reason: String| store::StoreError::Decode {
                 table: store::Table::Health.name(),
@@ -397,48 +483,95 @@ impl Pool {
                 .map_err(|e| bad(format!("address {:?}: {e}", r.address)))?;
             let cause =
                 parse_cause(&r.cause).ok_or_else(|| bad(format!("unknown cause {:?}", r.cause)))?;
-            if !t.contains(&ip) {
-                if *discover {
-                    t.insert(ip);
-                } else {
-                    drop_record(r, "the address is no longer in the pool")?;
-                    done.dropped += 1;
-                    continue;
+            records.push((r, ip, cause));
+        }
+        let mut done = Restored::default();
+        let drop_record = |r: &store::HealthRecord, why: &str| {
+            tracing::warn!(
+                pool = %self.name,
+                address = %r.address,
+                "saved bench dropped: {why}"
+            );
+            store.remove_bench(&r.pool, &r.address).map(|_| ())
+        };
+        // Those still in their cooldown first (they matter most under
+        // the cap).
+        let now_ms = unix_ms_at(now, now, wall);
+        let by_end = |records: &mut Vec<(&store::HealthRecord, IpAddr, BenchCause)>| {
+            records.sort_by_key(|(r, _, _)| r.until_unix_ms <= now_ms);
+        };
+        let journal = Arc::clone(self.journal.get_or_init(Arc::default));
+        match &self.backend {
+            Backend::Tracked { discover, tracker } => {
+                let mut t = Self::lock(tracker);
+                // 2. Take the addresses in first (the cap on benched
+                // addresses depends on the pool's size).
+                let mut usable = Vec::new();
+                for (r, ip, cause) in records {
+                    if !t.contains(&ip) {
+                        if *discover {
+                            t.insert(ip);
+                        } else {
+                            drop_record(r, "the address is no longer in the pool")?;
+                            done.dropped += 1;
+                            continue;
+                        }
+                    }
+                    usable.push((r, ip, cause));
+                }
+                // 3. Bench them again.
+                by_end(&mut usable);
+                for (r, ip, cause) in usable {
+                    let (since, cooldown) = resume_bench(r, now, wall);
+                    let applied = t
+                        .restore_bench(&ip, since, cooldown, cause, r.strike)
+                        .unwrap_or(false);
+                    if !applied {
+                        drop_record(
+                            r,
+                            "max_benched_percent of the pool is already out of service",
+                        )?;
+                        done.dropped += 1;
+                        continue;
+                    }
+                    match t.state(&ip, now) {
+                        Some(health::State::Benched { .. }) => done.benched += 1,
+                        _ => done.probation += 1,
+                    }
                 }
             }
-            usable.push((r, ip, cause));
-        }
-        // 2. Bench them again, those still in their cooldown first.
-        let now_ms = unix_ms_at(now, now, wall);
-        usable.sort_by_key(|(r, _, _)| r.until_unix_ms <= now_ms);
-        for (r, ip, cause) in usable {
-            let since_wall = SystemTime::UNIX_EPOCH + Duration::from_millis(r.since_unix_ms);
-            let cooldown = Duration::from_millis(r.cooldown_ms());
-            // A bench saved in the future (the clock went back) starts now.
-            let elapsed = wall.duration_since(since_wall).unwrap_or(Duration::ZERO);
-            let (since, cooldown) = match now.checked_sub(elapsed) {
-                Some(since) => (since, cooldown),
-                // Older than this host's monotonic clock: keep what is left.
-                None => (now, cooldown.saturating_sub(elapsed)),
-            };
-            let applied = t
-                .restore_bench(&ip, since, cooldown, cause, r.strike)
-                .unwrap_or(false);
-            if !applied {
-                drop_record(
-                    r,
-                    "max_benched_percent of the pool is already out of service",
-                )?;
-                done.dropped += 1;
-                continue;
+            Backend::Egress(pool) => {
+                // From now on every change is queued, under the pool's
+                // lock (none happens before the listeners serve).
+                pool.set_health_journal(Some(Arc::new(EgressJournal(Arc::clone(&journal)))));
+                by_end(&mut records);
+                for (r, ip, cause) in records {
+                    let (since, cooldown) = resume_bench(r, now, wall);
+                    match pool.restore_bench(ip, since, cooldown, cause, r.strike) {
+                        Ok(true) => match pool.health_state(ip) {
+                            Some(health::State::Benched { .. }) => done.benched += 1,
+                            _ => done.probation += 1,
+                        },
+                        Ok(false) => {
+                            drop_record(
+                                r,
+                                "max_benched_percent of the pool is already out of service",
+                            )?;
+                            done.dropped += 1;
+                        }
+                        Err(addrpool::PoolError::UnknownAddress { .. }) => {
+                            drop_record(r, "the address is not in the pool's source")?;
+                            done.dropped += 1;
+                        }
+                        Err(e) => {
+                            drop_record(r, &e.to_string())?;
+                            done.dropped += 1;
+                        }
+                    }
+                }
             }
-            match t.state(&ip, now) {
-                Some(health::State::Benched { .. }) => done.benched += 1,
-                _ => done.probation += 1,
-            }
+            Backend::L4(_) => return Ok(None),
         }
-        let journal = Arc::clone(self.journal.get_or_init(Arc::default));
-        drop(t);
         if !saved.is_empty() {
             tracing::info!(
                 pool = %self.name,
@@ -933,6 +1066,11 @@ impl Pools {
         }
     }
 
+    /// The events stream pools publish their transitions on.
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
+    }
+
     /// A pool by name.
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.get(name)
@@ -1157,6 +1295,106 @@ mod tests {
         let e = bad.restore_benches(&store, now, wall).unwrap_err();
         assert!(e.to_string().contains("bad/10.0.0.1"), "{e}");
         assert!(e.to_string().contains("because"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn egress_benches_are_journaled_saved_and_restored() {
+        let metrics = Metrics::new(&Arc::new(crate::rules::RuleSets::default()));
+        let store = store::Store::memory();
+        let start = || async {
+            let options = addrpool::PoolOptions {
+                strategy: addrpool::Strategy::RoundRobin,
+                max_uses: None,
+                keep_assigned: 6,
+                health: Some(health::HealthOptions {
+                    strategy: health::Strategy::Consecutive {
+                        consecutive_failures: 2,
+                    },
+                    ..health::HealthOptions::default()
+                }),
+                ..addrpool::PoolOptions::default()
+            };
+            let source: addrpool::Source = "127.0.14.0/29".parse().unwrap();
+            addrpool::Pool::start(source, addrpool::Assigner::Static, options)
+                .await
+                .unwrap()
+        };
+        let ip: IpAddr = "127.0.14.1".parse().unwrap();
+
+        let egress = start().await;
+        let mut pools = Pools::default();
+        let p = pools.register_egress("out", egress.clone()).unwrap();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (journal, r) = p.restore_benches(&store, now, wall).unwrap().unwrap();
+        assert_eq!(r, Restored::default());
+        // The pool takes its addresses; two 429s bench one.
+        drop(egress.lease().await.unwrap());
+        for _ in 0..2 {
+            p.record(ip, health::Outcome::Status(429), Instant::now(), &metrics)
+                .unwrap();
+        }
+        assert_eq!(journal.save("out", &store), 1);
+        let saved = store.benches_of("out").unwrap();
+        assert_eq!(saved.len(), 1);
+        assert_eq!(
+            (saved[0].address.as_str(), saved[0].cause.as_str()),
+            ("127.0.14.1", "consecutive_failures:2")
+        );
+        assert_eq!(saved[0].cooldown_ms(), 600_000);
+        egress.shutdown().await;
+
+        // A restart 100 s later: benched with 500 s left, and not held.
+        let egress = start().await;
+        let mut pools = Pools::default();
+        let p = pools.register_egress("out", egress.clone()).unwrap();
+        let (later, wall2) = (Instant::now(), SystemTime::now() + Duration::from_secs(100));
+        let (journal, r) = p.restore_benches(&store, later, wall2).unwrap().unwrap();
+        assert_eq!((r.benched, r.probation, r.dropped), (1, 0, 0));
+        let view = p.probe(Instant::now(), 0, Some(ip));
+        let a = &view.addresses[0];
+        assert_eq!((a.state, a.held), ("benched", Some(false)));
+        let left = a.remaining_seconds.unwrap();
+        assert!((490.0..=500.1).contains(&left), "{left}");
+        for _ in 0..12 {
+            assert_ne!(egress.lease().await.unwrap().source(), ip);
+        }
+        assert_eq!(
+            journal.save("out", &store),
+            0,
+            "a restoration is not rewritten"
+        );
+        egress.shutdown().await;
+
+        // A balancer, or an egress pool without health: nothing to restore.
+        let plain = addrpool::Pool::start(
+            "127.0.14.0/29".parse().unwrap(),
+            addrpool::Assigner::Static,
+            addrpool::PoolOptions::default(),
+        )
+        .await
+        .unwrap();
+        let p = pools.register_egress("plain", plain.clone()).unwrap();
+        assert!(p.restore_benches(&store, now, wall).unwrap().is_none());
+        plain.shutdown().await;
+    }
+
+    #[test]
+    fn forgotten_addresses_lose_their_saved_bench() {
+        let store = store::Store::memory();
+        let journal = BenchJournal::default();
+        let ip: IpAddr = "127.0.14.1".parse().unwrap();
+        journal.push(BenchChange::Benched {
+            ip,
+            since: Instant::now(),
+            cooldown: Duration::from_secs(60),
+            cause: BenchCause::ProbationFailure,
+            strike: 2,
+        });
+        assert_eq!(journal.save("out", &store), 1);
+        assert_eq!(store.benches_of("out").unwrap()[0].strike, 2);
+        journal.push(BenchChange::Forgotten { ip });
+        assert_eq!(journal.save("out", &store), 1);
+        assert!(store.benches().unwrap().is_empty());
     }
 
     #[test]

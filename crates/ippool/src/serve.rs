@@ -174,7 +174,18 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     // Whatever fails, the pools started so far are shut down (netlink
     // addresses removed) first.
     let mut egress_pools: Vec<(String, addrpool::Pool)> = Vec::new();
-    let mut started = start_pools(&loaded.pools, &metrics, &mut pools, &mut egress_pools).await;
+    // Their saved benches come back before anything serves; the journals
+    // of their changes get a saver each.
+    let mut journals = Vec::new();
+    let mut started = start_pools(
+        &loaded.pools,
+        &metrics,
+        &store,
+        &mut pools,
+        &mut egress_pools,
+        &mut journals,
+    )
+    .await;
     let env = ListenerEnv {
         guards: Arc::clone(&guards),
         metrics: Arc::clone(&metrics),
@@ -241,7 +252,8 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         match crate::backends::start(&spec).await {
             Ok(r) => {
                 tracing::info!(
-                    "registry: registration channel listening on ws://{}",
+                    "registry: registration channel listening on {}://{}",
+                    if spec.certs.is_some() { "wss" } else { "ws" },
                     r.server.local_addr()
                 );
                 registry = Some(r);
@@ -353,6 +365,15 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             ("bans", Ok(()))
         });
     }
+    for (name, journal) in &journals {
+        // Egress pools' bench changes, off the connection path, in order.
+        let (journal, name) = (Arc::clone(journal), name.clone());
+        let (store, shutdown) = (state.store.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            journal.save_until(name, store, shutdown).await;
+            ("egress benches", Ok(()))
+        });
+    }
     let filters = std::mem::take(&mut *guards.filters.lock().unwrap_or_else(|p| p.into_inner()));
     for (name, set, fd) in filters {
         let (shutdown, policy) = (shutdown.clone(), guards.policy(&set));
@@ -382,6 +403,13 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             server.serve(s2.cancelled_owned()).await;
             ("registry", Ok(()))
         });
+        if let Some(certs) = loaded.registry.as_ref().and_then(|r| r.certs.clone()) {
+            let s4 = shutdown.clone();
+            tasks.spawn(async move {
+                crate::backends::watch_certs(certs, s4).await;
+                ("registry certificates", Ok(()))
+            });
+        }
         let (ev, s3) = (events.clone(), shutdown.clone());
         let target = loaded
             .registry
@@ -471,6 +499,10 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         tasks.shutdown().await;
         listeners.abort().await;
     }
+    // The egress pools' last bench changes (up to the listeners' drain).
+    for (name, journal) in journals {
+        journal.flush(name, state.store.clone()).await;
+    }
     stop_pools(&egress_pools).await;
     match failure {
         Some(e) => Err(e),
@@ -481,14 +513,20 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     }
 }
 
-/// Starts the `[pools.*]`, registering each for `/probe` and the metrics.
-/// What was started is left in `started` even on error, for the caller
-/// to shut down.
+/// Starts the `[pools.*]`, registering each for `/probe` and the metrics,
+/// and re-applies the benches saved in `store` (see
+/// [`crate::pools::Pool::restore_benches`]); the journal of each pool's
+/// bench changes, for a saver to write, is added to `journals`. What was
+/// started is left in `started` even on error, for the caller to shut
+/// down. A saved bench that cannot be read stops start-up
+/// ([`ServeError::Store`], naming the record). Blocks on the store.
 async fn start_pools(
     specs: &[crate::config::PoolSpec],
     metrics: &Arc<Metrics>,
+    store: &store::Store,
     registry: &mut Pools,
     started: &mut Vec<(String, addrpool::Pool)>,
+    journals: &mut Vec<(String, Arc<crate::pools::BenchJournal>)>,
 ) -> Result<(), ServeError> {
     for spec in specs {
         let section = format!("pools.{}", spec.name);
@@ -499,19 +537,28 @@ async fn start_pools(
         let source = spec.source.build().map_err(err)?;
         let mut options = spec.options.clone();
         let (name, m) = (spec.name.clone(), Arc::clone(metrics));
-        // addrpool logs the transition itself; count it here.
+        let events = registry.events().clone();
+        // addrpool logs the transition itself; count and publish it here.
         options.transitions = Some(Arc::new(
-            move |_: std::net::IpAddr, t: health::Transition| {
+            move |ip: std::net::IpAddr, t: health::Transition| {
                 m.count_transition(&name, crate::pools::transition_kind(&t));
+                crate::pools::publish_transition(&events, &name, &ip.to_string(), &t);
             },
         ));
         let pool = addrpool::Pool::start(source, spec.assigner.clone(), options)
             .await
             .map_err(|e| err(e.to_string()))?;
         started.push((spec.name.clone(), pool.clone()));
-        registry
+        let registered = registry
             .register_egress(&spec.name, pool.clone())
             .map_err(|e| err(e.to_string()))?;
+        let now = (std::time::Instant::now(), std::time::SystemTime::now());
+        let restored = registered
+            .restore_benches(store, now.0, now.1)
+            .map_err(ServeError::Store)?;
+        if let Some((journal, _)) = restored {
+            journals.push((spec.name.clone(), journal));
+        }
         metrics.add_pool(&spec.name);
         metrics.add_egress_pool(&spec.name, pool.clone());
         tracing::info!(
