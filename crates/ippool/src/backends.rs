@@ -263,3 +263,28 @@ impl RouteSync {
         }
     }
 }
+
+/// Reloads the registration channel's certificates when their files
+/// change (checked every 2 s) until `shutdown`; a bad new file keeps the
+/// old certificates and says why.
+pub async fn watch_certs(certs: Arc<gateway::ingress::CertStore>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let c = Arc::clone(&certs);
+        match tokio::task::spawn_blocking(move || c.reload_if_changed()).await {
+            Ok(Ok(true)) => {
+                tracing::info!(names = ?certs.names(), "registry: certificates reloaded")
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "registry: certificate reload failed; keeping the old ones")
+            }
+            Err(e) => tracing::warn!(error = %e, "registry: certificate reload failed"),
+        }
+    }
+}

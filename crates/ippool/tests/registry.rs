@@ -210,3 +210,110 @@ rules = "agents"
     assert!(refused, "a banned peer still reaches the channel");
     assert!(d.terminate().success());
 }
+
+/// A test CA and a certificate for `localhost` signed by it, as PEM files
+/// in `dir`: (ca.pem, cert.pem, key.pem).
+fn pki(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf");
+    (
+        dir.write("ca.pem", &ca.pem()),
+        dir.write("cert.pem", &leaf.pem()),
+        dir.write("key.pem", &leaf_key.serialize_pem()),
+    )
+}
+
+#[test]
+fn agents_register_over_wss_and_plain_ws_is_refused() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
+    support::keygen(&dir.0.join("keys"), "web001");
+    let (ca, _, _) = pki(&dir);
+    let cfg = dir.write(
+        "ippool.toml",
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[registry]
+listen = "127.0.0.1:0"
+keys_dir = "keys"
+tls = [{ cert = "cert.pem", key = "key.pem" }]
+heartbeat_interval = "200ms"
+heartbeat_timeout = "800ms"
+"#,
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let channel = d.registry();
+    assert!(
+        d.startup
+            .iter()
+            .any(|l| l.contains("registration channel listening on wss://")),
+        "{:?}",
+        d.startup
+    );
+
+    // ws:// to a TLS channel: never registers.
+    let plain = agent(&dir, channel, "web001", "127.0.0.1:8081");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(services(&d), serde_json::json!([]), "plain ws registered");
+    drop(plain);
+
+    // wss:// with the CA: registers.
+    let key = dir.0.join("keys/web001.key");
+    let child = Command::new(support::BIN)
+        .args(["agent", "--proxy", &format!("wss://{channel}")])
+        .args(["--id", "web001", "--key"])
+        .arg(&key)
+        .arg("--ca")
+        .arg(&ca)
+        .args(["--service", "127.0.0.1:8081", "--route", "example.com/api"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    let _tls_agent = Agent(child);
+    wait_for("the wss agent", &d, |s| {
+        s.as_array()
+            .is_some_and(|a| a.len() == 1 && a[0]["agent"] == "web001")
+    });
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn registry_tls_config_errors_name_the_key() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
+    for (body, want) in [
+        (
+            "tls = [{ cert = \"missing.pem\", key = \"missing.key\" }]\n",
+            "registry.tls",
+        ),
+        (
+            "advertised = [\"ws://proxy.lan:3042\"]\ntls = [{ cert = \"cert.pem\", key = \"key.pem\" }]\n",
+            "registry.advertised[0]",
+        ),
+    ] {
+        pki(&dir);
+        let cfg = dir.write(
+            "ippool.toml",
+            &format!("[registry]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"keys\"\n{body}"),
+        );
+        let out = Command::new(support::BIN)
+            .args(["check", "-c"])
+            .arg(&cfg)
+            .output()
+            .expect("check");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(want), "want {want}: {err}");
+    }
+}

@@ -162,7 +162,7 @@ pub use routes::{
     Backend, BackendSnapshot, DrainOutcome, HealthSink, MAX_WEIGHT, Route, RouteError, RouteMatch,
     RouteSnapshot, RouteTable, RouteTableOptions, RoutesSnapshot, default_classifier,
 };
-pub use tls::{CertPaths, CertStore, TlsError};
+pub use tls::{CertPaths, CertStore, TlsError, rustls_server_config};
 
 use headers::{ClientInfo, ViaValues};
 use io::{Activity, Watched};

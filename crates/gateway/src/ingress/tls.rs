@@ -288,6 +288,23 @@ pub(crate) fn server_config(
     certs: Arc<CertStore>,
     http2: bool,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    let alpn: &[&[u8]] = if http2 {
+        &[b"h2", b"http/1.1"]
+    } else {
+        &[b"http/1.1"]
+    };
+    rustls_server_config(certs, alpn)
+}
+
+/// A rustls server configuration (ring, TLS 1.2 and 1.3, no client
+/// certificates) whose certificate is picked by SNI from `certs`, so
+/// that a [`CertStore::reload`] applies to the next handshake; offering
+/// `alpn`. For other TLS listeners that share the ingress's certificate
+/// handling (the registration channel's `wss://`).
+pub fn rustls_server_config(
+    certs: Arc<CertStore>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let sessions = certs.sessions.clone();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -295,11 +312,7 @@ pub(crate) fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Resolver(certs)));
     cfg.session_storage = sessions;
-    cfg.alpn_protocols = if http2 {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-    } else {
-        vec![b"http/1.1".to_vec()]
-    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }
 

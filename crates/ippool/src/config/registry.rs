@@ -66,6 +66,12 @@ pub struct RegistryConfig {
     /// accept); failed handshakes feed its `autoblock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Spanned<String>>,
+    /// TLS certificates (`[{ cert = "…", key = "…" }]`, as for an
+    /// ingress; SNI picks one, files are watched and reloaded). Present:
+    /// the channel speaks `wss://` only, and agents' signatures cover the
+    /// TLS session. Absent: `ws://`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<super::ingress::CertConfig>,
 }
 
 /// `[registry]`, resolved.
@@ -79,6 +85,8 @@ pub struct RegistrySpec {
     pub ingress: Option<String>,
     /// The client rule set, if any.
     pub rules: Option<String>,
+    /// The TLS certificates (`wss://`), to watch for changes.
+    pub certs: Option<std::sync::Arc<gateway::ingress::CertStore>>,
 }
 
 /// Resolves `[registry]`.
@@ -129,8 +137,45 @@ pub(super) fn resolve(
             ));
         }
     }
+    let certs = if c.tls.is_empty() {
+        None
+    } else {
+        let paths = c
+            .tls
+            .iter()
+            .map(|t| gateway::ingress::CertPaths::new(base.join(&t.cert), base.join(&t.key)));
+        Some(
+            gateway::ingress::CertStore::load(paths)
+                .map_err(|e| err(c.listen.span(), "tls", e.to_string()))?,
+        )
+    };
+    for (i, u) in c.advertised.iter().enumerate() {
+        if u.starts_with("wss://") != certs.is_some() {
+            return Err(src.error(
+                None,
+                Some(format!("registry.advertised[{i}]")),
+                format!(
+                    "`{u}`: the scheme must be {} ({})",
+                    if certs.is_some() { "wss://" } else { "ws://" },
+                    if certs.is_some() {
+                        "registry.tls is set"
+                    } else {
+                        "registry.tls is not set"
+                    }
+                ),
+            ));
+        }
+    }
+    let tls = match &certs {
+        None => None,
+        Some(store) => Some(std::sync::Arc::new(
+            gateway::ingress::rustls_server_config(std::sync::Arc::clone(store), &[b"http/1.1"])
+                .map_err(|e| err(c.listen.span(), "tls", e.to_string()))?,
+        )),
+    };
     let options = registry::RegistryOptions {
         listen: *c.listen.get_ref(),
+        tls,
         advertised: c.advertised.clone(),
         heartbeat_interval: interval,
         heartbeat_timeout: timeout,
@@ -143,5 +188,6 @@ pub(super) fn resolve(
         keys_dir,
         ingress: c.ingress.clone(),
         rules: c.rules.as_ref().map(|r| r.get_ref().clone()),
+        certs,
     })
 }

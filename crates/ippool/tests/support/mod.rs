@@ -141,9 +141,17 @@ impl Daemon {
         self.logged(&format!("ingress.{name}: reverse proxy listening on "))
     }
 
-    /// The address of the registration channel.
+    /// The address of the registration channel (`ws://` or `wss://`).
     pub fn registry(&self) -> SocketAddr {
-        self.logged("registration channel listening on ws://")
+        let tls = self
+            .startup
+            .iter()
+            .any(|l| l.contains("registration channel listening on wss://"));
+        self.logged(if tls {
+            "registration channel listening on wss://"
+        } else {
+            "registration channel listening on ws://"
+        })
     }
 
     /// Log lines that arrived since start-up, waiting up to `wait` for one
