@@ -241,6 +241,42 @@ async fn active_checks_take_a_backend_down_and_up_with_fall_and_rise() {
     assert_eq!(a.state.checks.load(std::sync::atomic::Ordering::SeqCst), n);
 }
 
+/// Two listeners share a table (one replacing the other at a reload):
+/// when the one running the checks stops, the other takes them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_move_to_the_listener_left_when_the_first_stops() {
+    let a = Backend::start("a").await;
+    let routes = RouteTable::default();
+    let check = HealthCheck {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(500),
+        rise: 1,
+        fall: 1,
+        ..HealthCheck::new("/health")
+    };
+    routes
+        .upsert_route(
+            Route::new("r", RouteMatch::host("a.test"))
+                .with_health_check(check)
+                .with_backend(B::new("a", a.addr)),
+        )
+        .unwrap();
+    let mut keep = opts(&routes);
+    // The idle sweep (where a claim is retried) runs every 500 ms.
+    keep.keep_alive.idle_timeout = Duration::from_secs(1);
+    let first = Running::start(opts(&routes)).await;
+    let second = Running::start(keep).await;
+    let checks = || a.state.checks.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for("checks run", || checks() >= 2).await;
+    first.stop().await;
+    let n = checks();
+    wait_for("checks go on under the second listener", || {
+        checks() >= n + 3
+    })
+    .await;
+    second.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_the_request_in_flight_finish_and_sends_new_ones_elsewhere() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);

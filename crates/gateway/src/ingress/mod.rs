@@ -348,13 +348,24 @@ impl IngressProxy {
         } = self;
         tokio::pin!(shutdown);
         let mut background = JoinSet::new();
-        if let Some(claim) = ctx.opts.routes.claim_checker() {
-            let stopped = ctx.shutdown.clone();
-            background.spawn(async move {
-                check::run(claim.table().clone(), stopped).await;
-                drop(claim);
-            });
-        }
+        // One listener of those sharing a table runs its active checks;
+        // another takes over (at its next sweep) when that one stops, as
+        // when a reload replaces a listener.
+        let mut checking = false;
+        let mut claim_checks = |background: &mut JoinSet<()>| {
+            if checking {
+                return;
+            }
+            if let Some(claim) = ctx.opts.routes.claim_checker() {
+                let stopped = ctx.shutdown.clone();
+                background.spawn(async move {
+                    check::run(claim.table().clone(), stopped).await;
+                    drop(claim);
+                });
+                checking = true;
+            }
+        };
+        claim_checks(&mut background);
         let sweep_every = (ctx.opts.keep_alive.idle_timeout / 2)
             .clamp(Duration::from_millis(500), Duration::from_secs(10));
         let mut sweep = tokio::time::interval(sweep_every);
@@ -378,6 +389,7 @@ impl IngressProxy {
                 _ = sweep.tick() => {
                     ctx.opts.routes.sweep_idle(ctx.opts.keep_alive.idle_timeout);
                     ctx.tasks.reap();
+                    claim_checks(&mut background);
                 }
                 certs = async {
                     match &mut watch_certs {
