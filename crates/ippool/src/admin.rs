@@ -21,7 +21,7 @@
 //! | `GET /api/keys` | the registry's keys: `id`, `role`, `allow`, `public_key` |
 //! | `POST /api/keys` | add a key: `{"id": "web002", "public_key": "BASE64", "role": "agent", "allow": ["peer", "10.0.0.0/24"]}` (`role`, `allow` optional); written to `keys_dir` (fsynced) before the answer; 409 if the id has a key |
 //! | `DELETE /api/keys/{id}` | revoke a key: its connection closes (4003) and its services go at once |
-//! | `POST /api/reload` | re-read the config file (as SIGHUP): new config-file rules now; `[egress.*]`/`[ingress.*]` added, removed or changed are started and stopped (open connections drain), removed `[l4.*]` stopped; `started`, `stopped`, `restart_required` in the answer; 400 with the reason (invalid file, a pool or rule set not running, a port that cannot be bound) and nothing changed |
+//! | `POST /api/reload` | re-read the config file (as SIGHUP): new config-file rules now; `[egress.*]`/`[ingress.*]` added, removed or changed are started and stopped (open connections drain), ingress routes are changed in place, removed `[l4.*]` stopped; `started`, `stopped`, `routes`, `restart_required` in the answer; 400 with the reason (invalid file, a pool or rule set not running, a port that cannot be bound) and nothing changed |
 //! | `GET /api/bans` | active bans of every set: `set`, `rule`, `remaining_seconds`, `times`, `offense` |
 //! | `DELETE /api/bans/{set}?rule=RULE` | lift a ban (durable; the client's ban count is kept for escalation) |
 //! | `GET /probe[?pool=NAME][&ip=ADDR][&recent=N]` | every pool's addresses: state, counters, last N outcomes |

@@ -32,7 +32,18 @@
 //!     counters and its own rate-limit state.
 //!   - `[ingress.*]` changed outside `routes`: replaced the same way, on
 //!     the same route table (registered backends, backend health, the
-//!     `/api/routes` view and the registry keep working).
+//!     `/api/routes` view and the registry keep working). Active health
+//!     checks move to the replacement at its next idle sweep.
+//!   - `[ingress.*.routes.*]` added, changed or removed: applied to the
+//!     live route table, without touching the listener. A new route takes
+//!     requests at once; a changed one keeps the state of the backends it
+//!     still lists; config backends no longer listed, and every backend of
+//!     a removed route, drain (no new requests, in-flight ones finish
+//!     within the ingress's `drain_timeout`) and then leave. Backends that
+//!     registered themselves into a config route stay. Listed in `routes`
+//!     (`ingress.web.routes.api`). The new routes are first tried on a
+//!     scratch copy of the table: one that collides with a registered
+//!     backend's route refuses the reload.
 //!
 //!   A replaced listener is listed in both `started` and `stopped`.
 //!
@@ -44,10 +55,6 @@
 //!   sockets that other parts hold.
 //! - `[l4.*]` added or changed: each balancer is also a pool of the
 //!   registry behind `/probe` and `ippool_pool_*`, which is fixed at start.
-//! - `[ingress.*]` whose `routes` changed (routes are not reconciled into
-//!   the live table), or whose routes have a `health_check` (the gateway
-//!   lets only the listener that started first run a table's active
-//!   checks, so a replacement would run none).
 //!
 //! Sections are compared with what the daemon runs, so a change still
 //! waiting for a restart is listed again by every reload.
@@ -102,6 +109,9 @@ pub struct Report {
     /// Listeners stopped (removed, or replaced); their open connections
     /// drain.
     pub stopped: Vec<String>,
+    /// Ingress routes added, changed or removed in a running listener's
+    /// table (`ingress.web.routes.api`); backends no longer listed drain.
+    pub routes: Vec<String>,
     /// Keys in the registry's key store after the reload (no registry:
     /// absent).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -241,7 +251,14 @@ impl Applier {
 
         // Listeners: plan, then bind every new socket; nothing changes
         // before all are bound.
-        let (starts, stops) = plan(listeners, &mut loaded, &new, &mut report.restart_required)?;
+        let Plan {
+            starts,
+            stops,
+            syncs,
+        } = plan(listeners, &mut loaded, &new, &mut report.restart_required)?;
+        for sync in &syncs {
+            sync.dry_run()?;
+        }
         let mut prepared: Vec<Prepared> = Vec::with_capacity(starts.len());
         for s in starts {
             let env = listeners.env();
@@ -280,10 +297,16 @@ impl Applier {
         let (started, stopped) = listeners.commit(prepared, stops);
         report.started = started;
         report.stopped = stopped;
+        for sync in syncs {
+            let (key, section) = (sync.key.clone(), sync.section.clone());
+            report.routes.extend(sync.apply());
+            listeners.set_section(&key, section);
+        }
         for v in [
             &mut report.restart_required,
             &mut report.started,
             &mut report.stopped,
+            &mut report.routes,
         ] {
             v.sort();
             v.dedup();
@@ -362,7 +385,8 @@ fn plan(
     loaded: &mut config::Loaded,
     new: &serde_json::Value,
     restart: &mut Vec<String>,
-) -> Result<(Vec<Start>, Vec<String>), String> {
+) -> Result<Plan, String> {
+    let mut syncs = Vec::new();
     let running = listeners.running();
     let env = listeners.env();
     let section = |kind: Kind, name: &str| -> Option<serde_json::Value> {
@@ -407,16 +431,38 @@ fn plan(
             None => None,
             Some(r) if r.section == sec => continue,
             Some(r) => {
-                let checks = r
-                    .section
-                    .get("routes")
-                    .and_then(|v| v.as_object())
-                    .is_some_and(|m| m.values().any(|r| r.get("health_check").is_some()));
-                if r.section.get("routes") != sec.get("routes") || checks {
+                let Some(table) = r.table.clone() else {
                     restart.push(key);
                     continue;
+                };
+                if r.section.get("routes") != sec.get("routes") {
+                    let old = r
+                        .section
+                        .get("routes")
+                        .and_then(|v| v.as_object())
+                        .map(|m| m.keys().cloned().collect())
+                        .unwrap_or_default();
+                    syncs.push(RouteSync {
+                        key: key.clone(),
+                        section: sec.clone(),
+                        table: table.clone(),
+                        old,
+                        new: spec.routes.clone(),
+                        drain_timeout: spec.options.drain_timeout,
+                    });
                 }
-                r.table.clone()
+                let without_routes = |v: &serde_json::Value| {
+                    let mut v = v.clone();
+                    if let Some(m) = v.as_object_mut() {
+                        m.remove("routes");
+                    }
+                    v
+                };
+                if without_routes(&r.section) == without_routes(&sec) {
+                    // Only the routes changed: the listener stays.
+                    continue;
+                }
+                Some(table)
             }
         };
         check_rules(&key, spec.rules.as_deref())?;
@@ -452,5 +498,271 @@ fn plan(
     for (s, addr) in starts.iter_mut().zip(listen) {
         s.reuse = freed.contains(&addr.port());
     }
-    Ok((starts, stops))
+    Ok(Plan {
+        starts,
+        stops,
+        syncs,
+    })
+}
+
+/// What a reload does to the listeners.
+struct Plan {
+    /// Listeners to start (added, or replacing a changed one).
+    starts: Vec<Start>,
+    /// Listeners to stop, by key.
+    stops: Vec<String>,
+    /// Route tables to bring in line with the new file.
+    syncs: Vec<RouteSync>,
+}
+
+/// The config-file routes of a running ingress, brought in line with the
+/// new file: in its live table, so registered backends, backend health,
+/// held backends and connections stay.
+struct RouteSync {
+    /// `ingress.<name>`.
+    key: String,
+    /// Its new section of the config file, as JSON.
+    section: serde_json::Value,
+    table: gateway::ingress::RouteTable,
+    /// The names of the routes the running config had.
+    old: BTreeSet<String>,
+    /// The routes of the new config.
+    new: Vec<gateway::ingress::Route>,
+    /// How long backends taken out get to finish.
+    drain_timeout: std::time::Duration,
+}
+
+impl RouteSync {
+    /// Whether the new routes fit with what else the table holds (routes
+    /// of registered backends): tried on a scratch copy, so a refused
+    /// reload changes nothing. The error names the route.
+    fn dry_run(&self) -> Result<(), String> {
+        use gateway::ingress as gi;
+        let scratch = gi::RouteTable::default();
+        let replaced: BTreeSet<&str> = self
+            .old
+            .iter()
+            .map(String::as_str)
+            .chain(self.new.iter().map(|r| r.name.as_str()))
+            .collect();
+        for r in self.table.snapshot().routes {
+            if replaced.contains(r.name.as_str()) {
+                continue;
+            }
+            let Some(first) = r.matches.first() else {
+                continue;
+            };
+            let mut route = gi::Route::new(r.name.clone(), first.clone());
+            route.matches = r.matches.clone();
+            for b in &r.backends {
+                route = route.with_backend(gi::Backend::new(b.id.clone(), b.addr));
+            }
+            scratch
+                .upsert_route(route)
+                .map_err(|e| format!("{}: route `{}`: {e}", self.key, r.name))?;
+        }
+        for r in &self.new {
+            scratch.upsert_route(r.clone()).map_err(|e| {
+                format!(
+                    "{}.routes.{}: {e} (a registered backend's route has it)",
+                    self.key, r.name
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Applies the new routes; returns what changed
+    /// (`ingress.web.routes.api`). Routes gone and config backends no
+    /// longer listed drain (no new requests, in-flight ones finish within
+    /// the ingress's `drain_timeout`), then leave.
+    fn apply(self) -> Vec<String> {
+        let snap = self.table.snapshot();
+        let mut changed = Vec::new();
+        let new_names: BTreeSet<&str> = self.new.iter().map(|r| r.name.as_str()).collect();
+        for name in self.old.iter().filter(|n| !new_names.contains(n.as_str())) {
+            let Some(r) = snap.route(name) else { continue };
+            let drains: Vec<_> = r
+                .backends
+                .iter()
+                .filter_map(|b| self.table.drain(&b.id, self.drain_timeout).ok())
+                .collect();
+            let (table, name2) = (self.table.clone(), name.clone());
+            tokio::spawn(async move {
+                futures_util::future::join_all(drains).await;
+                if let Err(e) = table.remove_route(&name2) {
+                    tracing::debug!(route = %name2, error = %e, "route already gone");
+                }
+            });
+            changed.push(format!("{}.routes.{name}", self.key));
+        }
+        for route in self.new {
+            let name = route.name.clone();
+            let before = snap.route(&name);
+            // Config backends are `<route>-<n>`; registered ones that
+            // joined the route are kept.
+            let listed: BTreeSet<&str> = route.backends.iter().map(|b| b.id.as_str()).collect();
+            let stale: Vec<String> = before
+                .map(|r| {
+                    r.backends
+                        .iter()
+                        .map(|b| b.id.clone())
+                        .filter(|id| is_config_backend(&name, id) && !listed.contains(id.as_str()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let same = before.is_some_and(|b| same_route(b, &route));
+            if let Err(e) = self.table.upsert_route(route) {
+                // The dry run passed; only a concurrent registration can
+                // get here.
+                tracing::warn!(listener = %self.key, route = %name, error = %e, "route not reloaded");
+                continue;
+            }
+            for id in &stale {
+                if let Ok(f) = self.table.drain(id, self.drain_timeout) {
+                    tokio::spawn(f);
+                }
+            }
+            if !same || !stale.is_empty() {
+                changed.push(format!("{}.routes.{name}", self.key));
+            }
+        }
+        changed
+    }
+}
+
+/// Whether backend `id` is one the config gave route `route`
+/// (`<route>-<n>`).
+fn is_config_backend(route: &str, id: &str) -> bool {
+    id.strip_prefix(route)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `route` would change nothing of `running`'s settings and
+/// backends (registered backends that joined it aside).
+fn same_route(running: &gateway::ingress::RouteSnapshot, route: &gateway::ingress::Route) -> bool {
+    running.matches == route.matches
+        && running.balance == route.balance
+        && running.health_check == route.health_check
+        && running.retries == route.retries
+        && running.no_backend_status == route.no_backend_status
+        && route.backends.iter().all(|b| {
+            running
+                .backends
+                .iter()
+                .any(|x| x.id == b.id && x.addr == b.addr && x.weight == b.weight)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway::ingress::{Backend, Route, RouteMatch, RouteTable};
+
+    fn addr(port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn sync(table: &RouteTable, old: &[&str], new: Vec<Route>) -> RouteSync {
+        RouteSync {
+            key: "ingress.web".into(),
+            section: serde_json::Value::Null,
+            table: table.clone(),
+            old: old.iter().map(|s| (*s).to_owned()).collect(),
+            new,
+            drain_timeout: std::time::Duration::from_millis(50),
+        }
+    }
+
+    #[test]
+    fn config_backend_ids() {
+        assert!(is_config_backend("main", "main-1"));
+        assert!(is_config_backend("main", "main-12"));
+        assert!(!is_config_backend("main", "main-"));
+        assert!(!is_config_backend("main", "main-x"));
+        assert!(!is_config_backend("main", "mainx-1"));
+        assert!(!is_config_backend("main", "web002"));
+    }
+
+    #[test]
+    fn a_route_colliding_with_a_registered_one_is_refused_and_nothing_changes() {
+        let table = RouteTable::default();
+        table
+            .upsert_route(
+                Route::new("main", RouteMatch::new(None, "/"))
+                    .with_backend(Backend::new("main-1", addr(1))),
+            )
+            .unwrap();
+        // A backend registered itself for app.test.
+        table
+            .upsert_route(
+                Route::new("app.test/", RouteMatch::new(Some("app.test"), "/"))
+                    .with_backend(Backend::new("web002", addr(2))),
+            )
+            .unwrap();
+        let s = sync(
+            &table,
+            &["main"],
+            vec![
+                Route::new("main", RouteMatch::new(None, "/"))
+                    .with_backend(Backend::new("main-1", addr(1))),
+                Route::new("api", RouteMatch::new(Some("app.test"), "/"))
+                    .with_backend(Backend::new("api-1", addr(3))),
+            ],
+        );
+        let e = s.dry_run().unwrap_err();
+        assert!(e.contains("ingress.web.routes.api"), "{e}");
+        assert!(table.snapshot().route("api").is_none(), "nothing applied");
+    }
+
+    #[tokio::test]
+    async fn stale_config_backends_drain_and_registered_ones_stay() {
+        let table = RouteTable::default();
+        table
+            .upsert_route(
+                Route::new("main", RouteMatch::new(None, "/"))
+                    .with_backend(Backend::new("main-1", addr(1)))
+                    .with_backend(Backend::new("main-2", addr(2))),
+            )
+            .unwrap();
+        // An agent joined the config route.
+        table
+            .upsert_backend("main", Backend::new("web002", addr(9)))
+            .unwrap();
+        let s = sync(
+            &table,
+            &["main"],
+            vec![
+                Route::new("main", RouteMatch::new(None, "/"))
+                    .with_backend(Backend::new("main-1", addr(1))),
+            ],
+        );
+        s.dry_run().unwrap();
+        assert_eq!(s.apply(), ["ingress.web.routes.main"]);
+        let ids = |t: &RouteTable| -> Vec<String> {
+            let mut v: Vec<String> = t
+                .snapshot()
+                .route("main")
+                .map(|r| r.backends.iter().map(|b| b.id.clone()).collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while ids(&table) != ["main-1", "web002"] {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", ids(&table));
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The same routes again: nothing to report.
+        let s = sync(
+            &table,
+            &["main"],
+            vec![
+                Route::new("main", RouteMatch::new(None, "/"))
+                    .with_backend(Backend::new("main-1", addr(1))),
+            ],
+        );
+        assert!(s.apply().is_empty());
+    }
 }

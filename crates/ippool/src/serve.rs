@@ -954,6 +954,14 @@ impl Listeners {
         &self.env
     }
 
+    /// Records that listener `key` now runs `section` (its routes were
+    /// reloaded in place), so the next reload compares with it.
+    pub(crate) fn set_section(&mut self, key: &str, section: serde_json::Value) {
+        if let Some(r) = self.running.get_mut(key) {
+            r.section = section;
+        }
+    }
+
     /// The running listeners by `kind.name`.
     pub(crate) fn running(&self) -> &BTreeMap<String, Running> {
         &self.running

@@ -339,19 +339,81 @@ fn a_changed_ingress_is_replaced_on_its_port_without_refusing_anyone() {
         "the port refused connections during the replacement"
     );
     assert_eq!(get(p), (200, "a".into()));
+    assert!(d.terminate().success());
+}
 
-    // A change of routes is not applied live.
+fn get_path(addr: SocketAddr, path: &str) -> (u16, String) {
+    let r = http(addr, "GET", path, &[], "");
+    (r.status, r.body)
+}
+
+#[test]
+fn route_changes_apply_live_without_replacing_the_listener() {
+    let (a, b, c) = (backend("a"), backend("b"), backend("c"));
+    let [p] = free_addrs(1);
+    let dir = TempDir::new();
+    let listener = format!("\n[ingress.web]\nlisten = \"{p}\"\n");
+    let main = |backends: &str| format!("[ingress.web.routes.main]\nbackends = [{backends}]\n");
+    let cfg = dir.write(
+        "ippool.toml",
+        &format!("{BASE}{listener}{}", main(&format!("\"{a}\", \"{b}\""))),
+    );
+    let mut d = start(&cfg);
+    let spread = |n: usize| {
+        let mut seen: Vec<String> = (0..n).map(|_| get(p).1).collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    assert_eq!(spread(4), ["a", "b"]);
+    let before = get_path(p, "/api/x");
+    assert!(
+        before == (200, "a".into()) || before == (200, "b".into()),
+        "{before:?}"
+    );
+
+    // b leaves main; a new route sends /api to c.
+    let api = format!("[ingress.web.routes.api]\npath = \"/api\"\nbackends = [\"{c}\"]\n");
     dir.write(
         "ippool.toml",
-        &format!(
-            "{BASE}{}",
-            changed.replace("backends = [", "retries = 0\nbackends = [")
-        ),
+        &format!("{BASE}{listener}{}{api}", main(&format!("\"{a}\""))),
     );
     let (status, v) = reload(&d);
     assert_eq!(status, 200, "{v}");
-    assert_eq!(list(&v, "restart_required"), ["ingress.web"], "{v}");
-    assert_eq!(list(&v, "started"), Vec::<String>::new(), "{v}");
+    assert_eq!(
+        list(&v, "started"),
+        Vec::<String>::new(),
+        "the listener stays: {v}"
+    );
+    assert_eq!(list(&v, "stopped"), Vec::<String>::new(), "{v}");
+    assert_eq!(list(&v, "restart_required"), Vec::<String>::new(), "{v}");
+    assert_eq!(
+        list(&v, "routes"),
+        ["ingress.web.routes.api", "ingress.web.routes.main"],
+        "{v}"
+    );
+    assert_eq!(spread(4), ["a"], "b drained out of main");
+    assert_eq!(get_path(p, "/api/x"), (200, "c".into()));
+    eventually("b leaves the table once drained", || {
+        let r = http(d.admin, "GET", "/api/routes", &[], "");
+        !r.body.contains(&b.to_string())
+    });
+
+    // The route removed again: /api goes back to main.
+    dir.write(
+        "ippool.toml",
+        &format!("{BASE}{listener}{}", main(&format!("\"{a}\""))),
+    );
+    let (status, v) = reload(&d);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(list(&v, "routes"), ["ingress.web.routes.api"], "{v}");
+    eventually("the api route goes", || {
+        get_path(p, "/api/x") == (200, "a".into())
+    });
+    // Nothing changed: nothing reported.
+    let (status, v) = reload(&d);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(list(&v, "routes"), Vec::<String>::new(), "{v}");
     assert!(d.terminate().success());
 }
 
