@@ -147,32 +147,7 @@ source = "127.0.40.0/30"
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
 }
 
-/// An HTTP/1.1 backend answering every request with `name` (one request
-/// per connection).
-fn backend(name: &'static str) -> std::net::SocketAddr {
-    use std::io::{BufRead, BufReader, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut w = c.try_clone().expect("clone");
-                let mut r = BufReader::new(c);
-                let mut line = String::new();
-                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                    line.clear();
-                }
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{name}",
-                    name.len()
-                );
-                let _ = w.write_all(resp.as_bytes());
-            });
-        }
-    });
-    addr
-}
+use support::named_backend as backend;
 
 /// Which backends answer `n` requests for `host`, counted.
 fn answers(proxy: std::net::SocketAddr, host: &str, n: usize) -> Vec<(String, usize)> {

@@ -51,16 +51,6 @@ fn start(cfg: &Path) -> Daemon {
     Daemon::start(cfg, &[("IPPOOL_TEST_TOKEN", TOKEN)])
 }
 
-fn stop(mut d: Daemon) {
-    let status = d.terminate();
-    assert_eq!(status.code(), Some(0), "clean stop on SIGTERM");
-}
-
-fn kill_9(mut d: Daemon) {
-    d.child.kill().expect("kill -9");
-    let _ = d.child.wait();
-}
-
 /// `n` requests through the egress proxy; the source addresses the
 /// upstream saw.
 fn sources(d: &Daemon, upstream: &PeerEcho, n: usize) -> Vec<IpAddr> {
@@ -160,7 +150,7 @@ fn egress_benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {
     let until_x = benched_until(&a);
     never_from(&d, &upstream, 12, &[x]);
     std::thread::sleep(Duration::from_millis(1200));
-    stop(d);
+    d.stop();
 
     // Run 2 (after SIGTERM): x is still benched, with the same end, so
     // less than a full cooldown left; the pool does not draw it.
@@ -180,7 +170,7 @@ fn egress_benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {
     let until_y = benched_until(&b);
     never_from(&d, &upstream, 8, &[x, y]);
     std::thread::sleep(Duration::from_millis(500));
-    kill_9(d);
+    d.kill_9();
 
     // Run 3 (after kill -9): both still benched, same ends; neither is
     // used.
@@ -194,7 +184,7 @@ fn egress_benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {
     assert!(b["remaining_seconds"].as_f64().unwrap_or(0.0) < COOLDOWN);
     let used = never_from(&d, &upstream, 12, &[x, y]);
     assert_eq!(used.len(), 4, "{used:?}");
-    stop(d);
+    d.stop();
 
     // The store holds exactly the two benches.
     let s = store::Store::open_dir(&dir.0.join("state")).expect("store");
@@ -283,7 +273,7 @@ fn saved_egress_benches_resume_expire_to_probation_or_are_dropped() {
     let e = address(&d, "127.0.13.3");
     assert_eq!(e["state"], "available", "{e:#}");
     std::thread::sleep(Duration::from_millis(300));
-    stop(d);
+    d.stop();
 
     // Only the running bench is left in the store.
     let s = store::Store::open_dir(&state).expect("store");
@@ -313,14 +303,7 @@ fn an_unreadable_saved_egress_bench_stops_start_up_with_its_key() {
     .expect("put");
     drop(s);
 
-    let out = std::process::Command::new(support::BIN)
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .env("IPPOOL_TEST_TOKEN", TOKEN)
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started anyway: {err}");
+    let err = support::serve_fails(&cfg, &[("IPPOOL_TEST_TOKEN", TOKEN)]);
     assert!(
         err.contains("health/rr/127.0.13.2") && err.contains("bad luck"),
         "{err}"
@@ -331,7 +314,7 @@ fn an_unreadable_saved_egress_bench_stops_start_up_with_its_key() {
     let s = store::Store::open_dir(&state).expect("store");
     assert!(s.remove_bench("rr", "127.0.13.2").expect("remove"));
     drop(s);
-    stop(start(&cfg));
+    start(&cfg).stop();
 }
 
 /// An egress address benched by client feedback is announced on the
@@ -383,5 +366,5 @@ fn egress_benchings_are_published_on_the_events_stream() {
             break;
         }
     }
-    stop(d);
+    d.stop();
 }

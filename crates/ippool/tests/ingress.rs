@@ -6,46 +6,11 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use support::named_backend as backend;
 use support::{Agent, Daemon, TempDir, http};
-
-/// An HTTP/1.1 backend (keep-alive) answering every request with `name`.
-fn backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut w = c.try_clone().expect("clone");
-                let mut r = BufReader::new(c);
-                loop {
-                    let mut line = String::new();
-                    // Read one head; bodies are not expected.
-                    loop {
-                        line.clear();
-                        match r.read_line(&mut line) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) if line == "\r\n" => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
-                        name.len()
-                    );
-                    if w.write_all(resp.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
 
 fn agent(dir: &TempDir, channel: SocketAddr, id: &str, service: SocketAddr) -> Agent {
     Agent::start(&dir.0, channel, id, &service.to_string(), "app.test/")

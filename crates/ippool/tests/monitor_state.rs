@@ -122,16 +122,6 @@ fn wait_state(d: &Daemon, ip: &str, state: &str, within: Duration) -> Value {
     }
 }
 
-fn kill_9(mut d: Daemon) {
-    d.child.kill().expect("kill -9");
-    let _ = d.child.wait();
-}
-
-fn stop(mut d: Daemon) {
-    let status = d.terminate();
-    assert_eq!(status.code(), Some(0), "clean stop on SIGTERM");
-}
-
 #[test]
 fn log_offset_survives_sigterm_and_kill_9() {
     let dir = TempDir::new();
@@ -146,7 +136,7 @@ fn log_offset_survives_sigterm_and_kill_9() {
     append(&log, "192.0.2.2", 429, 2);
     let n = 32;
     wait_parsed(&d, n);
-    stop(d);
+    d.stop();
 
     // Stopped: M1 lines arrive; after the restart M2 more.
     append(&log, "192.0.2.3", 200, 7);
@@ -170,7 +160,7 @@ fn log_offset_survives_sigterm_and_kill_9() {
     let k = 25;
     append(&log, "192.0.2.1", 200, k);
     wait_parsed(&d, m + k);
-    kill_9(d);
+    d.kill_9();
 
     // Run 3: at most the K lines since the last save are read again.
     let d = start(&cfg);
@@ -184,7 +174,7 @@ fn log_offset_survives_sigterm_and_kill_9() {
         "read {again} lines again after kill -9; at most the {k} since the last save"
     );
     assert_eq!(judged(&d), (m3 + again) as u64);
-    stop(d);
+    d.stop();
 }
 
 /// The wall-clock end of a benching, from `/probe`.
@@ -214,7 +204,7 @@ fn benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {
     let a = wait_state(&d, "192.0.2.1", "benched", Duration::from_secs(10));
     let until1 = benched_until(&a);
     std::thread::sleep(Duration::from_millis(1200));
-    stop(d);
+    d.stop();
 
     // Run 2 (after SIGTERM): still benched, same end, less than a full
     // cooldown left.
@@ -229,7 +219,7 @@ fn benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {
     let b = wait_state(&d, "192.0.2.2", "benched", Duration::from_secs(10));
     let until2 = benched_until(&b);
     std::thread::sleep(Duration::from_millis(500));
-    kill_9(d);
+    d.kill_9();
 
     // Run 3 (after kill -9): both still benched, same ends.
     let d = start(&cfg);
@@ -246,7 +236,7 @@ fn benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {
     append(&log, "192.0.2.1", 200, 1);
     wait_state(&d, "192.0.2.1", "available", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
-    stop(d);
+    d.stop();
 
     // Run 4: the restoration was kept too; 192.0.2.2 is still out (benched,
     // or on probation if its cooldown has ended meanwhile).
@@ -255,19 +245,7 @@ fn benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {
     assert_eq!(a["state"], "available", "{a:#}");
     let b = address(&d, "192.0.2.2");
     assert_ne!(b["state"], "available", "{b:#}");
-    stop(d);
-}
-
-/// `ippool serve` must refuse to start; its stderr.
-fn refused(cfg: &Path) -> String {
-    let out = std::process::Command::new(support::BIN)
-        .args(["serve", "-c"])
-        .arg(cfg)
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "started anyway: {err}");
-    err
+    d.stop();
 }
 
 #[test]
@@ -287,7 +265,7 @@ fn unreadable_saved_state_stops_start_up_with_its_key() {
     })
     .expect("put");
     drop(s);
-    let err = refused(&cfg);
+    let err = support::serve_fails(&cfg, &[]);
     assert!(
         err.contains("offsets/web") && err.contains("not-an-id"),
         "{err}"
@@ -308,7 +286,7 @@ fn unreadable_saved_state_stops_start_up_with_its_key() {
     })
     .expect("put");
     drop(s);
-    let err = refused(&cfg);
+    let err = support::serve_fails(&cfg, &[]);
     assert!(
         err.contains("health/web/192.0.2.1") && err.contains("bad luck"),
         "{err}"
@@ -318,5 +296,5 @@ fn unreadable_saved_state_stops_start_up_with_its_key() {
     let s = store::Store::open_dir(&state).expect("store");
     assert!(s.remove_bench("web", "192.0.2.1").expect("remove"));
     drop(s);
-    stop(start(&cfg));
+    start(&cfg).stop();
 }

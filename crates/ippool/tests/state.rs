@@ -192,14 +192,7 @@ fn a_damaged_store_stops_the_daemon() {
     std::fs::create_dir_all(dir.0.join("state")).expect("mkdir");
     let junk = b"not a store\n".repeat(100);
     std::fs::write(dir.0.join("state/state.redb"), &junk).expect("write");
-    let out = std::process::Command::new(support::BIN)
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .env("IPPOOL_TEST_TOKEN", TOKEN)
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = support::serve_fails(&cfg, &[("IPPOOL_TEST_TOKEN", TOKEN)]);
     assert!(
         err.contains("state.redb") && err.contains("Nothing was changed"),
         "{err}"

@@ -184,6 +184,31 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// SIGTERM, and a clean exit (status 0) within 15 s.
+    pub fn stop(mut self) {
+        let status = self.terminate();
+        assert_eq!(status.code(), Some(0), "clean stop on SIGTERM");
+    }
+
+    /// SIGKILL: no shutdown code runs (a crash, as far as state goes).
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+}
+
+/// `ippool serve -c config` that must fail to start: its stderr.
+pub fn serve_fails(config: &Path, envs: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "-c"]).arg(config);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run ippool serve");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started anyway: {err}");
+    err
 }
 
 /// `ippool keygen --id ID --dir DIR`, which must succeed.
@@ -349,4 +374,40 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// An HTTP/1.1 backend (keep-alive) answering every request with `name`
+/// as its body; runs until the test process ends.
+pub fn named_backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().expect("clone");
+                let mut r = BufReader::new(c);
+                let mut line = String::new();
+                loop {
+                    // Read one head; bodies are not expected.
+                    loop {
+                        line.clear();
+                        match r.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                        name.len()
+                    );
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
