@@ -452,7 +452,7 @@ fn main() -> ExitCode {
             for p in v["pools"].as_array().into_iter().flatten() {
                 if p["addresses"].as_array().is_none_or(Vec::is_empty) {
                     let mut row = vec![client::cell(&p["name"]), client::cell(&p["kind"])];
-                    row.extend(std::iter::repeat_n("-".to_owned(), 5));
+                    row.extend(std::iter::repeat_n("-".to_owned(), 6));
                     rows.push(row);
                 }
                 for a in p["addresses"].as_array().into_iter().flatten() {
@@ -467,6 +467,7 @@ fn main() -> ExitCode {
                         client::cell(&a["state"]),
                         client::cell(&a["counters"]["successes"]),
                         client::cell(&a["counters"]["failures"]),
+                        client::cell(&a["leases"]),
                         client::cell(&a["remaining_seconds"]),
                     ]);
                 }
@@ -479,6 +480,7 @@ fn main() -> ExitCode {
                     "state",
                     "ok",
                     "failed",
+                    "leases",
                     "benched_for_s",
                 ],
                 &rows,

@@ -134,6 +134,10 @@ source = "127.0.40.0/30"
     let text = out(&o);
     assert!(text.starts_with("pool  kind    address"), "{text}");
     assert!(text.contains("loop  egress"), "{text}");
+    assert!(
+        text.lines().next().is_some_and(|h| h.contains("leases")),
+        "{text}"
+    );
 
     assert!(d.terminate().success());
     let o = ippool(&admin, None, &["bans", "list"]);
