@@ -185,6 +185,52 @@ fn kill_9_right_after_the_200_loses_nothing() {
     }
 }
 
+/// The same for backend drains: each acknowledged drain (and undrain)
+/// is there after `kill -9`.
+#[test]
+fn kill_9_right_after_a_drain_loses_nothing() {
+    let dir = TempDir::new();
+    // Backends that never answer: a hold needs no live backend.
+    let cfg = dir.write(
+        "ippool.toml",
+        &format!(
+            "{CONFIG}[ingress.web]\nlisten = \"127.0.0.1:0\"\n\
+             [ingress.web.routes.site]\n\
+             backends = [\"127.0.0.1:9\", \"127.0.0.2:9\", \"127.0.0.3:9\"]\n"
+        ),
+    );
+    let held = |d: &Daemon| -> Vec<String> {
+        let r = http(d.admin, "GET", "/api/routes", &[], "");
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        let mut ids: Vec<String> = v["routes"][0]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .filter(|b| b["held"] == true)
+            .map(|b| b["id"].as_str().expect("id").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut want: Vec<String> = Vec::new();
+    for (i, verb) in ["drain", "drain", "undrain", "drain"].iter().enumerate() {
+        let d = start(&cfg);
+        let id = ["site-1", "site-2", "site-1", "site-3"][i];
+        let r = post(&d, &format!("/api/backends/{id}/{verb}"), "");
+        assert_eq!(r.status, 200, "{r:?}");
+        if *verb == "drain" {
+            want.push(id.to_owned());
+        } else {
+            want.retain(|w| w != id);
+        }
+        want.sort();
+        d.kill_9();
+        let d = start(&cfg);
+        assert_eq!(held(&d), want, "round {i}: {verb} {id} lost");
+        d.kill_9();
+    }
+}
+
 #[test]
 fn a_damaged_store_stops_the_daemon() {
     let dir = TempDir::new();
