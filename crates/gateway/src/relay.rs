@@ -127,20 +127,11 @@ async fn one_way<M: Meter>(
         if buf.is_empty() {
             buf = vec![0; COPY_BYTES];
         }
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => {
-                end_of_stream(from, dst, meter);
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                meter.ended(from);
-                return Err(e);
-            }
+        let n = match got(src.try_read(&mut buf), from, dst, act, meter) {
+            Got::Bytes(n) => n,
+            Got::Again => continue,
+            Got::Done(r) => return r,
         };
-        act.touch();
-        meter.moved(from, n);
         write_all(dst, &buf[..n], act).await?;
         if n == buf.len() {
             break;
@@ -157,22 +148,14 @@ async fn one_way<M: Meter>(
     loop {
         // The pipe is empty here: fill it from the source.
         src.readable().await?;
-        let n = match src.try_io(Interest::READABLE, || {
+        let read = src.try_io(Interest::READABLE, || {
             splice_fds(src.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
-        }) {
-            Ok(0) => {
-                end_of_stream(from, dst, meter);
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                meter.ended(from);
-                return Err(e);
-            }
+        });
+        let n = match got(read, from, dst, act, meter) {
+            Got::Bytes(n) => n,
+            Got::Again => continue,
+            Got::Done(r) => return r,
         };
-        act.touch();
-        meter.moved(from, n);
         // Drain it into the destination.
         let mut left = n;
         while left > 0 {
@@ -187,6 +170,42 @@ async fn one_way<M: Meter>(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// What a read from `from` means for its direction.
+enum Got {
+    /// Bytes to pass on (touched and metered already).
+    Bytes(usize),
+    /// Not ready after all: wait again.
+    Again,
+    /// The direction is over: end of stream (passed on) or an error.
+    Done(io::Result<()>),
+}
+
+/// Sorts out one read of `from`'s direction (a copy or a splice).
+fn got<M: Meter>(
+    read: io::Result<usize>,
+    from: Side,
+    dst: &TcpStream,
+    act: &Activity,
+    meter: &M,
+) -> Got {
+    match read {
+        Ok(0) => {
+            end_of_stream(from, dst, meter);
+            Got::Done(Ok(()))
+        }
+        Ok(n) => {
+            act.touch();
+            meter.moved(from, n);
+            Got::Bytes(n)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Got::Again,
+        Err(e) => {
+            meter.ended(from);
+            Got::Done(Err(e))
         }
     }
 }
