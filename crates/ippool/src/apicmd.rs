@@ -74,25 +74,28 @@ pub enum BackendsCommand {
     Drain {
         #[command(flatten)]
         api: ApiArgs,
-        /// The backend id.
-        #[arg(value_name = "ID")]
-        id: String,
-        /// The ingress holding it (when several have this id).
-        #[arg(long, value_name = "NAME")]
-        ingress: Option<String>,
+        #[command(flatten)]
+        backend: BackendArg,
     },
     /// Put a held or draining backend back in rotation.
     #[command(after_help = crate::API_HELP)]
     Undrain {
         #[command(flatten)]
         api: ApiArgs,
-        /// The backend id.
-        #[arg(value_name = "ID")]
-        id: String,
-        /// The ingress holding it (when several have this id).
-        #[arg(long, value_name = "NAME")]
-        ingress: Option<String>,
+        #[command(flatten)]
+        backend: BackendArg,
     },
+}
+
+/// Which backend `drain` and `undrain` act on.
+#[derive(Debug, clap::Args)]
+pub struct BackendArg {
+    /// The backend id.
+    #[arg(value_name = "ID")]
+    id: String,
+    /// The ingress holding it (when several have this id).
+    #[arg(long, value_name = "NAME")]
+    ingress: Option<String>,
 }
 
 impl KeysCommand {
@@ -240,15 +243,16 @@ impl BackendsCommand {
                 );
                 Ok((v, text))
             }
-            BackendsCommand::Drain { api, id, ingress } => set_held(api, id, ingress, "drain"),
-            BackendsCommand::Undrain { api, id, ingress } => set_held(api, id, ingress, "undrain"),
+            BackendsCommand::Drain { api, backend } => set_held(api, backend, "drain"),
+            BackendsCommand::Undrain { api, backend } => set_held(api, backend, "undrain"),
         }
     }
 }
 
-fn set_held(api: &ApiArgs, id: &str, ingress: &Option<String>, verb: &str) -> Printed {
+fn set_held(api: &ApiArgs, backend: &BackendArg, verb: &str) -> Printed {
+    let id = &backend.id;
     let mut path = format!("/api/backends/{}/{verb}", client::encode(id));
-    if let Some(i) = ingress {
+    if let Some(i) = &backend.ingress {
         path.push_str(&format!("?ingress={}", client::encode(i)));
     }
     let v = client::call(api, "POST", &path, None)?;

@@ -152,7 +152,7 @@ impl BenchJournal {
                     cause,
                     strike,
                 } => {
-                    let since_unix_ms = unix_ms_at(*since, now, wall);
+                    let since_unix_ms = crate::rules::unix_ms(*since, now, wall);
                     let until = since_unix_ms
                         .saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
                     let record = store::HealthRecord {
@@ -241,18 +241,6 @@ impl addrpool::HealthJournal for EgressJournal {
     fn forgotten(&self, source: IpAddr) {
         self.0.push(BenchChange::Forgotten { ip: source });
     }
-}
-
-/// Unix milliseconds of `at` (past or future), given a matching (`now`,
-/// `wall`).
-fn unix_ms_at(at: Instant, now: Instant, wall: SystemTime) -> u64 {
-    let t = if at <= now {
-        wall.checked_sub(now - at)
-    } else {
-        wall.checked_add(at - now)
-    };
-    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A [`BenchCause`] as [`store::HealthRecord::cause`] text.
@@ -496,7 +484,7 @@ impl Pool {
         };
         // Those still in their cooldown first (they matter most under
         // the cap).
-        let now_ms = unix_ms_at(now, now, wall);
+        let now_ms = crate::rules::unix_ms(now, now, wall);
         let by_end = |records: &mut Vec<(&store::HealthRecord, IpAddr, BenchCause)>| {
             records.sort_by_key(|(r, _, _)| r.until_unix_ms <= now_ms);
         };
@@ -646,8 +634,7 @@ impl Pool {
 
     fn publish(&self, ip: IpAddr, t: Transition, metrics: &Metrics) {
         log_transition(&self.name, "address", &ip.to_string(), &t);
-        metrics.count_transition(&self.name, transition_kind(&t));
-        publish_transition(&self.events, &self.name, &ip.to_string(), &t);
+        announce_transition(metrics, &self.events, &self.name, &ip.to_string(), &t);
     }
 
     /// The `/probe` view of the pool at `now`, with each address's `recent`
@@ -733,6 +720,20 @@ pub fn publish_transition(events: &crate::events::Events, pool: &str, key: &str,
         Transition::Restored => {}
     }
     events.publish(transition_kind(t), data);
+}
+
+/// Counts a transition of `key` in pool `pool`
+/// (`ippool_pool_transitions_total`) and publishes it on the events
+/// stream: what every kind of pool does with its transitions.
+pub fn announce_transition(
+    metrics: &Metrics,
+    events: &crate::events::Events,
+    pool: &str,
+    key: &str,
+    t: &Transition,
+) {
+    metrics.count_transition(pool, transition_kind(t));
+    publish_transition(events, pool, key, t);
 }
 
 /// Logs a transition of `key` in pool `pool`; `what` names the key

@@ -219,11 +219,15 @@ pub fn ban_view(set: &str, b: &gateway::guard::Ban, now: Instant) -> BanView {
     }
 }
 
-/// An `Instant` `until` as Unix milliseconds, given a matching (`now`,
+/// An `Instant` (past or future) as Unix milliseconds, given a matching (`now`,
 /// `wall`).
-pub fn unix_ms(until: Instant, now: Instant, wall: SystemTime) -> u64 {
-    let t = wall + until.saturating_duration_since(now);
-    t.duration_since(SystemTime::UNIX_EPOCH)
+pub fn unix_ms(at: Instant, now: Instant, wall: SystemTime) -> u64 {
+    let t = if at <= now {
+        wall.checked_sub(now - at)
+    } else {
+        wall.checked_add(at - now)
+    };
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 

@@ -541,8 +541,7 @@ async fn start_pools(
         // addrpool logs the transition itself; count and publish it here.
         options.transitions = Some(Arc::new(
             move |ip: std::net::IpAddr, t: health::Transition| {
-                m.count_transition(&name, crate::pools::transition_kind(&t));
-                crate::pools::publish_transition(&events, &name, &ip.to_string(), &t);
+                crate::pools::announce_transition(&m, &events, &name, &ip.to_string(), &t);
             },
         ));
         let pool = addrpool::Pool::start(source, spec.assigner.clone(), options)
@@ -695,11 +694,9 @@ impl ListenerEnv {
         let proxy = gateway::egress::EgressProxy::from_listener(socket, options)
             .map_err(|e| err(e.to_string()))?;
         let addr = proxy.local_addr();
-        let filter = spec.rules.as_ref().and_then(|set| {
-            self.guards
-                .filter_fd(&section, set, proxy.socket())
-                .map(|fd| (set.clone(), fd))
-        });
+        let filter = self
+            .guards
+            .listener_filter(&section, spec.rules.as_deref(), proxy.socket());
         Ok(Prepared {
             kind: Kind::Egress,
             name: spec.name.clone(),
@@ -732,8 +729,7 @@ impl ListenerEnv {
             self.guards.events.clone(),
         );
         options.transitions = Some(Arc::new(move |up: SocketAddr, t: health::Transition| {
-            m.count_transition(&name, crate::pools::transition_kind(&t));
-            crate::pools::publish_transition(&ev, &name, &up.to_string(), &t);
+            crate::pools::announce_transition(&m, &ev, &name, &up.to_string(), &t);
         }));
         options.guard = self.guards.guard(spec.rules.as_deref(), false);
         let key = format!("{section}.listen");
@@ -748,11 +744,9 @@ impl ListenerEnv {
             addr: spec.listen,
             source,
         })?;
-        let filter = spec.rules.as_ref().and_then(|set| {
-            self.guards
-                .filter_fd(&section, set, proxy.socket())
-                .map(|fd| (set.clone(), fd))
-        });
+        let filter = self
+            .guards
+            .listener_filter(&section, spec.rules.as_deref(), proxy.socket());
         Ok(Prepared {
             kind: Kind::L4,
             name: spec.name.clone(),
@@ -795,9 +789,8 @@ impl ListenerEnv {
                 );
                 let sink = move |route: &str, backend: &str, t: health::Transition| {
                     let pool = format!("{name}/{route}");
-                    m.count_transition(&pool, crate::pools::transition_kind(&t));
                     crate::pools::log_transition(&pool, "backend", backend, &t);
-                    crate::pools::publish_transition(&ev, &pool, backend, &t);
+                    crate::pools::announce_transition(&m, &ev, &pool, backend, &t);
                 };
                 let table = gi::RouteTable::new(gi::RouteTableOptions {
                     transitions: Some(Arc::new(sink)),
@@ -827,11 +820,9 @@ impl ListenerEnv {
         let proxy =
             gi::IngressProxy::from_listener(socket, options).map_err(|e| err(e.to_string()))?;
         let addr = proxy.local_addr();
-        let filter = spec.rules.as_ref().and_then(|set| {
-            self.guards
-                .filter_fd(&section, set, proxy.socket())
-                .map(|fd| (set.clone(), fd))
-        });
+        let filter = self
+            .guards
+            .listener_filter(&section, spec.rules.as_deref(), proxy.socket());
         Ok(Prepared {
             kind: Kind::Ingress,
             name: spec.name,
@@ -1183,6 +1174,19 @@ impl Guards {
 
     fn policy(&self, set: &str) -> Option<Arc<iprules::Shared<iprules::Policy>>> {
         self.rules.get(set).cloned()
+    }
+
+    /// (the set, the socket) to attach a kernel filter to, when the
+    /// listener has a rule set that asks for one.
+    fn listener_filter(
+        &self,
+        listener: &str,
+        rules: Option<&str>,
+        fd: std::io::Result<std::os::fd::OwnedFd>,
+    ) -> Option<(String, std::os::fd::OwnedFd)> {
+        let set = rules?;
+        self.filter_fd(listener, set, fd)
+            .map(|fd| (set.to_owned(), fd))
     }
 
     /// The socket to attach a kernel filter to, if set `set` asks for one.
