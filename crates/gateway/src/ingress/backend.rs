@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
+use super::h1::RawUpstream;
 use super::upstream::Upstream;
 
 /// The decay time of the latency EWMA (Finagle's peak EWMA uses 10 s).
@@ -39,6 +40,12 @@ pub(crate) fn get(c: &AtomicU64) -> u64 {
 
 struct Idle {
     up: Box<Upstream>,
+    since: Instant,
+}
+
+/// An idle connection of the HTTP/1.1 fast path.
+struct IdleRaw {
+    up: RawUpstream,
     since: Instant,
 }
 
@@ -88,6 +95,9 @@ pub(crate) struct BackendRt {
     ewma: AtomicU64,
     ewma_at: AtomicU64,
     idle: Mutex<Vec<Idle>>,
+    /// Idle connections of the HTTP/1.1 fast path (`h1.rs`), most
+    /// recently used last.
+    raw_idle: Mutex<Vec<IdleRaw>>,
     /// Sockets of the connections driven by requests (registered while
     /// open), shut down when the backend is removed.
     sockets: Mutex<HashMap<u64, RawFd>>,
@@ -120,6 +130,7 @@ impl BackendRt {
             ewma: AtomicU64::new(0),
             ewma_at: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
+            raw_idle: Mutex::new(Vec::new()),
             sockets: Mutex::new(HashMap::new()),
             next_socket: AtomicU64::new(0),
             stats: Stats::default(),
@@ -159,6 +170,36 @@ impl BackendRt {
         }
     }
 
+    fn raw_lock(&self) -> MutexGuard<'_, Vec<IdleRaw>> {
+        self.raw_idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used idle fast-path connection younger than
+    /// `ttl`.
+    pub(crate) fn take_raw(&self, ttl: Duration) -> Option<RawUpstream> {
+        let mut idle = self.raw_lock();
+        while let Some(i) = idle.pop() {
+            if i.since.elapsed() < ttl {
+                return Some(i.up);
+            }
+        }
+        None
+    }
+
+    /// Keeps a fast-path connection whose exchange is complete, if there
+    /// is room (`max` counts both kinds) and the backend is in service.
+    pub(crate) fn put_raw(&self, up: RawUpstream, max: usize) {
+        if max == 0 || *self.kill.borrow() {
+            return;
+        }
+        let since = Instant::now();
+        let hyper_idle = self.idle_lock().len();
+        let mut idle = self.raw_lock();
+        if idle.len() + hyper_idle < max {
+            idle.push(IdleRaw { up, since });
+        }
+    }
+
     /// Drops idle connections older than `ttl`.
     pub(crate) fn sweep_idle(&self, ttl: Duration) {
         let expired: Vec<Idle> = {
@@ -170,15 +211,26 @@ impl BackendRt {
             old
         };
         drop(expired);
+        let expired: Vec<IdleRaw> = {
+            let mut idle = self.raw_lock();
+            let (keep, old): (Vec<IdleRaw>, Vec<IdleRaw>) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|i| i.since.elapsed() < ttl);
+            *idle = keep;
+            old
+        };
+        drop(expired);
     }
 
     pub(crate) fn idle_count(&self) -> usize {
-        self.idle_lock().len()
+        self.idle_lock().len() + self.raw_lock().len()
     }
 
     /// Drops every idle connection.
     pub(crate) fn clear_idle(&self) {
         let old = std::mem::take(&mut *self.idle_lock());
+        drop(old);
+        let old = std::mem::take(&mut *self.raw_lock());
         drop(old);
     }
 

@@ -230,10 +230,13 @@ pub(crate) fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
-    for v in headers.get_all(header::COOKIE) {
-        for pair in v.as_bytes().split(|&b| b == b';') {
+/// The value of cookie `name` in `Cookie` header values.
+pub(crate) fn cookie<'h>(
+    values: impl IntoIterator<Item = &'h [u8]>,
+    name: &str,
+) -> Option<&'h [u8]> {
+    for v in values {
+        for pair in v.split(|&b| b == b';') {
             let pair = pair.trim_ascii();
             if let Some(rest) = pair.strip_prefix(name.as_bytes())
                 && let Some(value) = rest.strip_prefix(b"=")
@@ -247,6 +250,25 @@ pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]>
 
 /// The hash of a request's key, for a [`Balance::Hash`] route.
 pub(crate) fn request_key(balance: &Balance, peer: IpAddr, headers: &HeaderMap) -> Option<u64> {
+    key_of(
+        balance,
+        peer,
+        |name| headers.get(name).map(|v| v.as_bytes()),
+        || headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+    )
+}
+
+/// [`request_key`] over any header representation: `header` gives the
+/// first value of a header, `cookies` every `Cookie` value.
+pub(crate) fn key_of<'h, C>(
+    balance: &Balance,
+    peer: IpAddr,
+    header: impl FnOnce(&HeaderName) -> Option<&'h [u8]>,
+    cookies: impl FnOnce() -> C,
+) -> Option<u64>
+where
+    C: IntoIterator<Item = &'h [u8]>,
+{
     let Balance::Hash(key) = balance else {
         return None;
     };
@@ -255,8 +277,8 @@ pub(crate) fn request_key(balance: &Balance, peer: IpAddr, headers: &HeaderMap) 
             IpAddr::V4(a) => fnv(&a.octets()),
             IpAddr::V6(a) => fnv(&a.octets()),
         }),
-        HashKey::Header(name) => headers.get(name).map(|v| fnv(v.as_bytes())),
-        HashKey::Cookie(name) => cookie(headers, name).map(fnv),
+        HashKey::Header(name) => header(name).map(fnv),
+        HashKey::Cookie(name) => cookie(cookies(), name).map(fnv),
     }
 }
 
@@ -483,10 +505,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, "a=1; sid=xyz".parse().unwrap());
         h.append(header::COOKIE, "other=2".parse().unwrap());
-        assert_eq!(cookie(&h, "sid"), Some(&b"xyz"[..]));
-        assert_eq!(cookie(&h, "other"), Some(&b"2"[..]));
-        assert_eq!(cookie(&h, "si"), None);
-        assert_eq!(cookie(&h, "missing"), None);
+        let values = || h.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
+        assert_eq!(cookie(values(), "sid"), Some(&b"xyz"[..]));
+        assert_eq!(cookie(values(), "other"), Some(&b"2"[..]));
+        assert_eq!(cookie(values(), "si"), None);
+        assert_eq!(cookie(values(), "missing"), None);
     }
 
     #[test]

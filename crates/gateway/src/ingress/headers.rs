@@ -146,7 +146,7 @@ fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
 }
 
 /// A `Forwarded` parameter value: a token as is, anything else quoted.
-fn push_param(out: &mut String, v: &str) {
+pub(crate) fn push_param(out: &mut String, v: &str) {
     if super::options::is_token(v) {
         out.push_str(v);
     } else {

@@ -84,13 +84,18 @@
 //! # Performance
 //!
 //! Requests read the route table with one atomic load; a clean backend
-//! (no failure run) is picked without a lock; kept-alive upstream
-//! connections are polled by the request that uses them (no task
-//! hand-off per request, see `upstream.rs`), and returned to a per-backend
-//! pool. hyper does the HTTP/1 and HTTP/2 framing on both sides. For the
-//! most requests per core, run one single-threaded runtime per core, each
-//! with its own `SO_REUSEPORT` listener ([`IngressProxy::from_listener`])
-//! over one shared [`RouteTable`] (`examples/ingressbench.rs --per-core`).
+//! (no failure run) is picked without a lock. On plain listeners, the
+//! common HTTP/1.1 exchange (no request body or a `Content-Length` one)
+//! takes a lean path (`h1.rs`, [`IngressOptions::fast_h1`]): the head is
+//! parsed in place and rewritten into one write to a pooled backend
+//! connection, and the response is copied back with its framing as it
+//! came, in the client connection's task, with no allocation per request;
+//! one read and one write per side, which is what nginx and HAProxy do.
+//! Everything else (TLS, HTTP/2, upgrades, chunked request bodies,
+//! HTTP/1.0, malformed heads) goes to hyper, which frames both sides;
+//! its kept-alive backend connections are polled by the request that uses
+//! them (no task hand-off per request, see `upstream.rs`). Both kinds of
+//! connection return to a per-backend pool.
 //!
 //! # Example
 //!
@@ -126,6 +131,7 @@ mod backend;
 mod balance;
 mod body;
 mod check;
+mod h1;
 mod headers;
 mod io;
 mod metrics;
@@ -165,7 +171,7 @@ pub use routes::{
 pub use tls::{CertPaths, CertStore, TlsError, rustls_server_config};
 
 use headers::{ClientInfo, ViaValues};
-use io::{Activity, Watched};
+use io::{Activity, Rewind, Watched};
 use tasks::Tasks;
 
 /// Why an ingress listener could not start.
@@ -437,35 +443,43 @@ async fn serve_conn(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
             };
             let h2 = ctx.opts.http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let builder = if h2 { &ctx.h2 } else { &ctx.h1 };
-            run_conn(
-                &ctx,
-                builder,
-                Watched::new(tls, act.clone()),
-                peer,
-                true,
-                act,
-            )
-            .await;
+            let conn = Conn::new(&ctx, peer, true, act.clone());
+            run_conn(&ctx, builder, Watched::new(tls, act.clone()), conn, act).await;
         }
         None => {
-            // A first byte within the head timeout: connections that send
-            // nothing are not held.
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(limit, stream.peek(&mut first)).await {
-                Ok(Ok(1..)) => {}
-                _ => return,
-            }
+            let conn = Conn::new(&ctx, peer, false, act.clone());
+            let (stream, pre) = if ctx.opts.fast_h1 {
+                // The HTTP/1.1 fast path, until a request needs hyper.
+                match h1::serve(&conn, stream).await {
+                    h1::Served::Done => return,
+                    h1::Served::Fallback(stream, pre) => (stream, pre.freeze()),
+                }
+            } else {
+                // A first byte within the head timeout: connections that
+                // send nothing are not held.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+                    Ok(Ok(1..)) => {}
+                    _ => return,
+                }
+                (stream, bytes::Bytes::new())
+            };
             let builder = if ctx.opts.http2 { &ctx.auto } else { &ctx.h1 };
-            run_conn(
-                &ctx,
-                builder,
-                Watched::new(stream, act.clone()),
-                peer,
-                false,
-                act,
-            )
-            .await;
+            let io = Watched::new(Rewind::new(pre, stream), act.clone());
+            run_conn(&ctx, builder, io, conn, act).await;
         }
+    }
+}
+
+impl Conn {
+    fn new(ctx: &Arc<Ctx>, peer: SocketAddr, tls: bool, act: Arc<Activity>) -> Arc<Conn> {
+        let trusted = ctx.opts.forwarding.trust.trusts(peer.ip());
+        Arc::new(Conn {
+            ctx: ctx.clone(),
+            peer,
+            client: ClientInfo::new(peer, tls, trusted),
+            act,
+        })
     }
 }
 
@@ -473,19 +487,12 @@ async fn run_conn<I>(
     ctx: &Arc<Ctx>,
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    peer: SocketAddr,
-    tls: bool,
+    conn: Arc<Conn>,
     act: Arc<Activity>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let trusted = ctx.opts.forwarding.trust.trusts(peer.ip());
-    let conn = Arc::new(Conn {
-        ctx: ctx.clone(),
-        peer,
-        client: ClientInfo::new(peer, tls, trusted),
-        act: act.clone(),
-    });
+    let peer = conn.peer;
     let svc = service_fn(move |req| proxy::handle(conn.clone(), req));
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(served);

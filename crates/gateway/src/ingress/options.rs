@@ -199,6 +199,12 @@ pub struct IngressOptions {
     pub guard: Arc<crate::guard::Guard>,
     /// Receives one entry per request. Default: none.
     pub access_log: Option<Arc<dyn crate::access::AccessLog>>,
+    /// Serve plain HTTP/1.1 requests with no request body framing but
+    /// `Content-Length` (the common case) on the lean path of `h1.rs`
+    /// instead of hyper; anything else still goes to hyper. Answers and
+    /// forwarded heads are the same either way; off is for comparing the
+    /// two. Default: on.
+    pub fast_h1: bool,
 }
 
 impl IngressOptions {
@@ -221,6 +227,7 @@ impl IngressOptions {
             forwarding: Forwarding::default(),
             guard: Arc::new(crate::guard::Guard::default()),
             access_log: None,
+            fast_h1: true,
         }
     }
 
@@ -266,6 +273,7 @@ impl fmt::Debug for IngressOptions {
             .field("max_concurrent_streams", &self.max_concurrent_streams)
             .field("keep_alive", &self.keep_alive)
             .field("forwarding", &self.forwarding)
+            .field("fast_h1", &self.fast_h1)
             .finish_non_exhaustive()
     }
 }

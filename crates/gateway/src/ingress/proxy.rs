@@ -28,13 +28,13 @@ use super::{Conn, Ctx, ERROR_HEADER};
 
 /// A request the proxy answers itself.
 pub(crate) struct Reject {
-    status: StatusCode,
-    kind: Refusal,
-    reason: String,
+    pub(crate) status: StatusCode,
+    pub(crate) kind: Refusal,
+    pub(crate) reason: String,
 }
 
 impl Reject {
-    fn new(status: StatusCode, kind: Refusal, reason: impl Into<String>) -> Reject {
+    pub(crate) fn new(status: StatusCode, kind: Refusal, reason: impl Into<String>) -> Reject {
         Reject {
             status,
             kind,
@@ -61,7 +61,7 @@ impl Reject {
 
 /// A header value from any text (control and non-ASCII characters
 /// replaced, at most 512 of them).
-fn header_text(s: &str) -> HeaderValue {
+pub(crate) fn header_text(s: &str) -> HeaderValue {
     let clean: String = s
         .chars()
         .map(|c| {
@@ -159,7 +159,7 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn idempotent(m: &Method) -> bool {
+pub(crate) fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -554,7 +554,7 @@ fn blames_backend(e: &io::Error) -> bool {
 
 /// A new TCP connection to `b` (`TCP_NODELAY`), within `connect_timeout`
 /// and the request's deadline.
-async fn connect(
+pub(crate) async fn connect(
     ctx: &Ctx,
     b: &Arc<BackendRt>,
     deadline: Instant,
