@@ -24,3 +24,4 @@ pub mod guard;
 pub mod ingress;
 pub mod l4;
 mod relay;
+mod wire;

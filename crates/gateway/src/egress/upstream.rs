@@ -68,14 +68,36 @@ pub(crate) struct Conn {
     pub(crate) source_header: HeaderValue,
 }
 
-struct Idle {
-    conn: Conn,
+/// What the pool needs of a connection.
+pub(crate) trait Pooled {
+    /// Which requests it may serve.
+    fn key(&self) -> &Key;
+    /// The destination address it is connected to.
+    fn dest(&self) -> IpAddr;
+    /// Known to be closed (or unusable).
+    fn closed(&self) -> bool;
+}
+
+impl Pooled for Conn {
+    fn key(&self) -> &Key {
+        &self.key
+    }
+    fn dest(&self) -> IpAddr {
+        self.dest
+    }
+    fn closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
-struct Bucket {
+struct Bucket<C> {
     key: Key,
-    list: Vec<Idle>,
+    list: Vec<Idle<C>>,
 }
 
 /// Hashes a `u64` that is already a hash.
@@ -97,22 +119,22 @@ impl std::hash::Hasher for PreHashed {
 }
 
 /// Buckets by key hash (equal hashes share the entry's list of buckets).
-type Shard = HashMap<u64, Vec<Bucket>, BuildHasherDefault<PreHashed>>;
+type Shard<C> = HashMap<u64, Vec<Bucket<C>>, BuildHasherDefault<PreHashed>>;
 
 /// The idle connections of one listener. Dropping an entry closes its
 /// connection (hyper ends a client connection when its last sender goes).
 /// Buckets emptied by [`IdlePool::take`] stay (ready for the connection's
 /// return) until the next [`IdlePool::sweep`].
-pub(crate) struct IdlePool {
-    shards: Box<[Mutex<Shard>]>,
+pub(crate) struct IdlePool<C = Conn> {
+    shards: Box<[Mutex<Shard<C>>]>,
     count: AtomicUsize,
     hasher: std::hash::RandomState,
     cfg: KeepAlive,
     ttl: Duration,
 }
 
-impl IdlePool {
-    pub(crate) fn new(cfg: KeepAlive, ttl: Duration) -> IdlePool {
+impl<C: Pooled> IdlePool<C> {
+    pub(crate) fn new(cfg: KeepAlive, ttl: Duration) -> IdlePool<C> {
         IdlePool {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             count: AtomicUsize::new(0),
@@ -126,7 +148,7 @@ impl IdlePool {
         self.hasher.hash_one((k.src, k.port, k.host))
     }
 
-    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard<C>> {
         let i = (hash >> 48) as usize % SHARDS;
         self.shards[i]
             .lock()
@@ -134,11 +156,11 @@ impl IdlePool {
     }
 
     /// Keeps `conn` (its last exchange is done).
-    pub(crate) fn put(&self, conn: Conn) {
-        if self.cfg.max_idle == 0 || conn.sender.is_closed() {
+    pub(crate) fn put(&self, conn: C) {
+        if self.cfg.max_idle == 0 || conn.closed() {
             return;
         }
-        let k = conn.key.borrow();
+        let k = conn.key().borrow();
         let hash = self.hash(k);
         let mut m = self.shard(hash);
         if self.count.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_idle {
@@ -150,7 +172,7 @@ impl IdlePool {
             Some(i) => i,
             None => {
                 buckets.push(Bucket {
-                    key: conn.key.clone(),
+                    key: conn.key().clone(),
                     list: Vec::with_capacity(1),
                 });
                 buckets.len() - 1
@@ -168,7 +190,7 @@ impl IdlePool {
     }
 
     /// The most recently used live connection for `key` to one of `dests`.
-    pub(crate) fn take(&self, key: KeyRef<'_>, dests: &[IpAddr]) -> Option<Conn> {
+    pub(crate) fn take(&self, key: KeyRef<'_>, dests: &[IpAddr]) -> Option<C> {
         let hash = self.hash(key);
         let mut m = self.shard(hash);
         let list = &mut m
@@ -182,8 +204,8 @@ impl IdlePool {
         while let Some(idle) = list.pop() {
             removed += 1;
             if now.duration_since(idle.since) < self.ttl
-                && !idle.conn.sender.is_closed()
-                && dests.contains(&idle.conn.dest)
+                && !idle.conn.closed()
+                && dests.contains(&idle.conn.dest())
             {
                 found = Some(idle.conn);
                 break;
@@ -203,9 +225,8 @@ impl IdlePool {
             m.retain(|_, buckets| {
                 buckets.retain_mut(|b| {
                     let before = b.list.len();
-                    b.list.retain(|i| {
-                        now.duration_since(i.since) < ttl && !i.conn.sender.is_closed()
-                    });
+                    b.list
+                        .retain(|i| now.duration_since(i.since) < ttl && !i.conn.closed());
                     removed += before - b.list.len();
                     !b.list.is_empty()
                 });

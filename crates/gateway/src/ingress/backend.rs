@@ -175,28 +175,26 @@ impl BackendRt {
     }
 
     /// The most recently used idle fast-path connection younger than
-    /// `ttl`.
-    pub(crate) fn take_raw(&self, ttl: Duration) -> Option<RawUpstream> {
+    /// `ttl` at `now`.
+    pub(crate) fn take_raw(&self, ttl: Duration, now: Instant) -> Option<RawUpstream> {
         let mut idle = self.raw_lock();
         while let Some(i) = idle.pop() {
-            if i.since.elapsed() < ttl {
+            if now.saturating_duration_since(i.since) < ttl {
                 return Some(i.up);
             }
         }
         None
     }
 
-    /// Keeps a fast-path connection whose exchange is complete, if there
-    /// is room (`max` counts both kinds) and the backend is in service.
-    pub(crate) fn put_raw(&self, up: RawUpstream, max: usize) {
+    /// Keeps a fast-path connection idle since `now` whose exchange is
+    /// complete, if there is room and the backend is in service.
+    pub(crate) fn put_raw(&self, up: RawUpstream, max: usize, now: Instant) {
         if max == 0 || *self.kill.borrow() {
             return;
         }
-        let since = Instant::now();
-        let hyper_idle = self.idle_lock().len();
         let mut idle = self.raw_lock();
-        if idle.len() + hyper_idle < max {
-            idle.push(IdleRaw { up, since });
+        if idle.len() < max {
+            idle.push(IdleRaw { up, since: now });
         }
     }
 

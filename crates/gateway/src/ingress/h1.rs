@@ -23,6 +23,7 @@
 //! hyper path; `tests/ingress_proxy.rs` runs against both.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,27 +31,24 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use health::{Outcome, Verdict};
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::wire::{
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, MAX_HEADERS, RespHead, Rewrite, Wait,
+    copy_body, header_line, hop_by_hop, is, length, named_in, text, tokens,
+};
 
 use super::backend::{BackendRt, inc};
 use super::balance::{Mask, key_of};
 use super::headers::push_param;
 use super::metrics::Refusal;
+use super::options::is_token;
 use super::proxy::{Reject, connect, header_text};
 use super::routes::{RouteRt, request_host};
 use super::upstream::Registration;
 use super::{Balance, Conn, Ctx, ERROR_HEADER};
-
-/// Most headers in a request or response head (hyper's limit too).
-const MAX_HEADERS: usize = 100;
-/// Read buffer size, and growth step.
-const CHUNK: usize = 16 * 1024;
-/// Response body bytes already read with the head that go out with it in
-/// one write (more are written on their own).
-const COALESCE: usize = 64 * 1024;
 
 /// A connection to a backend used by the fast path, with its read buffer.
 pub(crate) struct RawUpstream {
@@ -132,61 +130,6 @@ struct LogInfo {
     user_agent: Option<String>,
 }
 
-fn is(name: &str, lower: &str) -> bool {
-    name.eq_ignore_ascii_case(lower)
-}
-
-/// What `http::HeaderValue::to_str` accepts: visible ASCII, space, tab.
-fn text(v: &[u8]) -> Option<&str> {
-    if v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) {
-        std::str::from_utf8(v).ok()
-    } else {
-        None
-    }
-}
-
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
-/// A `Content-Length` value: digits only.
-fn length(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
-/// Headers never forwarded (RFC 9110 §7.6.1; `Transfer-Encoding`,
-/// `Upgrade` and `Expect` requests never reach the rewrite).
-fn hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "te",
-        "trailer",
-    ]
-    .iter()
-    .any(|h| is(name, h))
-}
-
-/// Whether `name` is listed in a `Connection` header (and so is
-/// hop-by-hop), `Content-Length` and `Host` excepted as on the hyper path.
-fn named_in(connection: &[&[u8]], name: &str) -> bool {
-    if is(name, "content-length") || is(name, "host") || is(name, "transfer-encoding") {
-        return false;
-    }
-    connection
-        .iter()
-        .flat_map(|v| tokens(v))
-        .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
-}
-
 /// Appends `value`, trimmed, to a `", "`-joined list (the hyper path's
 /// `joined`: empty and non-text values skipped).
 fn join(list: &mut Vec<u8>, value: &[u8]) {
@@ -201,21 +144,14 @@ fn join(list: &mut Vec<u8>, value: &[u8]) {
     list.extend_from_slice(v.as_bytes());
 }
 
-fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Parses the head at the start of `buf` and, if the fast path takes it,
 /// writes the head to send to the backend into `out`.
 fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
     let ctx = &*conn.ctx;
     let opts = &ctx.opts;
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Prep::Partial,
         Err(_) => return Prep::Fallback,
@@ -389,11 +325,13 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
         header_line(out, name.as_bytes(), h.value);
     }
     if fwd.x_forwarded {
+        out.extend_from_slice(b"X-Forwarded-For: ");
         if !xff.is_empty() {
-            xff.extend_from_slice(b", ");
+            out.extend_from_slice(&xff);
+            out.extend_from_slice(b", ");
         }
-        xff.extend_from_slice(client.xff.as_bytes());
-        header_line(out, b"X-Forwarded-For", &xff);
+        out.extend_from_slice(client.xff.as_bytes());
+        out.extend_from_slice(b"\r\n");
         if !(trusted && have_proto) {
             header_line(out, b"X-Forwarded-Proto", client.proto.as_bytes());
         }
@@ -402,18 +340,24 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
         }
     }
     if fwd.forwarded {
-        let mut s = String::with_capacity(forwarded.len() + 64);
+        out.extend_from_slice(b"Forwarded: ");
         if !forwarded.is_empty() {
-            s.push_str(std::str::from_utf8(&forwarded).unwrap_or(""));
-            s.push_str(", ");
+            out.extend_from_slice(&forwarded);
+            out.extend_from_slice(b", ");
         }
-        s.push_str("for=");
-        s.push_str(&client.node);
-        s.push_str(";host=");
-        push_param(&mut s, host_raw);
-        s.push_str(";proto=");
-        s.push_str(client.proto);
-        header_line(out, b"Forwarded", s.as_bytes());
+        out.extend_from_slice(b"for=");
+        out.extend_from_slice(client.node.as_bytes());
+        out.extend_from_slice(b";host=");
+        if is_token(host_raw) {
+            out.extend_from_slice(host_raw.as_bytes());
+        } else {
+            let mut quoted = String::new();
+            push_param(&mut quoted, host_raw);
+            out.extend_from_slice(quoted.as_bytes());
+        }
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(client.proto.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     if let Some(via) = &ctx.via {
         header_line(out, b"Via", via.get(http::Version::HTTP_11).as_bytes());
@@ -460,54 +404,26 @@ fn write_reject(out: &mut Vec<u8>, rej: &Reject, close: bool, retry_after: Optio
     let _ = write!(out, "content-length: {body_len}\r\n\r\n{}\n", rej.reason);
 }
 
-/// Why reading more of a head stopped.
-enum Wait {
-    Data,
-    Closed,
-    TimedOut,
-    Shutdown,
-}
-
-/// Reads more bytes of a head into `buf`, until `deadline`; while nothing
-/// of the head has arrived yet, a shutdown ends the wait too.
-async fn read_more(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    deadline: Instant,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Wait {
-    buf.reserve(CHUNK);
-    // Data already waiting: no timer.
-    match stream.try_read_buf(buf) {
-        Ok(0) => return Wait::Closed,
-        Ok(_) => return Wait::Data,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(_) => return Wait::Closed,
-    }
-    let idle = buf.is_empty();
-    tokio::select! {
-        r = stream.read_buf(buf) => match r {
-            Ok(1..) => Wait::Data,
-            _ => Wait::Closed,
-        },
-        () = tokio::time::sleep_until(deadline) => Wait::TimedOut,
-        _ = shutdown.wait_for(|s| *s), if idle => Wait::Shutdown,
-    }
-}
-
 /// Serves a plain client connection until it closes or needs hyper.
 pub(crate) async fn serve(conn: &Conn, mut stream: TcpStream) -> Served {
     let ctx = &*conn.ctx;
     let opts = &ctx.opts;
-    let mut shutdown = ctx.shutdown.clone();
+    let shutdown = &ctx.shutdown;
+    let mut stopping = wire::shutdown_signal(shutdown.clone());
     let mut buf = BytesMut::with_capacity(CHUNK);
     let mut req_out: Vec<u8> = Vec::with_capacity(1024);
     let mut resp_out: Vec<u8> = Vec::with_capacity(1024);
+    // One timer for the heads, one for the exchanges (wire::Lazy).
+    let mut head_timer = Lazy::new();
+    let mut timer = Lazy::new();
     loop {
         if buf.is_empty() && *shutdown.borrow() {
             return Served::Done;
         }
-        let deadline = Instant::now() + opts.header_read_timeout;
+        // One clock read per request: the head's deadline, the exchange's,
+        // and the backend pool's idle times.
+        let now = Instant::now();
+        let deadline = now + opts.header_read_timeout;
         let prep = loop {
             if !buf.is_empty() {
                 match prepare(conn, &buf, &mut req_out) {
@@ -516,7 +432,15 @@ pub(crate) async fn serve(conn: &Conn, mut stream: TcpStream) -> Served {
                     p => break p,
                 }
             }
-            match read_more(&mut stream, &mut buf, deadline, &mut shutdown).await {
+            match wire::read_more(
+                &mut stream,
+                &mut buf,
+                &mut head_timer,
+                deadline,
+                &mut stopping,
+            )
+            .await
+            {
                 Wait::Data => {}
                 Wait::Closed | Wait::Shutdown => return Served::Done,
                 Wait::TimedOut => {
@@ -560,6 +484,8 @@ pub(crate) async fn serve(conn: &Conn, mut stream: TcpStream) -> Served {
                     &mut buf,
                     &req_out,
                     &mut resp_out,
+                    &mut timer,
+                    now,
                     p,
                     rest,
                 )
@@ -652,32 +578,15 @@ enum Attempt {
     Failed(Option<Outcome>, Reject),
 }
 
-/// How a response body is framed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
-    None,
-    Length(u64),
-    Chunked,
-    /// Until the backend closes (the client connection closes too).
-    UntilClose,
-}
-
-/// A response head read from a backend.
-struct RespHead {
-    status: u16,
-    framing: Framing,
-    /// The backend will close the connection after this response.
-    backend_close: bool,
-    /// `Content-Length` (for the access log).
-    length: u64,
-}
-
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     conn: &Conn,
     client: &mut TcpStream,
     cbuf: &mut BytesMut,
     req: &[u8],
     resp_out: &mut Vec<u8>,
+    timer: &mut Lazy,
+    now: Instant,
     p: Prepared,
     rest: u64,
 ) -> Next {
@@ -685,7 +594,7 @@ async fn forward(
     let opts = &ctx.opts;
     let log = p.log.map(|l| (l, std::time::SystemTime::now()));
     let route = &p.route;
-    let deadline = Instant::now() + opts.request_timeout;
+    let deadline = now + opts.request_timeout;
     let attempts = if p.idempotent {
         route.retries.saturating_add(1)
     } else {
@@ -726,10 +635,12 @@ async fn forward(
                 idempotent: p.idempotent,
                 head: p.head,
                 close_client: close_client || draining,
+                now,
             },
             client,
             cbuf,
             resp_out,
+            timer,
             deadline,
             measure,
         )
@@ -750,24 +661,32 @@ async fn forward(
                     l.record(log_entry(conn, log, head.status, head.length));
                 }
                 close_client |= draining || head.framing == Framing::UntilClose;
-                let relayed = tokio::time::timeout_at(
-                    deadline,
-                    relay(&mut up, client, resp_out, head.framing),
-                )
-                .await;
+                let relayed = timer
+                    .within(
+                        deadline,
+                        wire::relay(
+                            &mut up.stream,
+                            &mut up.buf,
+                            client,
+                            resp_out,
+                            head.framing,
+                            None,
+                        ),
+                    )
+                    .await;
                 let reusable = match relayed {
-                    Ok(Ok(clean)) => clean,
-                    Ok(Err(e)) => {
+                    Some(Ok(r)) => r.reusable,
+                    Some(Err(e)) => {
                         tracing::debug!(peer = %conn.peer, backend = &*b.id, error = %e, "response relay ended early");
                         return Next::Close;
                     }
-                    Err(_) => {
+                    None => {
                         tracing::debug!(peer = %conn.peer, backend = &*b.id, "response not complete within the request timeout; closed");
                         return Next::Close;
                     }
                 };
                 if reusable && !head.backend_close {
-                    b.put_raw(up, opts.keep_alive.max_idle_per_backend);
+                    b.put_raw(up, opts.keep_alive.max_idle_per_backend, now.into_std());
                 }
                 drop(picked.guard);
                 return if close_client {
@@ -817,6 +736,8 @@ struct Sending<'a> {
     head: bool,
     /// The client connection closes after this response.
     close_client: bool,
+    /// When the request came (for the pool's idle times).
+    now: Instant,
 }
 
 fn timed_out(ctx: &Ctx, b: &BackendRt) -> Attempt {
@@ -856,36 +777,6 @@ fn backend_failed(b: &BackendRt, outcome: Outcome, what: &str) -> Attempt {
     )
 }
 
-/// Why sending a request body stopped.
-enum BodyError {
-    Client(io::Error),
-    Backend(io::Error),
-}
-
-/// Copies `n` request body bytes from the client to the backend.
-async fn copy_body(
-    client: &mut TcpStream,
-    cbuf: &mut BytesMut,
-    up: &mut TcpStream,
-    mut n: u64,
-) -> Result<(), BodyError> {
-    while n > 0 {
-        cbuf.clear();
-        cbuf.reserve(CHUNK);
-        let got = client.read_buf(cbuf).await.map_err(BodyError::Client)?;
-        if got == 0 {
-            return Err(BodyError::Client(io::ErrorKind::UnexpectedEof.into()));
-        }
-        let take = usize::try_from(n).unwrap_or(usize::MAX).min(got);
-        up.write_all(&cbuf[..take])
-            .await
-            .map_err(BodyError::Backend)?;
-        cbuf.advance(take);
-        n -= take as u64;
-    }
-    Ok(())
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     ctx: &Ctx,
@@ -894,13 +785,18 @@ async fn attempt(
     client: &mut TcpStream,
     cbuf: &mut BytesMut,
     resp_out: &mut Vec<u8>,
+    timer: &mut Lazy,
     deadline: Instant,
     measure: bool,
 ) -> Attempt {
     let ttl = ctx.opts.keep_alive.idle_timeout;
     let mut fresh_only = false;
     loop {
-        let pooled = if fresh_only { None } else { b.take_raw(ttl) };
+        let pooled = if fresh_only {
+            None
+        } else {
+            b.take_raw(ttl, s.now.into_std())
+        };
         let (mut up, reused) = match pooled {
             Some(up) if up.stale() => continue,
             Some(up) => (up, true),
@@ -910,14 +806,14 @@ async fn attempt(
             },
         };
         let t0 = measure.then(Instant::now);
-        match tokio::time::timeout_at(deadline, up.stream.write_all(s.req)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) if reused => {
+        match timer.within(deadline, up.stream.write_all(s.req)).await {
+            Some(Ok(())) => {}
+            Some(Err(_)) if reused => {
                 // Closed by the backend while idle: a new connection.
                 fresh_only = true;
                 continue;
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 return Attempt::NotSent(
                     Outcome::EarlyEof,
                     Reject::new(
@@ -930,14 +826,15 @@ async fn attempt(
                     ),
                 );
             }
-            Err(_) => return timed_out(ctx, b),
+            None => return timed_out(ctx, b),
         }
         if s.rest > 0 {
-            match tokio::time::timeout_at(deadline, copy_body(client, cbuf, &mut up.stream, s.rest))
+            match timer
+                .within(deadline, copy_body(client, cbuf, &mut up.stream, s.rest))
                 .await
             {
-                Ok(Ok(())) => {}
-                Ok(Err(BodyError::Client(e))) => {
+                Some(Ok(())) => {}
+                Some(Err(BodyError::Client(e))) => {
                     return Attempt::Failed(
                         None,
                         Reject::new(
@@ -947,21 +844,32 @@ async fn attempt(
                         ),
                     );
                 }
-                Ok(Err(BodyError::Backend(e))) => {
+                Some(Err(BodyError::Backend(e))) => {
                     return backend_failed(b, Outcome::EarlyEof, &e.to_string());
                 }
-                Err(_) => return timed_out(ctx, b),
+                None => return timed_out(ctx, b),
             }
         }
         up.buf.clear();
-        match tokio::time::timeout_at(
-            deadline,
-            read_head(&mut up, resp_out, s.head, s.close_client),
-        )
-        .await
+        match timer
+            .within(
+                deadline,
+                wire::read_head(
+                    &mut up.stream,
+                    &mut up.buf,
+                    resp_out,
+                    Rewrite {
+                        head_request: s.head,
+                        close_client: s.close_client,
+                        drop: |_| false,
+                        add: b"",
+                    },
+                ),
+            )
+            .await
         {
-            Ok(Ok(head)) => return Attempt::Answered(up, head, t0.map(|t| t.elapsed())),
-            Ok(Err(HeadError::Eof | HeadError::Io(_)))
+            Some(Ok(head)) => return Attempt::Answered(up, head, t0.map(|t| t.elapsed())),
+            Some(Err(HeadError::Eof | HeadError::Io(_)))
                 if reused && s.rest == 0 && s.idempotent =>
             {
                 // A kept-alive connection the backend closed (or reset)
@@ -969,365 +877,21 @@ async fn attempt(
                 fresh_only = true;
                 continue;
             }
-            Ok(Err(HeadError::Eof)) => {
+            Some(Err(HeadError::Eof)) => {
                 return backend_failed(
                     b,
                     Outcome::EarlyEof,
                     "closed the connection without a response",
                 );
             }
-            Ok(Err(HeadError::Io(e))) => {
+            Some(Err(HeadError::Io(e))) => {
                 return backend_failed(b, Outcome::EarlyEof, &e.to_string());
             }
-            Ok(Err(HeadError::Invalid(why))) => {
+            Some(Err(HeadError::Invalid(why))) => {
                 return backend_failed(b, Outcome::Reported(Verdict::Failure), why);
             }
-            Err(_) => return timed_out(ctx, b),
+            None => return timed_out(ctx, b),
         }
-    }
-}
-
-enum HeadError {
-    /// Closed before a complete head.
-    Eof,
-    Io(io::Error),
-    Invalid(&'static str),
-}
-
-/// Reads a response head from `up` (skipping interim 1xx ones) and writes
-/// the head for the client into `out`; the head's bytes are consumed from
-/// `up.buf`, body bytes read with it stay there.
-async fn read_head(
-    up: &mut RawUpstream,
-    out: &mut Vec<u8>,
-    head_request: bool,
-    close_client: bool,
-) -> Result<RespHead, HeadError> {
-    loop {
-        if !up.buf.is_empty() {
-            match parse_response(&up.buf, out, head_request, close_client)? {
-                Some((len, head)) => {
-                    up.buf.advance(len);
-                    match head {
-                        Some(h) => return Ok(h),
-                        // An interim response: the final one follows.
-                        None => continue,
-                    }
-                }
-                None if up.buf.len() >= super::MAX_HEADER_BYTES => {
-                    return Err(HeadError::Invalid("response head too large"));
-                }
-                None => {}
-            }
-        }
-        up.buf.reserve(CHUNK);
-        match up.stream.read_buf(&mut up.buf).await {
-            Ok(0) => return Err(HeadError::Eof),
-            Ok(_) => {}
-            Err(e) => return Err(HeadError::Io(e)),
-        }
-    }
-}
-
-/// Parses a response head at the start of `buf`. `Ok(None)`: incomplete;
-/// `Ok(Some((len, None)))`: an interim (1xx) response of `len` bytes to
-/// skip; `Ok(Some((len, Some(head))))`: the final head, rewritten into
-/// `out`.
-#[allow(clippy::type_complexity)]
-fn parse_response(
-    buf: &[u8],
-    out: &mut Vec<u8>,
-    head_request: bool,
-    close_client: bool,
-) -> Result<Option<(usize, Option<RespHead>)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(HeadError::Invalid("malformed response head")),
-    };
-    let (Some(status), Some(version)) = (resp.code, resp.version) else {
-        return Err(HeadError::Invalid("malformed response head"));
-    };
-    if status == 101 {
-        return Err(HeadError::Invalid(
-            "backend switched protocols without being asked",
-        ));
-    }
-    if (100..200).contains(&status) {
-        return Ok(Some((len, None)));
-    }
-    let headers: &[httparse::Header<'_>] = resp.headers;
-    let mut connection: [&[u8]; 4] = [&[]; 4];
-    let mut n_connection = 0;
-    let mut backend_close = version == 0;
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut encoded = false;
-    for h in headers {
-        let name = h.name;
-        if is(name, "content-length") {
-            match (self::length(h.value), length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return Err(HeadError::Invalid("invalid Content-Length in the response")),
-            }
-        } else if is(name, "transfer-encoding") {
-            encoded = true;
-            chunked = tokens(h.value)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        } else if is(name, "connection") {
-            if n_connection < connection.len() {
-                connection[n_connection] = h.value;
-                n_connection += 1;
-            }
-            if tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close")) {
-                backend_close = true;
-            } else if version == 0 && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
-            {
-                backend_close = false;
-            }
-        }
-    }
-    let connection = &connection[..n_connection];
-    let framing = if head_request || status == 204 || status == 304 {
-        Framing::None
-    } else if encoded {
-        if chunked {
-            Framing::Chunked
-        } else {
-            Framing::UntilClose
-        }
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else {
-        Framing::UntilClose
-    };
-    let close = close_client || framing == Framing::UntilClose;
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa3(status).as_slice());
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for h in headers {
-        let name = h.name;
-        if hop_by_hop(name)
-            || is(name, "upgrade")
-            || (encoded && is(name, "content-length"))
-            || (!connection.is_empty() && named_in(connection, name))
-        {
-            continue;
-        }
-        header_line(out, name.as_bytes(), h.value);
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(Some((
-        len,
-        Some(RespHead {
-            status,
-            framing,
-            backend_close,
-            length: if encoded { 0 } else { length.unwrap_or(0) },
-        }),
-    )))
-}
-
-/// A status code's three digits.
-fn itoa3(status: u16) -> [u8; 3] {
-    let s = status.min(999);
-    [
-        b'0' + (s / 100) as u8,
-        b'0' + (s / 10 % 10) as u8,
-        b'0' + (s % 10) as u8,
-    ]
-}
-
-/// Sends the response head in `out` and the body, framed as it came.
-/// `Ok(true)`: the body ended cleanly and the backend connection can be
-/// used again.
-async fn relay(
-    up: &mut RawUpstream,
-    client: &mut TcpStream,
-    out: &mut Vec<u8>,
-    framing: Framing,
-) -> io::Result<bool> {
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
-    let mut chunks = Chunks::default();
-    loop {
-        // The part of `up.buf` that belongs to this body, and whether the
-        // body ends there.
-        let (mut take, done) = match framing {
-            Framing::None => (0, true),
-            Framing::Length(_) => {
-                let t = usize::try_from(left)
-                    .unwrap_or(usize::MAX)
-                    .min(up.buf.len());
-                left -= t as u64;
-                (t, left == 0)
-            }
-            Framing::Chunked => {
-                let t = chunks
-                    .feed(&up.buf)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                (t, chunks.done())
-            }
-            Framing::UntilClose => (up.buf.len(), false),
-        };
-        if !out.is_empty() {
-            // The head, with the first body bytes when they are few.
-            if take <= COALESCE {
-                out.extend_from_slice(&up.buf[..take]);
-                up.buf.advance(take);
-                take = 0;
-            }
-            client.write_all(out).await?;
-            out.clear();
-        }
-        if take > 0 {
-            client.write_all(&up.buf[..take]).await?;
-            up.buf.advance(take);
-        }
-        if done {
-            // Bytes past the body: the backend broke the framing.
-            return Ok(up.buf.is_empty());
-        }
-        up.buf.clear();
-        up.buf.reserve(CHUNK);
-        match up.stream.read_buf(&mut up.buf).await {
-            Ok(0) if framing == Framing::UntilClose => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Finds the end of a chunked body (RFC 9112 §7.1) in the bytes that
-/// pass, without changing them.
-#[derive(Debug, Default)]
-struct Chunks {
-    state: ChunkState,
-    /// Data bytes left in the current chunk.
-    left: u64,
-    /// Hex digits of the size line seen.
-    digits: u8,
-    /// The current trailer line has bytes (an empty one ends the body).
-    line: bool,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Size,
-    /// After the size: extensions until CR LF.
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    Trailer,
-    TrailerLf,
-    Done,
-}
-
-impl Chunks {
-    fn done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-
-    /// Consumes `bytes` up to the end of the body; how many belong to it.
-    fn feed(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
-        use ChunkState as S;
-        let mut i = 0;
-        while i < bytes.len() && self.state != S::Done {
-            let c = bytes[i];
-            match self.state {
-                S::Size => match c {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        if self.digits == 15 {
-                            return Err("chunk size too large");
-                        }
-                        let d = (c as char).to_digit(16).unwrap_or(0);
-                        self.left = self.left * 16 + u64::from(d);
-                        self.digits += 1;
-                    }
-                    _ if self.digits == 0 => return Err("invalid chunk size"),
-                    b';' | b' ' | b'\t' => self.state = S::Ext,
-                    b'\r' => self.state = S::SizeLf,
-                    _ => return Err("invalid chunk size"),
-                },
-                S::Ext => {
-                    if c == b'\r' {
-                        self.state = S::SizeLf;
-                    }
-                }
-                S::SizeLf => {
-                    if c != b'\n' {
-                        return Err("invalid chunk size line");
-                    }
-                    self.digits = 0;
-                    if self.left == 0 {
-                        self.line = false;
-                        self.state = S::Trailer;
-                    } else {
-                        self.state = S::Data;
-                    }
-                }
-                S::Data => {
-                    let n = usize::try_from(self.left)
-                        .unwrap_or(usize::MAX)
-                        .min(bytes.len() - i);
-                    self.left -= n as u64;
-                    i += n;
-                    if self.left == 0 {
-                        self.state = S::DataCr;
-                    }
-                    continue;
-                }
-                S::DataCr => {
-                    if c != b'\r' {
-                        return Err("chunk data not followed by CRLF");
-                    }
-                    self.state = S::DataLf;
-                }
-                S::DataLf => {
-                    if c != b'\n' {
-                        return Err("chunk data not followed by CRLF");
-                    }
-                    self.state = S::Size;
-                }
-                S::Trailer => {
-                    if c == b'\r' {
-                        self.state = S::TrailerLf;
-                    } else {
-                        self.line = true;
-                    }
-                }
-                S::TrailerLf => {
-                    if c != b'\n' {
-                        return Err("invalid trailer line");
-                    }
-                    if self.line {
-                        self.line = false;
-                        self.state = S::Trailer;
-                    } else {
-                        self.state = S::Done;
-                    }
-                }
-                S::Done => {}
-            }
-            i += 1;
-        }
-        Ok(i)
     }
 }
 
@@ -1338,95 +902,6 @@ mod tests {
 
     fn peer_key(balance: &Balance, peer: IpAddr) -> Option<u64> {
         key_of(balance, peer, |_| None, std::iter::empty)
-    }
-
-    fn scan(parts: &[&[u8]]) -> Result<(bool, usize), &'static str> {
-        let mut c = Chunks::default();
-        let mut total = 0;
-        for p in parts {
-            let n = c.feed(p)?;
-            total += n;
-            if c.done() {
-                return Ok((true, total));
-            }
-            assert_eq!(n, p.len());
-        }
-        Ok((false, total))
-    }
-
-    #[test]
-    fn chunked_end_is_found_across_reads() {
-        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
-        let end = body.len() - 4;
-        // Whole, and split at every position.
-        assert_eq!(scan(&[body]), Ok((true, end)));
-        for cut in 1..body.len() {
-            let (a, b) = body.split_at(cut);
-            assert_eq!(scan(&[a, b]), Ok((true, end)), "cut {cut}");
-        }
-        assert_eq!(scan(&[b"0\r\n\r\n"]), Ok((true, 5)));
-        assert_eq!(scan(&[b"3\r\nab"]), Ok((false, 5)));
-        assert!(scan(&[b"zz\r\n"]).is_err());
-        assert!(scan(&[b"3\r\nabcX"]).is_err());
-        assert!(scan(&[b"ffffffffffffffffff\r\n"]).is_err());
-    }
-
-    #[test]
-    fn response_heads_are_rewritten() {
-        let mut out = Vec::new();
-        let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\nx-kept: y\r\n\r\nabc";
-        let (len, head) = parse_response(raw, &mut out, false, false)
-            .ok()
-            .flatten()
-            .unwrap();
-        let head = head.unwrap();
-        assert_eq!(len, raw.len() - 3);
-        assert_eq!(head.framing, Framing::Length(3));
-        assert!(!head.backend_close);
-        assert_eq!(
-            std::str::from_utf8(&out).unwrap(),
-            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nx-kept: y\r\n\r\n"
-        );
-        // Chunked wins over a length; closing the client is said.
-        let raw = b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nConnection: close\r\n\r\n";
-        let (_, head) = parse_response(raw, &mut out, false, true)
-            .ok()
-            .flatten()
-            .unwrap();
-        let head = head.unwrap();
-        assert_eq!(head.framing, Framing::Chunked);
-        assert!(head.backend_close);
-        assert_eq!(
-            std::str::from_utf8(&out).unwrap(),
-            "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nconnection: close\r\n\r\n"
-        );
-        // No framing: until close. HEAD and 304: no body.
-        let raw = b"HTTP/1.1 200 OK\r\n\r\n";
-        let (_, head) = parse_response(raw, &mut out, false, false)
-            .ok()
-            .flatten()
-            .unwrap();
-        assert_eq!(head.unwrap().framing, Framing::UntilClose);
-        assert!(String::from_utf8_lossy(&out).contains("connection: close"));
-        let (_, head) = parse_response(raw, &mut out, true, false)
-            .ok()
-            .flatten()
-            .unwrap();
-        assert_eq!(head.unwrap().framing, Framing::None);
-        // Interim responses are skipped; 101 unasked is refused.
-        let raw = b"HTTP/1.1 100 Continue\r\n\r\n";
-        assert!(matches!(
-            parse_response(raw, &mut out, false, false),
-            Ok(Some((25, None)))
-        ));
-        let raw = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
-        assert!(parse_response(raw, &mut out, false, false).is_err());
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
-        assert!(parse_response(raw, &mut out, false, false).is_err());
-        assert!(matches!(
-            parse_response(b"HTTP/1.1 200 OK\r\nA: b", &mut out, false, false),
-            Ok(None)
-        ));
     }
 
     #[test]

@@ -1,0 +1,721 @@
+//! HTTP/1.1 on the wire, for the lean paths of the ingress (`ingress/h1.rs`)
+//! and the egress forward proxy (`egress/h1.rs`): header tests on raw
+//! bytes, response heads read and rewritten in place, bodies copied with
+//! their framing as it came (a length, chunked with the end found by
+//! [`Chunks`], or until close).
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+/// Most headers in a request or response head (hyper's limit too).
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Read buffer size, and growth step.
+pub(crate) const CHUNK: usize = 16 * 1024;
+/// Response body bytes already read with the head that go out with it in
+/// one write (more are written on their own).
+pub(crate) const COALESCE: usize = 64 * 1024;
+
+/// One timer for a run of deadlines that mostly move forward, as a
+/// connection's successive requests make them: registered the first time
+/// a wait is pending and re-armed only when it fires before the deadline
+/// in force, instead of a timer registered and cancelled per wait.
+pub(crate) struct Lazy {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Lazy {
+    pub(crate) fn new() -> Lazy {
+        // Far enough to never fire before a real deadline sets it.
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        Lazy {
+            sleep: Box::pin(tokio::time::sleep_until(far)),
+        }
+    }
+
+    /// `fut`, or `None` once `deadline` passed first.
+    pub(crate) async fn within<F: Future>(
+        &mut self,
+        deadline: Instant,
+        fut: F,
+    ) -> Option<F::Output> {
+        if self.sleep.deadline() > deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => return Some(r),
+                () = self.sleep.as_mut() => {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    self.sleep.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+}
+
+/// Why reading more of a head stopped.
+pub(crate) enum Wait {
+    Data,
+    Closed,
+    TimedOut,
+    Shutdown,
+}
+
+/// Reads more bytes of a head into `buf`, until `deadline`; while nothing
+/// of the head has arrived yet, `shutdown` resolving ends the wait too
+/// (a future kept for the connection's life, not polled again once it
+/// resolved).
+pub(crate) async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    timer: &mut Lazy,
+    deadline: Instant,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Wait {
+    buf.reserve(CHUNK);
+    let idle = buf.is_empty();
+    let read = async {
+        tokio::select! {
+            biased;
+            r = stream.read_buf(buf) => match r {
+                Ok(1..) => Wait::Data,
+                _ => Wait::Closed,
+            },
+            () = shutdown, if idle => Wait::Shutdown,
+        }
+    };
+    timer.within(deadline, read).await.unwrap_or(Wait::TimedOut)
+}
+
+/// A future that resolves once `shutdown` turns `true`, made once per
+/// connection (its waiter stays registered instead of one per wait).
+pub(crate) fn shutdown_signal(
+    mut shutdown: watch::Receiver<bool>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    })
+}
+
+/// Whether header `name` is `lower` (ASCII, any case).
+pub(crate) fn is(name: &str, lower: &str) -> bool {
+    name.eq_ignore_ascii_case(lower)
+}
+
+/// What `http::HeaderValue::to_str` accepts: visible ASCII, space, tab.
+pub(crate) fn text(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
+pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// A `Content-Length` value: digits only.
+pub(crate) fn length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Whether `name` is listed in a `Connection` header (and so is
+/// hop-by-hop), `Content-Length` and `Host` excepted as on the hyper path.
+pub(crate) fn named_in(connection: &[&[u8]], name: &str) -> bool {
+    if is(name, "content-length") || is(name, "host") || is(name, "transfer-encoding") {
+        return false;
+    }
+    connection
+        .iter()
+        .flat_map(|v| tokens(v))
+        .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// Appends one header line.
+pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes (the client connection closes too).
+    UntilClose,
+}
+
+/// A response head read from a backend.
+pub(crate) struct RespHead {
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
+    /// The backend will close the connection after this response.
+    pub(crate) backend_close: bool,
+    /// `Content-Length` (for the access log).
+    pub(crate) length: u64,
+}
+
+/// How a response head is rewritten for the client.
+#[derive(Clone, Copy)]
+pub(crate) struct Rewrite<'a> {
+    /// The request was `HEAD` (no body follows whatever the head says).
+    pub(crate) head_request: bool,
+    /// The client connection closes after this response.
+    pub(crate) close_client: bool,
+    /// Headers left out besides the hop-by-hop ones.
+    pub(crate) drop: fn(&str) -> bool,
+    /// Header lines added (each ending in CRLF).
+    pub(crate) add: &'a [u8],
+}
+
+/// Headers that never cross a proxy (RFC 9110 §7.6.1), `Transfer-Encoding`
+/// aside (bodies pass with their framing) and `Upgrade` (checked apart).
+pub(crate) fn hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "trailer",
+    ]
+    .iter()
+    .any(|h| is(name, h))
+}
+
+/// Why sending a request body stopped.
+pub(crate) enum BodyError {
+    Client(io::Error),
+    Backend(io::Error),
+}
+
+/// Copies `n` request body bytes from the client to the backend, through
+/// `cbuf` (the client's read buffer, empty on entry; bytes read past the
+/// body stay in it).
+pub(crate) async fn copy_body(
+    client: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    up: &mut TcpStream,
+    mut n: u64,
+) -> Result<(), BodyError> {
+    while n > 0 {
+        cbuf.clear();
+        cbuf.reserve(CHUNK);
+        let got = client.read_buf(cbuf).await.map_err(BodyError::Client)?;
+        if got == 0 {
+            return Err(BodyError::Client(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let take = usize::try_from(n).unwrap_or(usize::MAX).min(got);
+        up.write_all(&cbuf[..take])
+            .await
+            .map_err(BodyError::Backend)?;
+        cbuf.advance(take);
+        n -= take as u64;
+    }
+    Ok(())
+}
+
+/// Why reading a response head failed.
+pub(crate) enum HeadError {
+    /// Closed before a complete head.
+    Eof,
+    Io(io::Error),
+    Invalid(&'static str),
+}
+
+/// Reads a response head from `stream` into `buf` (skipping interim 1xx
+/// ones) and writes the head for the client into `out`; the head's bytes
+/// are consumed from `buf`, body bytes read with it stay there.
+pub(crate) async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    rw: Rewrite<'_>,
+) -> Result<RespHead, HeadError> {
+    loop {
+        if !buf.is_empty() {
+            match parse_response(buf, out, rw)? {
+                Some((len, head)) => {
+                    buf.advance(len);
+                    match head {
+                        Some(h) => return Ok(h),
+                        // An interim response: the final one follows.
+                        None => continue,
+                    }
+                }
+                None if buf.len() >= MAX_RESPONSE_HEAD => {
+                    return Err(HeadError::Invalid("response head too large"));
+                }
+                None => {}
+            }
+        }
+        buf.reserve(CHUNK);
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err(HeadError::Eof),
+            Ok(_) => {}
+            Err(e) => return Err(HeadError::Io(e)),
+        }
+    }
+}
+
+/// The largest response head read.
+pub(crate) const MAX_RESPONSE_HEAD: usize = 1024 * 1024;
+
+/// Parses a response head at the start of `buf`. `Ok(None)`: incomplete;
+/// `Ok(Some((len, None)))`: an interim (1xx) response of `len` bytes to
+/// skip; `Ok(Some((len, Some(head))))`: the final head, rewritten into
+/// `out`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn parse_response(
+    buf: &[u8],
+    out: &mut Vec<u8>,
+    rw: Rewrite<'_>,
+) -> Result<Option<(usize, Option<RespHead>)>, HeadError> {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(HeadError::Invalid("malformed response head")),
+    };
+    let (Some(status), Some(version)) = (resp.code, resp.version) else {
+        return Err(HeadError::Invalid("malformed response head"));
+    };
+    if status == 101 {
+        return Err(HeadError::Invalid(
+            "backend switched protocols without being asked",
+        ));
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some((len, None)));
+    }
+    let headers: &[httparse::Header<'_>] = resp.headers;
+    let mut connection: [&[u8]; 4] = [&[]; 4];
+    let mut n_connection = 0;
+    let mut backend_close = version == 0;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut encoded = false;
+    for h in headers {
+        let name = h.name;
+        if is(name, "content-length") {
+            match (self::length(h.value), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Err(HeadError::Invalid("invalid Content-Length in the response")),
+            }
+        } else if is(name, "transfer-encoding") {
+            encoded = true;
+            chunked = tokens(h.value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        } else if is(name, "connection") {
+            if n_connection < connection.len() {
+                connection[n_connection] = h.value;
+                n_connection += 1;
+            }
+            if tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close")) {
+                backend_close = true;
+            } else if version == 0 && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
+            {
+                backend_close = false;
+            }
+        }
+    }
+    let connection = &connection[..n_connection];
+    let framing = if rw.head_request || status == 204 || status == 304 {
+        Framing::None
+    } else if encoded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    let close = rw.close_client || framing == Framing::UntilClose;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(status).as_slice());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in headers {
+        let name = h.name;
+        if hop_by_hop(name)
+            || is(name, "upgrade")
+            || (encoded && is(name, "content-length"))
+            || (!connection.is_empty() && named_in(connection, name))
+            || (rw.drop)(name)
+        {
+            continue;
+        }
+        header_line(out, name.as_bytes(), h.value);
+    }
+    out.extend_from_slice(rw.add);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some((
+        len,
+        Some(RespHead {
+            status,
+            framing,
+            backend_close,
+            length: if encoded { 0 } else { length.unwrap_or(0) },
+        }),
+    )))
+}
+
+/// A status code's three digits.
+pub(crate) fn itoa3(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
+}
+
+/// Sends the response head in `out` and the body read from `stream`
+/// (some of it may be in `buf` already), framed as it came. `stall`
+/// bounds each wait for more of the body.
+pub(crate) async fn relay(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    stall: Option<Duration>,
+) -> io::Result<Relayed> {
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunks = Chunks::default();
+    let mut bytes = 0u64;
+    loop {
+        // The part of `buf` that belongs to this body, and whether the
+        // body ends there.
+        let (mut take, done) = match framing {
+            Framing::None => (0, true),
+            Framing::Length(_) => {
+                let t = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                left -= t as u64;
+                (t, left == 0)
+            }
+            Framing::Chunked => {
+                let t = chunks
+                    .feed(buf)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                (t, chunks.done())
+            }
+            Framing::UntilClose => (buf.len(), false),
+        };
+        bytes += take as u64;
+        if !out.is_empty() {
+            // The head, with the first body bytes when they are few.
+            if take <= COALESCE {
+                out.extend_from_slice(&buf[..take]);
+                buf.advance(take);
+                take = 0;
+            }
+            client.write_all(out).await?;
+            out.clear();
+        }
+        if take > 0 {
+            client.write_all(&buf[..take]).await?;
+            buf.advance(take);
+        }
+        if done {
+            // Bytes past the body: the backend broke the framing.
+            return Ok(Relayed {
+                reusable: buf.is_empty(),
+                bytes,
+            });
+        }
+        buf.clear();
+        buf.reserve(CHUNK);
+        let read = match stall {
+            None => stream.read_buf(buf).await,
+            Some(limit) => match tokio::time::timeout(limit, stream.read_buf(buf)).await {
+                Ok(r) => r,
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            },
+        };
+        match read {
+            Ok(0) if framing == Framing::UntilClose => {
+                return Ok(Relayed {
+                    reusable: false,
+                    bytes,
+                });
+            }
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How a relayed body ended.
+pub(crate) struct Relayed {
+    /// Cleanly at its end: the connection it came on can be used again.
+    pub(crate) reusable: bool,
+    /// Body bytes relayed.
+    pub(crate) bytes: u64,
+}
+
+/// Finds the end of a chunked body (RFC 9112 §7.1) in the bytes that
+/// pass, without changing them.
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    state: ChunkState,
+    /// Data bytes left in the current chunk.
+    left: u64,
+    /// Hex digits of the size line seen.
+    digits: u8,
+    /// The current trailer line has bytes (an empty one ends the body).
+    line: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChunkState {
+    #[default]
+    Size,
+    /// After the size: extensions until CR LF.
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    Trailer,
+    TrailerLf,
+    Done,
+}
+
+impl Chunks {
+    fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Consumes `bytes` up to the end of the body; how many belong to it.
+    fn feed(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
+        use ChunkState as S;
+        let mut i = 0;
+        while i < bytes.len() && self.state != S::Done {
+            let c = bytes[i];
+            match self.state {
+                S::Size => match c {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.digits == 15 {
+                            return Err("chunk size too large");
+                        }
+                        let d = (c as char).to_digit(16).unwrap_or(0);
+                        self.left = self.left * 16 + u64::from(d);
+                        self.digits += 1;
+                    }
+                    _ if self.digits == 0 => return Err("invalid chunk size"),
+                    b';' | b' ' | b'\t' => self.state = S::Ext,
+                    b'\r' => self.state = S::SizeLf,
+                    _ => return Err("invalid chunk size"),
+                },
+                S::Ext => {
+                    if c == b'\r' {
+                        self.state = S::SizeLf;
+                    }
+                }
+                S::SizeLf => {
+                    if c != b'\n' {
+                        return Err("invalid chunk size line");
+                    }
+                    self.digits = 0;
+                    if self.left == 0 {
+                        self.line = false;
+                        self.state = S::Trailer;
+                    } else {
+                        self.state = S::Data;
+                    }
+                }
+                S::Data => {
+                    let n = usize::try_from(self.left)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len() - i);
+                    self.left -= n as u64;
+                    i += n;
+                    if self.left == 0 {
+                        self.state = S::DataCr;
+                    }
+                    continue;
+                }
+                S::DataCr => {
+                    if c != b'\r' {
+                        return Err("chunk data not followed by CRLF");
+                    }
+                    self.state = S::DataLf;
+                }
+                S::DataLf => {
+                    if c != b'\n' {
+                        return Err("chunk data not followed by CRLF");
+                    }
+                    self.state = S::Size;
+                }
+                S::Trailer => {
+                    if c == b'\r' {
+                        self.state = S::TrailerLf;
+                    } else {
+                        self.line = true;
+                    }
+                }
+                S::TrailerLf => {
+                    if c != b'\n' {
+                        return Err("invalid trailer line");
+                    }
+                    if self.line {
+                        self.line = false;
+                        self.state = S::Trailer;
+                    } else {
+                        self.state = S::Done;
+                    }
+                }
+                S::Done => {}
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rw(head_request: bool, close_client: bool) -> Rewrite<'static> {
+        Rewrite {
+            head_request,
+            close_client,
+            drop: |_| false,
+            add: b"",
+        }
+    }
+
+    fn scan(parts: &[&[u8]]) -> Result<(bool, usize), &'static str> {
+        let mut c = Chunks::default();
+        let mut total = 0;
+        for p in parts {
+            let n = c.feed(p)?;
+            total += n;
+            if c.done() {
+                return Ok((true, total));
+            }
+            assert_eq!(n, p.len());
+        }
+        Ok((false, total))
+    }
+
+    #[test]
+    fn chunked_end_is_found_across_reads() {
+        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        // Whole, and split at every position.
+        assert_eq!(scan(&[body]), Ok((true, end)));
+        for cut in 1..body.len() {
+            let (a, b) = body.split_at(cut);
+            assert_eq!(scan(&[a, b]), Ok((true, end)), "cut {cut}");
+        }
+        assert_eq!(scan(&[b"0\r\n\r\n"]), Ok((true, 5)));
+        assert_eq!(scan(&[b"3\r\nab"]), Ok((false, 5)));
+        assert!(scan(&[b"zz\r\n"]).is_err());
+        assert!(scan(&[b"3\r\nabcX"]).is_err());
+        assert!(scan(&[b"ffffffffffffffffff\r\n"]).is_err());
+    }
+
+    #[test]
+    fn response_heads_are_rewritten() {
+        let mut out = Vec::new();
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\nx-kept: y\r\n\r\nabc";
+        let (len, head) = parse_response(raw, &mut out, rw(false, false))
+            .ok()
+            .flatten()
+            .unwrap();
+        let head = head.unwrap();
+        assert_eq!(len, raw.len() - 3);
+        assert_eq!(head.framing, Framing::Length(3));
+        assert!(!head.backend_close);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nx-kept: y\r\n\r\n"
+        );
+        // Chunked wins over a length; closing the client is said.
+        let raw = b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nConnection: close\r\n\r\n";
+        let (_, head) = parse_response(raw, &mut out, rw(false, true))
+            .ok()
+            .flatten()
+            .unwrap();
+        let head = head.unwrap();
+        assert_eq!(head.framing, Framing::Chunked);
+        assert!(head.backend_close);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        // No framing: until close. HEAD and 304: no body.
+        let raw = b"HTTP/1.1 200 OK\r\n\r\n";
+        let (_, head) = parse_response(raw, &mut out, rw(false, false))
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(head.unwrap().framing, Framing::UntilClose);
+        assert!(String::from_utf8_lossy(&out).contains("connection: close"));
+        let (_, head) = parse_response(raw, &mut out, rw(true, false))
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(head.unwrap().framing, Framing::None);
+        // Interim responses are skipped; 101 unasked is refused.
+        let raw = b"HTTP/1.1 100 Continue\r\n\r\n";
+        assert!(matches!(
+            parse_response(raw, &mut out, rw(false, false)),
+            Ok(Some((25, None)))
+        ));
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        assert!(parse_response(raw, &mut out, rw(false, false)).is_err());
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert!(parse_response(raw, &mut out, rw(false, false)).is_err());
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\nA: b", &mut out, rw(false, false)),
+            Ok(None)
+        ));
+    }
+}
