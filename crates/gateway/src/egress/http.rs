@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use addrpool::{Outcome, Pool, Session};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
@@ -27,6 +28,7 @@ use super::upstream::{Conn, Key, KeyRef};
 use super::{Ctx, SessionFrom};
 use crate::guard::Offense;
 use crate::relay::Activity;
+use crate::wire::Rewind;
 
 /// The response header that tells the client the source address used.
 pub const SOURCE_HEADER: &str = "x-ippool-source";
@@ -89,13 +91,15 @@ fn source_value(src: IpAddr) -> HeaderValue {
 }
 
 /// A request the proxy answers itself.
-struct Reject {
-    status: StatusCode,
-    result: RequestResult,
-    message: String,
+pub(crate) struct Reject {
+    pub(crate) status: StatusCode,
+    pub(crate) result: RequestResult,
+    pub(crate) message: String,
     /// The misbehaviour to report to the listener's auto-blocking, if the
     /// client is at fault.
-    offense: Option<Offense>,
+    pub(crate) offense: Option<Offense>,
+    /// `Retry-After` (whole seconds).
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl Reject {
@@ -105,6 +109,7 @@ impl Reject {
             result: RequestResult::BadRequest,
             message: message.into(),
             offense: Some(Offense::Malformed),
+            retry_after: None,
         }
     }
 }
@@ -116,6 +121,7 @@ impl From<DialError> for Reject {
             result: e.result,
             message: e.message,
             offense: None,
+            retry_after: None,
         }
     }
 }
@@ -133,12 +139,13 @@ impl From<AuthError> for Reject {
                 AuthError::Malformed => Some(Offense::Malformed),
                 AuthError::Invalid | AuthError::BadSession => Some(Offense::AuthFailed),
             },
+            retry_after: None,
         }
     }
 }
 
 /// A header value from any text (control and non-ASCII bytes replaced).
-fn header_text(s: &str) -> HeaderValue {
+pub(crate) fn header_text(s: &str) -> HeaderValue {
     let clean: String = s
         .chars()
         .map(|c| {
@@ -171,14 +178,18 @@ fn error_response(r: &Reject) -> Response<ProxyBody> {
     if r.status == StatusCode::BAD_REQUEST {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if let Some(secs) = r.retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }
 
-/// Serves one client connection speaking HTTP/1.x.
-pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
+/// Serves one client connection speaking HTTP/1.x; `pre`: bytes already
+/// read from it (by the fast path, `h1.rs`).
+pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr, pre: Bytes) {
     let act = Arc::new(Activity::default());
     act.touch();
-    let io = Touched::new(stream, act.clone());
+    let io = Touched::new(Rewind::new(pre, stream), act.clone());
     let state = Arc::new(ConnState {
         tunnel: Mutex::new(None),
         peer,
@@ -236,17 +247,15 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// 429 with `Retry-After` (whole seconds, at least 1).
-fn rate_limited(wait: Duration) -> Response<ProxyBody> {
+pub(crate) fn rate_limit_reject(wait: Duration) -> Reject {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let mut resp = error_response(&Reject {
+    Reject {
         status: StatusCode::TOO_MANY_REQUESTS,
         result: RequestResult::RateLimited,
         message: format!("too many requests from your address; retry after {secs}s"),
         offense: None,
-    });
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    resp
+        retry_after: Some(secs.max(1)),
+    }
 }
 
 async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -302,7 +311,7 @@ async fn handle_inner(
     };
     if let Err(wait) = ctx.opts.guard.check_request(state.peer.ip()) {
         ctx.metrics.request(protocol, RequestResult::RateLimited);
-        return rate_limited(wait);
+        return error_response(&rate_limit_reject(wait));
     }
     let r = if protocol == Protocol::Connect {
         connect(ctx, state, req).await
@@ -452,10 +461,19 @@ async fn connect(
         match hyper::upgrade::on(req).await {
             // The client connection is a plain socket under hyper: take it
             // back (with what hyper read past the request) to splice it.
-            Ok(up) => match up.downcast::<TokioIo<Touched<TcpStream>>>() {
+            Ok(up) => match up.downcast::<TokioIo<Touched<Rewind<TcpStream>>>>() {
                 Ok(parts) => {
-                    let client = parts.io.into_inner().io;
-                    tunnel::run(client, parts.read_buf, stream, idle, metrics).await;
+                    // What hyper read past the request, then what the
+                    // fast path had read that hyper did not get to.
+                    let (unread, client) = parts.io.into_inner().io.into_parts();
+                    let early = if unread.is_empty() {
+                        parts.read_buf
+                    } else {
+                        let mut b = bytes::BytesMut::from(&parts.read_buf[..]);
+                        b.extend_from_slice(&unread);
+                        b.freeze()
+                    };
+                    tunnel::run(client, early, stream, idle, metrics).await;
                 }
                 Err(_) => tracing::error!("CONNECT upgrade is not a TCP stream; tunnel closed"),
             },
@@ -652,6 +670,7 @@ async fn forward(
                 result: RequestResult::BadGateway,
                 message,
                 offense: None,
+                retry_after: None,
             });
         }
         None => {
@@ -661,6 +680,7 @@ async fn forward(
                 result: RequestResult::Timeout,
                 message: format!("{dest} sent no response within {idle_timeout:?}"),
                 offense: None,
+                retry_after: None,
             });
         }
     };
@@ -706,6 +726,7 @@ async fn fresh(
             result: RequestResult::BadGateway,
             message: format!("HTTP handshake with {dest} failed: {e}"),
             offense: None,
+            retry_after: None,
         })?;
     ctx.tasks.spawn(async move {
         if let Err(e) = conn.await {

@@ -92,6 +92,7 @@
 mod auth;
 mod body;
 mod dial;
+mod h1;
 mod http;
 mod metrics;
 mod options;
@@ -294,6 +295,8 @@ pub(crate) struct Ctx {
     pub(crate) opts: EgressOptions,
     pub(crate) metrics: Arc<EgressMetrics>,
     pub(crate) idle: Arc<IdlePool>,
+    /// Idle upstream connections of the HTTP/1.1 fast path (`h1.rs`).
+    pub(crate) raw_idle: Arc<IdlePool<h1::RawConn>>,
     pub(crate) tasks: Tasks,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -356,12 +359,14 @@ impl EgressProxy {
     fn with_listener(listener: TcpListener, opts: EgressOptions) -> EgressProxy {
         let (stop, shutdown) = watch::channel(false);
         let idle = Arc::new(IdlePool::new(opts.keep_alive, opts.idle_timeout));
+        let raw_idle = Arc::new(IdlePool::new(opts.keep_alive, opts.idle_timeout));
         EgressProxy {
             listener,
             ctx: Arc::new(Ctx {
                 opts,
                 metrics: Arc::new(EgressMetrics::default()),
                 idle,
+                raw_idle,
                 tasks: Tasks::default(),
                 shutdown,
             }),
@@ -424,14 +429,17 @@ impl EgressProxy {
                 },
                 _ = sweep.tick() => {
                     ctx.idle.sweep();
+                    ctx.raw_idle.sweep();
                 }
             }
         }
         drop(listener);
         let _ = stop.send(true);
         ctx.idle.clear();
+        ctx.raw_idle.clear();
         ctx.tasks.drain(ctx.opts.drain_timeout).await;
         ctx.idle.clear();
+        ctx.raw_idle.clear();
         for pool in ctx.opts.pool.pools() {
             tracing::debug!(held = pool.held().len(), "egress listener stopped");
         }
@@ -457,7 +465,18 @@ async fn serve_conn(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         // Request lines start with a method token (leading CRLFs are
         // tolerated by HTTP/1.1); anything else gets a 400 at once instead
         // of waiting for a head that will never parse.
-        b'A'..=b'Z' | b'a'..=b'z' | b'\r' | b'\n' => http::serve(ctx, stream, peer).await,
+        b'A'..=b'Z' | b'a'..=b'z' | b'\r' | b'\n' => {
+            let (stream, pre) = if ctx.opts.fast_h1 {
+                // The HTTP/1.1 fast path, until a request needs hyper.
+                match h1::serve(&ctx, stream, peer).await {
+                    h1::Served::Done => return,
+                    h1::Served::Fallback(stream, pre) => (stream, pre.freeze()),
+                }
+            } else {
+                (stream, bytes::Bytes::new())
+            };
+            http::serve(ctx, stream, peer, pre).await;
+        }
         other => {
             let why = if other == 0x16 {
                 "TLS handshake on a plain proxy port: use http:// for the proxy URL"

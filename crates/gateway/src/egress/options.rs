@@ -159,6 +159,12 @@ pub struct EgressOptions {
     pub resolver: Arc<dyn Resolve>,
     /// Receives one entry per HTTP request and CONNECT. Default: none.
     pub access_log: Option<Arc<dyn crate::access::AccessLog>>,
+    /// Serve plain `http://` requests with no request body framing but
+    /// `Content-Length` on the lean path of `h1.rs` instead of hyper
+    /// (`CONNECT` and anything else still go to hyper). Answers and
+    /// forwarded heads are the same either way; off is for comparing the
+    /// two. Default: on.
+    pub fast_h1: bool,
 }
 
 impl EgressOptions {
@@ -180,6 +186,7 @@ impl EgressOptions {
             guard: Arc::new(crate::guard::Guard::default()),
             resolver: Arc::new(SystemResolver),
             access_log: None,
+            fast_h1: true,
         }
     }
 }
@@ -201,7 +208,7 @@ impl fmt::Debug for EgressOptions {
             .field("session_from", &self.session_from)
             .field("keep_alive", &self.keep_alive)
             .field("guard", &self.guard)
-            .field("guard", &self.guard)
+            .field("fast_h1", &self.fast_h1)
             .finish_non_exhaustive()
     }
 }

@@ -170,8 +170,9 @@ pub use routes::{
 };
 pub use tls::{CertPaths, CertStore, TlsError, rustls_server_config};
 
+use crate::wire::Rewind;
 use headers::{ClientInfo, ViaValues};
-use io::{Activity, Rewind, Watched};
+use io::{Activity, Watched};
 use tasks::Tasks;
 
 /// Why an ingress listener could not start.

@@ -1,0 +1,784 @@
+//! The HTTP/1.1 fast path of egress listeners.
+//!
+//! The common forward-proxy exchange, `GET http://host/path HTTP/1.1`
+//! with no request body or a `Content-Length` one, is served here
+//! without hyper: the head is parsed in place (httparse), the request
+//! goes to a kept-alive upstream connection from the leased source (or a
+//! new one) as one write of the rewritten head and the body bytes read
+//! with it, and the response comes back with its framing as it came and
+//! [`SOURCE_HEADER`](super::SOURCE_HEADER) added, all in the client
+//! connection's task (see `crate::wire`).
+//!
+//! Anything else goes to hyper (`http.rs`) on the same connection
+//! before a byte of that request is consumed: `CONNECT`, HTTP/1.0,
+//! origin-form or non-`http` targets, targets with user info, a query
+//! right after the authority or an odd port, `Upgrade`,
+//! `Transfer-Encoding` or `Expect` on the request, a head that does not
+//! parse or is over the limit. hyper then serves the rest of that
+//! connection and answers as it always did. The answers made here
+//! (407, 403, 429, 502, 503, 504) are those of `http.rs`, checked by
+//! `tests/egress_h1.rs` against it.
+
+use std::borrow::Cow;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use addrpool::{Lease, Outcome, Pool, Session};
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::auth::{self, AuthError, Identity};
+use super::dial;
+use super::http::{Reject, header_text, session_for};
+use super::metrics::{Protocol, RequestResult};
+use super::upstream::{Key, KeyRef, Pooled};
+use super::{Ctx, ERROR_HEADER};
+use crate::wire::{
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, MAX_HEADERS, Rewrite, Wait, copy_body,
+    header_line, hop_by_hop, is, length, named_in, text, tokens,
+};
+
+/// An upstream connection of the fast path, with its read buffer.
+pub(crate) struct RawConn {
+    stream: TcpStream,
+    buf: BytesMut,
+    dest: IpAddr,
+    key: Key,
+    /// `x-ippool-source: …` (a header line), added to its responses.
+    source_line: Box<[u8]>,
+}
+
+impl Pooled for RawConn {
+    fn key(&self) -> &Key {
+        &self.key
+    }
+    fn dest(&self) -> IpAddr {
+        self.dest
+    }
+    /// Closed by the destination while idle (or it sent something
+    /// unasked). No system call when the socket has not been readable
+    /// since it was last drained.
+    fn closed(&self) -> bool {
+        let mut b = [0u8; 1];
+        match self.stream.try_read(&mut b) {
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            Ok(_) => true,
+        }
+    }
+}
+
+/// How the fast path left a client connection.
+pub(crate) enum Served {
+    /// Closed, or to be closed.
+    Done,
+    /// To be served by hyper from here on; the bytes read and not yet
+    /// consumed come first.
+    Fallback(TcpStream, BytesMut),
+}
+
+/// The last `Proxy-Authorization` accepted on a connection (`None`: none
+/// given) and who it names: a keep-alive client sends the same one every
+/// time.
+type AuthCache = Option<(Option<Box<[u8]>>, Arc<Identity>)>;
+
+/// What one buffered head asks for.
+enum Parse {
+    Partial,
+    Fallback,
+    /// Answered by the proxy; then the connection closes if `close`
+    /// (asked, or a request body is left unread).
+    Answer {
+        reject: Reject,
+        head_len: usize,
+        close: bool,
+        log: Option<LogInfo>,
+    },
+    Forward(Req),
+}
+
+/// A request to forward; its head for the destination is in the output
+/// buffer.
+struct Req {
+    head_len: usize,
+    body: u64,
+    /// The client asked to close after this exchange.
+    close: bool,
+    head: bool,
+    host: String,
+    port: u16,
+    id: Arc<Identity>,
+    log: Option<LogInfo>,
+}
+
+/// What the access log needs from a request head.
+struct LogInfo {
+    method: String,
+    target: String,
+    referer: Option<String>,
+    user_agent: Option<String>,
+}
+
+/// `http://host[:port]/path?query` split, or `None` for anything hyper
+/// should judge.
+fn absolute(target: &str) -> Option<(Cow<'_, str>, u16, &str)> {
+    let rest = target.strip_prefix("http://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if !(path.is_empty() || path.starts_with('/')) {
+        return None;
+    }
+    let path = if path.is_empty() { "/" } else { path };
+    if authority.is_empty()
+        || !authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~:[]".contains(&b))
+    {
+        return None;
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let close = v6.find(']')?;
+            let after = &v6[close + 1..];
+            let port = if after.is_empty() {
+                None
+            } else {
+                Some(after.strip_prefix(':')?)
+            };
+            (&authority[..close + 2], port)
+        }
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() || host == "[]" || (!host.starts_with('[') && host.contains(['[', ']'])) {
+        return None;
+    }
+    let port = match port {
+        None => 80,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            match p.parse::<u16>() {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            }
+        }
+        Some(_) => return None,
+    };
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    Some((host, port, path))
+}
+
+/// Who sent `value` (a `Proxy-Authorization`), through the connection's
+/// cache.
+fn authenticate(
+    ctx: &Ctx,
+    cache: &mut AuthCache,
+    value: Option<&[u8]>,
+) -> Result<Arc<Identity>, AuthError> {
+    if let Some((v, id)) = cache
+        && v.as_deref() == value
+    {
+        return Ok(id.clone());
+    }
+    let creds = match value {
+        Some(v) => Some(auth::parse_basic(v)?),
+        None => None,
+    };
+    let id = Arc::new(auth::check(
+        &ctx.opts.users,
+        creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+    )?);
+    *cache = Some((value.map(Box::from), id.clone()));
+    Ok(id)
+}
+
+/// Parses the head at the start of `buf` and, if the fast path takes it,
+/// writes the head for the destination into `out`.
+fn parse(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    cache: &mut AuthCache,
+    buf: &[u8],
+    out: &mut Vec<u8>,
+) -> Parse {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parse::Partial,
+        Err(_) => return Parse::Fallback,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parse::Fallback;
+    };
+    if method == "CONNECT" || !target.is_ascii() {
+        return Parse::Fallback;
+    }
+    let Some((host, port, path)) = absolute(target) else {
+        return Parse::Fallback;
+    };
+    let headers: &[httparse::Header<'_>] = req.headers;
+    let mut body: Option<u64> = None;
+    let mut close = false;
+    let mut connection: [&[u8]; 4] = [&[]; 4];
+    let mut n_connection = 0;
+    let mut authorization: Option<&[u8]> = None;
+    for h in headers {
+        let name = h.name;
+        if is(name, "content-length") {
+            match (length(h.value), body) {
+                (Some(n), None) => body = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Parse::Fallback,
+            }
+        } else if is(name, "transfer-encoding") || is(name, "upgrade") || is(name, "expect") {
+            return Parse::Fallback;
+        } else if is(name, "connection") {
+            if n_connection == connection.len() {
+                return Parse::Fallback;
+            }
+            connection[n_connection] = h.value;
+            n_connection += 1;
+            close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+        } else if is(name, "proxy-authorization") {
+            if authorization.is_some() {
+                return Parse::Fallback;
+            }
+            authorization = Some(h.value);
+        }
+    }
+    let connection = &connection[..n_connection];
+    let body = body.unwrap_or(0);
+    let log = ctx.opts.access_log.as_ref().map(|_| {
+        let get = |n: &str| {
+            headers
+                .iter()
+                .find(|h| is(h.name, n))
+                .and_then(|h| text(h.value))
+                .map(str::to_owned)
+        };
+        LogInfo {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            referer: get("referer"),
+            user_agent: get("user-agent"),
+        }
+    });
+    if let Err(wait) = ctx.opts.guard.check_request(peer.ip()) {
+        return Parse::Answer {
+            reject: super::http::rate_limit_reject(wait),
+            head_len,
+            close: close || body > 0,
+            log,
+        };
+    }
+    let id = match authenticate(ctx, cache, authorization) {
+        Ok(id) => id,
+        Err(e) => {
+            return Parse::Answer {
+                reject: Reject::from(e),
+                head_len,
+                close: close || body > 0,
+                log,
+            };
+        }
+    };
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(host.as_bytes());
+    if port != 80 {
+        out.push(b':');
+        out.extend_from_slice(port.to_string().as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    for h in headers {
+        let name = h.name;
+        if hop_by_hop(name)
+            || is(name, "proxy-authenticate")
+            || is(name, "host")
+            || (!connection.is_empty() && named_in(connection, name))
+        {
+            continue;
+        }
+        header_line(out, name.as_bytes(), h.value);
+    }
+    out.extend_from_slice(b"\r\n");
+    Parse::Forward(Req {
+        head_len,
+        body,
+        close,
+        head: method == "HEAD",
+        host: host.into_owned(),
+        port,
+        id,
+        log,
+    })
+}
+
+/// An answer of the proxy's own, as `http.rs` makes it.
+fn write_reject(out: &mut Vec<u8>, r: &Reject, close: bool) {
+    use std::io::Write as _;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n",
+        r.status.as_u16(),
+        r.status.canonical_reason().unwrap_or("")
+    );
+    header_line(
+        out,
+        ERROR_HEADER.as_bytes(),
+        header_text(&r.message).as_bytes(),
+    );
+    if r.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        out.extend_from_slice(b"proxy-authenticate: Basic realm=\"ippool\"\r\n");
+    }
+    if let Some(secs) = r.retry_after {
+        let _ = write!(out, "retry-after: {secs}\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let _ = write!(
+        out,
+        "content-length: {}\r\n\r\n{}\n",
+        r.message.len() + 1,
+        r.message
+    );
+}
+
+/// After an exchange.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// A client connection's buffers and timers.
+struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: BytesMut,
+    resp_out: Vec<u8>,
+    timer: Lazy,
+}
+
+/// Serves an HTTP client connection until it closes or needs hyper.
+pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -> Served {
+    let opts = &ctx.opts;
+    let mut stopping = wire::shutdown_signal(ctx.shutdown.clone());
+    let mut c = Client {
+        stream,
+        peer,
+        buf: BytesMut::with_capacity(CHUNK),
+        resp_out: Vec::with_capacity(1024),
+        timer: Lazy::new(),
+    };
+    let mut req_out: Vec<u8> = Vec::with_capacity(1024);
+    let mut head_timer = Lazy::new();
+    let mut cache: AuthCache = None;
+    loop {
+        if c.buf.is_empty() && *ctx.shutdown.borrow() {
+            return Served::Done;
+        }
+        let deadline = Instant::now() + opts.header_read_timeout;
+        let parsed = loop {
+            if !c.buf.is_empty() {
+                match parse(ctx, peer, &mut cache, &c.buf, &mut req_out) {
+                    Parse::Partial if c.buf.len() < opts.max_header_bytes => {}
+                    Parse::Partial | Parse::Fallback => return Served::Fallback(c.stream, c.buf),
+                    p => break p,
+                }
+            }
+            match wire::read_more(
+                &mut c.stream,
+                &mut c.buf,
+                &mut head_timer,
+                deadline,
+                &mut stopping,
+            )
+            .await
+            {
+                Wait::Data => {}
+                Wait::Closed | Wait::Shutdown => return Served::Done,
+                Wait::TimedOut => {
+                    tracing::debug!(%peer, "request head not complete in time; closed");
+                    return Served::Done;
+                }
+            }
+        };
+        let next = match parsed {
+            Parse::Answer {
+                reject,
+                head_len,
+                close,
+                log,
+            } => {
+                c.buf.advance(head_len);
+                let log = log.map(|l| (l, std::time::SystemTime::now()));
+                refuse(ctx, &mut c, &reject, close, log.as_ref()).await
+            }
+            Parse::Forward(mut req) => {
+                c.buf.advance(req.head_len);
+                // The body bytes read with the head go out with it.
+                let with_head = usize::try_from(req.body)
+                    .unwrap_or(usize::MAX)
+                    .min(c.buf.len());
+                req_out.extend_from_slice(&c.buf[..with_head]);
+                c.buf.advance(with_head);
+                let rest = req.body - with_head as u64;
+                let log = req.log.take().map(|l| (l, std::time::SystemTime::now()));
+                match forward(ctx, &mut c, &req_out, &req, rest, log.as_ref()).await {
+                    Ok(next) => next,
+                    Err(reject) => {
+                        let close = req.close || rest > 0;
+                        refuse(ctx, &mut c, &reject, close, log.as_ref()).await
+                    }
+                }
+            }
+            Parse::Partial | Parse::Fallback => unreachable!("handled above"),
+        };
+        if next == Next::Close {
+            return Served::Done;
+        }
+    }
+}
+
+/// An access-log entry (as `http.rs` makes it: the absolute URI).
+fn log_entry(
+    peer: SocketAddr,
+    (info, time): &(LogInfo, std::time::SystemTime),
+    status: u16,
+    bytes: u64,
+) -> crate::access::AccessEntry {
+    crate::access::AccessEntry {
+        peer: peer.ip(),
+        user: None,
+        time: *time,
+        method: info.method.clone(),
+        target: info.target.clone(),
+        version: "HTTP/1.1",
+        status,
+        bytes,
+        referer: info.referer.clone(),
+        user_agent: info.user_agent.clone(),
+    }
+}
+
+/// Sends an answer of the proxy's own, counts it and reports the
+/// offense if the client is at fault.
+async fn refuse(
+    ctx: &Ctx,
+    c: &mut Client,
+    r: &Reject,
+    close: bool,
+    log: Option<&(LogInfo, std::time::SystemTime)>,
+) -> Next {
+    ctx.metrics.request(Protocol::Http, r.result);
+    if let Some(o) = r.offense {
+        ctx.opts.guard.offense(c.peer.ip(), o);
+    }
+    if let (Some(l), Some(log)) = (&ctx.opts.access_log, log) {
+        l.record(log_entry(c.peer, log, r.status.as_u16(), 0));
+    }
+    tracing::debug!(status = %r.status, reason = %r.message, "request refused");
+    let close = close || r.status == StatusCode::BAD_REQUEST || *ctx.shutdown.borrow();
+    write_reject(&mut c.resp_out, r, close);
+    match c.stream.write_all(&c.resp_out).await {
+        Ok(()) if !close => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+/// A new upstream connection from a source of `pool` (the first attempt
+/// from `first` if given).
+#[allow(clippy::too_many_arguments)]
+async fn fresh(
+    pool: &Pool,
+    session: Option<&Session>,
+    first: Option<Lease>,
+    addrs: &[IpAddr],
+    host: &str,
+    port: u16,
+    deadline: Instant,
+) -> Result<(RawConn, Lease), Reject> {
+    let (stream, dest) = dial::connect(pool, session, first, addrs, port, deadline).await?;
+    let (tcp, lease) = stream.into_parts();
+    let _ = tcp.set_nodelay(true);
+    let src = lease.source();
+    let conn = RawConn {
+        stream: tcp,
+        buf: BytesMut::new(),
+        dest,
+        key: Key {
+            src,
+            host: host.into(),
+            port,
+        },
+        source_line: format!("{}: {src}\r\n", super::SOURCE_HEADER)
+            .into_bytes()
+            .into_boxed_slice(),
+    };
+    Ok((conn, lease))
+}
+
+/// How sending on one connection went.
+enum Sent {
+    Answered(wire::RespHead),
+    /// A kept-alive connection the destination had closed: nothing
+    /// answered, the request may go again on a new one.
+    Stale,
+    Failed(Reject, Option<Outcome>),
+}
+
+/// Resolves, leases, connects (or reuses), forwards and relays the
+/// response. `Err`: answered by the proxy.
+async fn forward(
+    ctx: &Ctx,
+    c: &mut Client,
+    req_bytes: &[u8],
+    req: &Req,
+    rest: u64,
+    log: Option<&(LogInfo, std::time::SystemTime)>,
+) -> Result<Next, Reject> {
+    let opts = &ctx.opts;
+    let session = session_for(ctx, &req.id, &req.host);
+    let session = session.as_deref();
+    let pool = opts.pool.pick(req.id.user.as_deref());
+    let deadline = Instant::now() + opts.connect_timeout;
+    let addrs = dial::resolve_checked(ctx, pool, &req.host, req.port, deadline).await?;
+    let reuse = ctx.keep_alive(pool);
+    let lease = dial::lease(pool, session, deadline).await?;
+    let mut idle = None;
+    if reuse {
+        let key = KeyRef {
+            src: lease.source(),
+            host: &req.host,
+            port: req.port,
+        };
+        while let Some(conn) = ctx.raw_idle.take(key, &addrs) {
+            if dial::allowed(ctx, conn.dest) {
+                idle = Some(conn);
+                break;
+            }
+        }
+    }
+    let (mut conn, mut lease, reused) = match idle {
+        Some(conn) => (conn, lease, true),
+        None => {
+            let (conn, lease) = fresh(
+                pool,
+                session,
+                Some(lease),
+                &addrs,
+                &req.host,
+                req.port,
+                deadline,
+            )
+            .await?;
+            (conn, lease, false)
+        }
+    };
+    let close_client = req.close || *ctx.shutdown.borrow();
+    let mut sent = send(
+        ctx,
+        c,
+        &mut conn,
+        reused,
+        req_bytes,
+        req,
+        rest,
+        close_client,
+    )
+    .await;
+    if matches!(sent, Sent::Stale) {
+        // Once more, on a new connection (only requests without a body
+        // are sent again; see `send`).
+        let src = lease.source();
+        drop(conn);
+        drop(lease);
+        tracing::debug!(%src, "kept-alive connection closed by the destination; retrying on a new one");
+        let deadline = Instant::now() + opts.connect_timeout;
+        (conn, lease) = fresh(pool, session, None, &addrs, &req.host, req.port, deadline).await?;
+        sent = send(ctx, c, &mut conn, false, req_bytes, req, rest, close_client).await;
+    }
+    let head = match sent {
+        Sent::Answered(h) => h,
+        Sent::Stale => {
+            lease.report(Outcome::EarlyEof);
+            return Err(bad_gateway(format!(
+                "{} closed the connection from {} without a response",
+                conn.dest,
+                lease.source()
+            )));
+        }
+        Sent::Failed(reject, outcome) => {
+            if let Some(o) = outcome {
+                lease.report(o);
+            }
+            return Err(reject);
+        }
+    };
+    lease.report(Outcome::Status(head.status));
+    ctx.metrics.request(Protocol::Http, RequestResult::Ok);
+    if let (Some(l), Some(log)) = (&opts.access_log, log) {
+        l.record(log_entry(c.peer, log, head.status, head.length));
+    }
+    let relayed = wire::relay(
+        &mut conn.stream,
+        &mut conn.buf,
+        &mut c.stream,
+        &mut c.resp_out,
+        head.framing,
+        Some(opts.idle_timeout),
+    )
+    .await;
+    let next = match relayed {
+        Ok(r) => {
+            ctx.metrics
+                .down(usize::try_from(r.bytes).unwrap_or(usize::MAX));
+            if reuse && r.reusable && !head.backend_close {
+                ctx.raw_idle.put(conn);
+            }
+            if close_client || head.framing == Framing::UntilClose {
+                Next::Close
+            } else {
+                Next::KeepAlive
+            }
+        }
+        Err(e) => {
+            tracing::debug!(peer = %c.peer, error = %e, "response relay ended early");
+            Next::Close
+        }
+    };
+    drop(lease);
+    Ok(next)
+}
+
+fn bad_gateway(message: String) -> Reject {
+    Reject {
+        status: StatusCode::BAD_GATEWAY,
+        result: RequestResult::BadGateway,
+        message,
+        offense: None,
+        retry_after: None,
+    }
+}
+
+/// Sends the request on `conn` and reads the response head (rewritten
+/// into the client's response buffer), within the idle timeout. On a
+/// `reused` connection, a request without body that finds it closed is
+/// [`Sent::Stale`].
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    ctx: &Ctx,
+    c: &mut Client,
+    conn: &mut RawConn,
+    reused: bool,
+    req_bytes: &[u8],
+    req: &Req,
+    rest: u64,
+    close_client: bool,
+) -> Sent {
+    let idle = ctx.opts.idle_timeout;
+    let deadline = Instant::now() + idle;
+    let (src, dest) = (conn.key.src, conn.dest);
+    let retryable = reused && req.body == 0;
+    let timed_out = || {
+        Sent::Failed(
+            Reject {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                result: RequestResult::Timeout,
+                message: format!("{dest} sent no response within {idle:?}"),
+                offense: None,
+                retry_after: None,
+            },
+            Some(Outcome::Failure),
+        )
+    };
+    let failed = |e: &dyn std::fmt::Display| {
+        Sent::Failed(
+            bad_gateway(format!("upstream error from {src} to {dest}: {e}")),
+            Some(Outcome::Failure),
+        )
+    };
+    match c
+        .timer
+        .within(deadline, conn.stream.write_all(req_bytes))
+        .await
+    {
+        Some(Ok(())) => {}
+        Some(Err(_)) if retryable => return Sent::Stale,
+        Some(Err(e)) => return failed(&e),
+        None => return timed_out(),
+    }
+    if rest > 0 {
+        match c
+            .timer
+            .within(
+                deadline,
+                copy_body(&mut c.stream, &mut c.buf, &mut conn.stream, rest),
+            )
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(BodyError::Client(e))) => {
+                return Sent::Failed(
+                    Reject {
+                        status: StatusCode::BAD_REQUEST,
+                        result: RequestResult::BadRequest,
+                        message: format!("reading the request body failed: {e}"),
+                        offense: None,
+                        retry_after: None,
+                    },
+                    None,
+                );
+            }
+            Some(Err(BodyError::Backend(e))) => return failed(&e),
+            None => return timed_out(),
+        }
+    }
+    ctx.metrics
+        .up(usize::try_from(req.body).unwrap_or(usize::MAX));
+    conn.buf.clear();
+    let drop_header: fn(&str) -> bool =
+        |n| is(n, "proxy-authenticate") || is(n, super::SOURCE_HEADER);
+    let rw = Rewrite {
+        head_request: req.head,
+        close_client,
+        drop: drop_header,
+        add: &conn.source_line,
+    };
+    match c
+        .timer
+        .within(
+            deadline,
+            wire::read_head(&mut conn.stream, &mut conn.buf, &mut c.resp_out, rw),
+        )
+        .await
+    {
+        Some(Ok(head)) => Sent::Answered(head),
+        Some(Err(HeadError::Eof | HeadError::Io(_))) if retryable => Sent::Stale,
+        Some(Err(HeadError::Eof)) => Sent::Failed(
+            bad_gateway(format!(
+                "{dest} closed the connection from {src} without a response"
+            )),
+            Some(Outcome::EarlyEof),
+        ),
+        Some(Err(HeadError::Io(e))) => failed(&e),
+        Some(Err(HeadError::Invalid(why))) => failed(&why),
+        None => timed_out(),
+    }
+}
