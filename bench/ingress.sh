@@ -11,8 +11,10 @@
 #   address in X-Forwarded-For, keeping the Host header, HTTP/1.1 kept-alive
 #   connections to the backend, no logging:
 #   ippool   `ippool serve` (its runtime: 2 tokio workers); one static route
-#            for host 127.0.0.1 (what wrk sends); also adds X-Forwarded-Proto/
-#            -Host, Forwarded and Via; keeps up to 512 idle backend conns.
+#            for host 127.0.0.1 (what wrk sends); `forwarded = false` and
+#            `via = ""` as the others add neither (X-Forwarded-Proto and
+#            -Host still go with X-Forwarded-For: one switch); keeps up to
+#            512 idle backend conns.
 #   nginx    worker_processes 2, upstream keepalive 256 per worker (512 in
 #            all, as ippool; with 64, nginx opens and closes backend
 #            connections at c=256: 128 in flight per worker), upstream
@@ -216,6 +218,8 @@ ippool_conf() { # dir ingress-port registry-port
 listen = "127.0.0.1:0"
 [ingress.bench]
 listen = "127.0.0.1:$2"
+forwarded = false
+via = ""
 [ingress.bench.routes.all]
 host = "127.0.0.1"
 backends = ["127.0.0.1:$bport"]

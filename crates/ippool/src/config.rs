@@ -1109,6 +1109,23 @@ mod tests {
     }
 
     #[test]
+    fn ingress_forwarding_headers_are_configurable() {
+        let base = "[ingress.web]\nlisten = \"127.0.0.1:0\"\n";
+        let l = load_str(Path::new("/nonexistent/t.toml"), base, Scope::Full).unwrap();
+        let f = &l.ingress[0].options.forwarding;
+        assert!(f.x_forwarded && f.forwarded);
+        assert_eq!(f.via.as_deref(), Some("ippool"));
+        let off = format!("{base}x_forwarded = false\nforwarded = false\nvia = \"\"\n");
+        let l = load_str(Path::new("/nonexistent/t.toml"), &off, Scope::Full).unwrap();
+        let f = &l.ingress[0].options.forwarding;
+        assert!(!f.x_forwarded && !f.forwarded && f.via.is_none());
+        let e = err(&format!("{base}via = \"two words\"\n"));
+        assert_eq!(e.key.as_deref(), Some("ingress.web.via"));
+        assert_eq!(e.at.map(|a| a.0), Some(3));
+        assert!(e.message.contains("token"), "{e}");
+    }
+
+    #[test]
     fn monitor_errors_name_key_and_line() {
         let m = "[monitor.web]\naccess_log = \"a.log\"\nformat = \"$remote_addr $upstream_addr $upstream_status\"\naddress = \"upstream_addr\"\n";
         let l = load_str(Path::new("/nonexistent/t.toml"), m, Scope::Full).unwrap();

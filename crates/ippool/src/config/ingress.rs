@@ -46,6 +46,12 @@ fn d_retries() -> u32 {
 fn d_status() -> u16 {
     503
 }
+fn d_true() -> bool {
+    true
+}
+fn d_via() -> Spanned<String> {
+    sp("ippool".into())
+}
 
 /// A TLS certificate: `{ cert = "a.pem", key = "a.key" }`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -143,6 +149,17 @@ pub struct IngressConfig {
     /// (default: none).
     #[serde(default)]
     pub trust_forwarded: Vec<iprules::Rule>,
+    /// Set `X-Forwarded-For`, `-Proto` and `-Host` on requests to
+    /// backends (default true).
+    #[serde(default = "d_true")]
+    pub x_forwarded: bool,
+    /// Set RFC 7239 `Forwarded` (default true).
+    #[serde(default = "d_true")]
+    pub forwarded: bool,
+    /// The pseudonym appended to `Via` (default `"ippool"`); `""` adds no
+    /// `Via`.
+    #[serde(default = "d_via")]
+    pub via: Spanned<String>,
     /// Time for a TLS handshake and each request head (default `"10s"`).
     #[serde(default = "d_header")]
     pub header_read_timeout: Spanned<HumanDuration>,
@@ -310,6 +327,10 @@ pub(super) fn resolve(
         set.extend(c.trust_forwarded.iter().copied());
         options.forwarding.trust = gi::TrustForwarded::From(set);
     }
+    options.forwarding.x_forwarded = c.x_forwarded;
+    options.forwarding.forwarded = c.forwarded;
+    let via = c.via.get_ref();
+    options.forwarding.via = (!via.is_empty()).then(|| via.clone());
     options.header_read_timeout = c.header_read_timeout.get_ref().0;
     options.connect_timeout = c.connect_timeout.get_ref().0;
     options.idle_timeout = c.idle_timeout.get_ref().0;
@@ -317,9 +338,10 @@ pub(super) fn resolve(
     options.drain_timeout = c.drain_timeout.get_ref().0;
     options.max_header_bytes = c.max_header_bytes;
     options.max_body_bytes = c.max_body_bytes;
-    options
-        .validate()
-        .map_err(|e| src.error(Some(c.listen.span()), key("listen"), e.to_string()))?;
+    options.validate().map_err(|e| match e {
+        gi::IngressOptionsError::Via(_) => src.error(Some(c.via.span()), key("via"), e.to_string()),
+        _ => src.error(Some(c.listen.span()), key("listen"), e.to_string()),
+    })?;
     Ok(IngressSpec {
         name: name.to_string(),
         options,
