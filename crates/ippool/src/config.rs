@@ -1119,6 +1119,14 @@ mod tests {
         let l = load_str(Path::new("/nonexistent/t.toml"), &off, Scope::Full).unwrap();
         let f = &l.ingress[0].options.forwarding;
         assert!(!f.x_forwarded && !f.forwarded && f.via.is_none());
+        assert!(l.ingress[0].options.fast_h1);
+        let l = load_str(
+            Path::new("/nonexistent/t.toml"),
+            &format!("{base}fast_h1 = false\n"),
+            Scope::Full,
+        )
+        .unwrap();
+        assert!(!l.ingress[0].options.fast_h1);
         let e = err(&format!("{base}via = \"two words\"\n"));
         assert_eq!(e.key.as_deref(), Some("ingress.web.via"));
         assert_eq!(e.at.map(|a| a.0), Some(3));
@@ -1192,6 +1200,14 @@ mod tests {
         assert!(l.pools[0].options.health.is_some());
         assert!(matches!(l.pools[0].assigner, addrpool::Assigner::Static));
         assert_eq!(l.egress[0].listen, "127.0.0.1:3128".parse().unwrap());
+        assert!(l.egress[0].fast_h1);
+        let off = load_str(
+            Path::new("/nonexistent/t.toml"),
+            &format!("{base}fast_h1 = false\n"),
+            Scope::Full,
+        )
+        .unwrap();
+        assert!(!off.egress[0].fast_h1);
         // The default destination policy refuses loopback and metadata.
         let p = &l.egress[0].policy;
         assert!(!p.allows("169.254.169.254".parse().unwrap()));

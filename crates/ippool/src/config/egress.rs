@@ -260,6 +260,14 @@ pub struct EgressConfig {
     /// file). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<PathBuf>,
+    /// Serve plain `http://` requests on the lean HTTP/1.1 path (default
+    /// true); false sends every request through hyper.
+    #[serde(default = "d_fast_h1")]
+    pub fast_h1: bool,
+}
+
+fn d_fast_h1() -> bool {
+    true
 }
 
 fn d_listen() -> Spanned<SocketAddr> {
@@ -353,6 +361,8 @@ pub struct EgressSpec {
     pub policy: iprules::Policy,
     /// Upstream keep-alive.
     pub keep_alive: gateway::egress::KeepAlive,
+    /// The lean HTTP/1.1 path.
+    pub fast_h1: bool,
     /// The client rule set, if any.
     pub rules: Option<String>,
     /// The access log file, resolved.
@@ -374,6 +384,7 @@ impl EgressSpec {
         o.drain_timeout = self.drain_timeout;
         o.policy = Arc::new(iprules::Shared::new(self.policy.clone()));
         o.keep_alive = self.keep_alive;
+        o.fast_h1 = self.fast_h1;
         o
     }
 }
@@ -715,6 +726,7 @@ pub(super) fn resolve_egress(
             max_idle: e.keep_alive_max_idle,
             max_idle_per_key: e.keep_alive_max_idle_per_key,
         },
+        fast_h1: e.fast_h1,
         rules: e.rules.as_ref().map(|r| r.get_ref().clone()),
         access_log: e.access_log.as_ref().map(|p| base.join(p)),
     })

@@ -188,6 +188,10 @@ pub struct IngressConfig {
     /// file). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<PathBuf>,
+    /// Serve plain HTTP/1.1 requests on the lean path (default true);
+    /// false sends every request through hyper.
+    #[serde(default = "d_true")]
+    pub fast_h1: bool,
 }
 
 /// An ingress, resolved.
@@ -327,6 +331,7 @@ pub(super) fn resolve(
         set.extend(c.trust_forwarded.iter().copied());
         options.forwarding.trust = gi::TrustForwarded::From(set);
     }
+    options.fast_h1 = c.fast_h1;
     options.forwarding.x_forwarded = c.x_forwarded;
     options.forwarding.forwarded = c.forwarded;
     let via = c.via.get_ref();
