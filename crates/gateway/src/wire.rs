@@ -784,4 +784,61 @@ mod tests {
             Ok(None)
         ));
     }
+
+    /// A chunked body: chunks of the given sizes (with extensions now
+    /// and then), the last chunk, trailers.
+    fn encode(sizes: &[usize], ext: bool, trailers: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            if ext && i % 2 == 1 {
+                out.extend_from_slice(format!("{n:X};name=\"v\"\r\n").as_bytes());
+            } else {
+                out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            }
+            out.extend((0..n).map(|j| b"0\r\n;x"[j % 5]));
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n");
+        for t in 0..trailers {
+            out.extend_from_slice(format!("x-t{t}: 0\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    proptest::proptest! {
+        /// The end of any chunked body is found exactly, however the bytes
+        /// are cut into reads, with the next message's bytes after it
+        /// left alone.
+        #[test]
+        fn chunked_end_is_exact_for_any_body_and_cuts(
+            sizes in proptest::collection::vec(1usize..300, 0..8),
+            ext: bool,
+            trailers in 0usize..3,
+            cuts in proptest::collection::vec(0usize..4000, 0..6),
+        ) {
+            let body = encode(&sizes, ext, trailers);
+            let mut stream = body.clone();
+            stream.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % stream.len()).collect();
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut c = Chunks::default();
+            let mut at = 0;
+            let mut end = None;
+            for cut in cuts {
+                if cut <= at {
+                    continue;
+                }
+                let n = c.feed(&stream[at..cut]).unwrap();
+                if c.done() {
+                    end = Some(at + n);
+                    break;
+                }
+                proptest::prop_assert_eq!(n, cut - at);
+                at = cut;
+            }
+            proptest::prop_assert_eq!(end, Some(body.len()));
+        }
+    }
 }
