@@ -135,6 +135,36 @@ async fn same_both_ways(pair: &Pair, up: &RawBackend, req: &[u8]) -> Seen {
     fast
 }
 
+/// `CONNECT target` with a request for the tunnel in the same write: the
+/// CONNECT reply head and the tunnelled response.
+async fn tunnel(proxy: SocketAddr, target: &str, up: &RawBackend) -> (String, Seen) {
+    up.take();
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nGET /len HTTP/1.1\r\nHost: {target}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let need = buf.len() + 1;
+        raw_util::fill(&mut s, &mut buf, need).await;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.drain(..head_end);
+    let seen = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(
+        up.take().len(),
+        1,
+        "the tunnelled request reached the upstream"
+    );
+    (head, seen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_egress_fast_path_forwards_and_answers_as_hyper_does() {
     let up = RawBackend::start().await;
@@ -179,6 +209,33 @@ async fn the_egress_fast_path_forwards_and_answers_as_hyper_does() {
         format!("GET /len HTTP/1.1\r\nHost: {u}\r\n\r\n"),
         format!("GET https://{u}/len HTTP/1.1\r\nHost: {u}\r\n\r\n"),
         format!("GET http://{u}?q HTTP/1.1\r\nHost: {u}\r\n\r\n"),
+    ] {
+        same_both_ways(&pair, &up, req.as_bytes()).await;
+    }
+    // CONNECT: dialled first, 200 with the source, then the tunnel (the
+    // request sent with the CONNECT in one write reaches the upstream).
+    for proxy in [pair.fast.addr, pair.hyper.addr] {
+        let (head, tunnelled) = tunnel(proxy, &format!("{u}"), &up).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200 Connection established\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nx-ippool-source: 127.0.0."),
+            "{head}"
+        );
+        assert_eq!(
+            (tunnelled.status, &tunnelled.body[..]),
+            (200, &b"hello"[..])
+        );
+    }
+    for req in [
+        "CONNECT 10.0.0.1:443 HTTP/1.1\r\nHost: 10.0.0.1:443\r\n\r\n".to_owned(),
+        "CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n".to_owned(),
+        // No port; a path: hyper's 400s.
+        "CONNECT 127.0.0.1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_owned(),
+        format!("CONNECT http://{u}/ HTTP/1.1\r\nHost: {u}\r\n\r\n"),
     ] {
         same_both_ways(&pair, &up, req.as_bytes()).await;
     }

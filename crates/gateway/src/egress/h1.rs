@@ -1,23 +1,25 @@
 //! The HTTP/1.1 fast path of egress listeners.
 //!
-//! The common forward-proxy exchange, `GET http://host/path HTTP/1.1`
-//! with no request body or a `Content-Length` one, is served here
-//! without hyper: the head is parsed in place (httparse), the request
-//! goes to a kept-alive upstream connection from the leased source (or a
-//! new one) as one write of the rewritten head and the body bytes read
-//! with it, and the response comes back with its framing as it came and
-//! [`SOURCE_HEADER`](super::SOURCE_HEADER) added, all in the client
-//! connection's task (see `crate::wire`).
+//! The common forward-proxy exchanges are served here without hyper:
+//! `GET http://host/path HTTP/1.1` with no request body or a
+//! `Content-Length` one, and `CONNECT host:port`. The head is parsed in
+//! place (httparse); a request goes to a kept-alive upstream connection
+//! from the leased source (or a new one) as one write of the rewritten
+//! head and the body bytes read with it, and the response comes back with
+//! its framing as it came and [`SOURCE_HEADER`](super::SOURCE_HEADER)
+//! added; a `CONNECT` is dialled, answered 200 with the source, and
+//! spliced (`tunnel.rs`), what the client sent after it going first. All
+//! in the client connection's task (see `crate::wire`).
 //!
 //! Anything else goes to hyper (`http.rs`) on the same connection
-//! before a byte of that request is consumed: `CONNECT`, HTTP/1.0,
-//! origin-form or non-`http` targets, targets with user info, a query
-//! right after the authority or an odd port, `Upgrade`,
-//! `Transfer-Encoding` or `Expect` on the request, a head that does not
-//! parse or is over the limit. hyper then serves the rest of that
-//! connection and answers as it always did. The answers made here
-//! (407, 403, 429, 502, 503, 504) are those of `http.rs`, checked by
-//! `tests/egress_h1.rs` against it.
+//! before a byte of that request is consumed: HTTP/1.0, origin-form or
+//! non-`http` targets, targets with user info, a query right after the
+//! authority or an odd port, `Upgrade`, `Transfer-Encoding` or `Expect` on
+//! the request, a `CONNECT` with a body, a head that does not parse or is
+//! over the limit. hyper then serves the rest of that connection and
+//! answers as it always did. The answers made here (407, 403, 429, 502,
+//! 503, 504) are those of `http.rs`, checked by `tests/egress_h1.rs`
+//! against it.
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
@@ -93,11 +95,14 @@ enum Parse {
     /// (asked, or a request body is left unread).
     Answer {
         reject: Reject,
+        protocol: Protocol,
         head_len: usize,
         close: bool,
         log: Option<LogInfo>,
     },
     Forward(Req),
+    /// `CONNECT host:port`: a tunnel.
+    Connect(Req),
 }
 
 /// A request to forward; its head for the destination is in the output
@@ -132,6 +137,14 @@ fn absolute(target: &str) -> Option<(Cow<'_, str>, u16, &str)> {
         return None;
     }
     let path = if path.is_empty() { "/" } else { path };
+    let (host, port) = host_port(authority, Some(80))?;
+    Some((host, port, path))
+}
+
+/// `host[:port]` (`[v6]:port`), the host lowercase; `None` for anything
+/// hyper should judge (user info, odd characters, a bad or zero port, no
+/// port without a default).
+fn host_port(authority: &str, default_port: Option<u16>) -> Option<(Cow<'_, str>, u16)> {
     if authority.is_empty()
         || !authority
             .bytes()
@@ -159,7 +172,7 @@ fn absolute(target: &str) -> Option<(Cow<'_, str>, u16, &str)> {
         return None;
     }
     let port = match port {
-        None => 80,
+        None => default_port?,
         Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
             match p.parse::<u16>() {
                 Ok(0) | Err(_) => return None,
@@ -173,7 +186,7 @@ fn absolute(target: &str) -> Option<(Cow<'_, str>, u16, &str)> {
     } else {
         Cow::Borrowed(host)
     };
-    Some((host, port, path))
+    Some((host, port))
 }
 
 /// Who sent `value` (a `Proxy-Authorization`), through the connection's
@@ -219,10 +232,16 @@ fn parse(
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parse::Fallback;
     };
-    if method == "CONNECT" || !target.is_ascii() {
+    if !target.is_ascii() {
         return Parse::Fallback;
     }
-    let Some((host, port, path)) = absolute(target) else {
+    let tunnel = method == "CONNECT";
+    let parsed = if tunnel {
+        host_port(target, None).map(|(h, p)| (h, p, ""))
+    } else {
+        absolute(target)
+    };
+    let Some((host, port, path)) = parsed else {
         return Parse::Fallback;
     };
     let headers: &[httparse::Header<'_>] = req.headers;
@@ -257,6 +276,14 @@ fn parse(
     }
     let connection = &connection[..n_connection];
     let body = body.unwrap_or(0);
+    if tunnel && body > 0 {
+        return Parse::Fallback;
+    }
+    let protocol = if tunnel {
+        Protocol::Connect
+    } else {
+        Protocol::Http
+    };
     let log = ctx.opts.access_log.as_ref().map(|_| {
         let get = |n: &str| {
             headers
@@ -275,6 +302,7 @@ fn parse(
     if let Err(wait) = ctx.opts.guard.check_request(peer.ip()) {
         return Parse::Answer {
             reject: super::http::rate_limit_reject(wait),
+            protocol,
             head_len,
             close: close || body > 0,
             log,
@@ -285,6 +313,7 @@ fn parse(
         Err(e) => {
             return Parse::Answer {
                 reject: Reject::from(e),
+                protocol,
                 head_len,
                 close: close || body > 0,
                 log,
@@ -292,6 +321,18 @@ fn parse(
         }
     };
 
+    if tunnel {
+        return Parse::Connect(Req {
+            head_len,
+            body: 0,
+            close,
+            head: false,
+            host: host.into_owned(),
+            port,
+            id,
+            log,
+        });
+    }
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -422,13 +463,34 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
         let next = match parsed {
             Parse::Answer {
                 reject,
+                protocol,
                 head_len,
                 close,
                 log,
             } => {
                 c.buf.advance(head_len);
                 let log = log.map(|l| (l, std::time::SystemTime::now()));
-                refuse(ctx, &mut c, &reject, close, log.as_ref()).await
+                refuse(ctx, &mut c, protocol, &reject, close, log.as_ref()).await
+            }
+            Parse::Connect(mut req) => {
+                c.buf.advance(req.head_len);
+                let log = req.log.take().map(|l| (l, std::time::SystemTime::now()));
+                match tunnel(ctx, &mut c, &req, log.as_ref()).await {
+                    Ok(None) => return Served::Done,
+                    Ok(Some(upstream)) => {
+                        // What the client sent after its request goes
+                        // first; the connection is the tunnel's now.
+                        let early = c.buf.split().freeze();
+                        let metrics = ctx.metrics.clone();
+                        super::tunnel::run(c.stream, early, upstream, opts.idle_timeout, metrics)
+                            .await;
+                        return Served::Done;
+                    }
+                    Err(reject) => {
+                        let log = log.as_ref();
+                        refuse(ctx, &mut c, Protocol::Connect, &reject, req.close, log).await
+                    }
+                }
             }
             Parse::Forward(mut req) => {
                 c.buf.advance(req.head_len);
@@ -444,7 +506,7 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
                     Ok(next) => next,
                     Err(reject) => {
                         let close = req.close || rest > 0;
-                        refuse(ctx, &mut c, &reject, close, log.as_ref()).await
+                        refuse(ctx, &mut c, Protocol::Http, &reject, close, log.as_ref()).await
                     }
                 }
             }
@@ -482,11 +544,12 @@ fn log_entry(
 async fn refuse(
     ctx: &Ctx,
     c: &mut Client,
+    protocol: Protocol,
     r: &Reject,
     close: bool,
     log: Option<&(LogInfo, std::time::SystemTime)>,
 ) -> Next {
-    ctx.metrics.request(Protocol::Http, r.result);
+    ctx.metrics.request(protocol, r.result);
     if let Some(o) = r.offense {
         ctx.opts.guard.offense(c.peer.ip(), o);
     }
@@ -500,6 +563,38 @@ async fn refuse(
         Ok(()) if !close => Next::KeepAlive,
         _ => Next::Close,
     }
+}
+
+/// Dials the destination of a `CONNECT` and, once connected, tells the
+/// client (200 with the source address). `Err`: answered by the proxy;
+/// `Ok(None)`: the client went away meanwhile.
+async fn tunnel(
+    ctx: &Ctx,
+    c: &mut Client,
+    req: &Req,
+    log: Option<&(LogInfo, std::time::SystemTime)>,
+) -> Result<Option<addrpool::PooledStream>, Reject> {
+    let session = session_for(ctx, &req.id, &req.host);
+    let pool = ctx.opts.pool.pick(req.id.user.as_deref());
+    let stream = dial::dial(ctx, pool, &req.host, req.port, session.as_deref()).await?;
+    ctx.metrics.request(Protocol::Connect, RequestResult::Ok);
+    if let (Some(l), Some(log)) = (&ctx.opts.access_log, log) {
+        l.record(log_entry(c.peer, log, 200, 0));
+    }
+    c.resp_out.clear();
+    c.resp_out
+        .extend_from_slice(b"HTTP/1.1 200 Connection established\r\n");
+    header_line(
+        &mut c.resp_out,
+        super::SOURCE_HEADER.as_bytes(),
+        stream.source().to_string().as_bytes(),
+    );
+    c.resp_out.extend_from_slice(b"\r\n");
+    if let Err(e) = c.stream.write_all(&c.resp_out).await {
+        tracing::debug!(peer = %c.peer, error = %e, "client gone before the tunnel started");
+        return Ok(None);
+    }
+    Ok(Some(stream))
 }
 
 /// A new upstream connection from a source of `pool` (the first attempt
