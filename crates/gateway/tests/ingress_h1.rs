@@ -145,6 +145,14 @@ async fn the_fast_path_forwards_and_answers_as_hyper_does() {
     let echoed = same_both_ways(&pair, &backend, &req).await;
     assert_eq!(echoed.status, 201);
     assert!(echoed.body == body);
+    // The lean path took what it could and handed the rest to hyper.
+    let (fast, slow) = (pair.fast.metrics.snapshot(), pair.hyper.metrics.snapshot());
+    assert_eq!(slow.lean_requests_total, 0);
+    assert_eq!(fast.requests_total, slow.requests_total);
+    assert!(
+        fast.lean_requests_total >= 15 && fast.lean_requests_total < fast.requests_total,
+        "{fast:?}"
+    );
     pair.stop().await;
 
     // Trusted forwarding headers are kept and appended to.
@@ -222,6 +230,8 @@ async fn pipelined_and_kept_alive_requests_share_one_backend_connection() {
     }
     assert_eq!(backend.conns(), 1, "one kept-alive backend connection");
     assert_eq!(backend.take().len(), 8);
+    let m = p.metrics.snapshot();
+    assert_eq!((m.requests_total, m.lean_requests_total), (8, 8));
     // The backend closes after `/bye`: the next request takes a new
     // connection, and the client's stays open.
     s.write_all(b"GET /bye HTTP/1.1\r\nHost: a.test\r\n\r\n")

@@ -25,6 +25,8 @@
 //!   `ippool_egress_tunnels_open{listener}`.
 //! - Reverse proxies, from [`gateway::ingress::IngressMetrics`]:
 //!   `ippool_ingress_requests_total{listener}`,
+//!   `ippool_ingress_lean_requests_total{listener}` (of those, served on
+//!   the lean HTTP/1.1 path; the rest went through hyper),
 //!   `ippool_ingress_responses_total{listener,class}` (`1xx` … `5xx`),
 //!   `ippool_ingress_errors_total{listener,kind}` (`no_route`,
 //!   `no_backend`, `bad_gateway`, `timeout`, `body_too_large`,
@@ -635,6 +637,17 @@ impl EgressCollector {
             encoder,
             "ingress_requests",
             "Requests received",
+            MetricType::Counter,
+            &rows,
+        )?;
+        let rows: Vec<_> = all
+            .iter()
+            .map(|(n, s)| (label(n), ConstCounter::new(s.lean_requests_total)))
+            .collect();
+        family(
+            encoder,
+            "ingress_lean_requests",
+            "Of the requests, those served on the lean HTTP/1.1 path (the rest: hyper)",
             MetricType::Counter,
             &rows,
         )?;

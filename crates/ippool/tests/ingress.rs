@@ -145,6 +145,18 @@ drain_timeout = "300ms"
         m.contains("ippool_ingress_requests_total{listener=\"web\"}"),
         "{m}"
     );
+    // Every request of this test was plain HTTP/1.1: all on the lean path.
+    let value = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {m}"))
+    };
+    let all = value("ippool_ingress_requests_total{listener=\"web\"}");
+    assert!(all > 0);
+    assert_eq!(
+        value("ippool_ingress_lean_requests_total{listener=\"web\"}"),
+        all
+    );
     assert!(d.terminate().success());
 }
 

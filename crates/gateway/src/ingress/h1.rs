@@ -561,6 +561,7 @@ async fn answer(
     tracing::debug!(peer = %conn.peer, status = %reject.status, reason = %reject.reason, "request answered by the proxy");
     write_reject(out, &reject, close, retry_after);
     ctx.metrics.response(reject.status, false);
+    ctx.metrics.lean();
     match stream.write_all(out).await {
         Ok(()) if !close => Next::KeepAlive,
         _ => Next::Close,
@@ -657,6 +658,7 @@ async fn forward(
                     StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY),
                     false,
                 );
+                ctx.metrics.lean();
                 if let (Some(l), Some(log)) = (&opts.access_log, &log) {
                     l.record(log_entry(conn, log, head.status, head.length));
                 }

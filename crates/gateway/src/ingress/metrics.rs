@@ -39,6 +39,7 @@ pub struct IngressMetrics {
     bad_request: AtomicU64,
     retries: AtomicU64,
     upgrades: AtomicU64,
+    lean: AtomicU64,
 }
 
 /// Decrements the open-connections gauge when dropped.
@@ -93,6 +94,11 @@ impl IngressMetrics {
         inc(&self.upgrades);
     }
 
+    /// A response on the lean HTTP/1.1 path (counted in `response` too).
+    pub(crate) fn lean(&self) {
+        inc(&self.lean);
+    }
+
     /// A point-in-time copy of the counters.
     pub fn snapshot(&self) -> IngressMetricsSnapshot {
         IngressMetricsSnapshot {
@@ -111,6 +117,7 @@ impl IngressMetrics {
             bad_request_total: get(&self.bad_request),
             retries_total: get(&self.retries),
             upgrades_total: get(&self.upgrades),
+            lean_requests_total: get(&self.lean),
         }
     }
 }
@@ -151,4 +158,8 @@ pub struct IngressMetricsSnapshot {
     pub retries_total: u64,
     /// Protocol upgrades (WebSocket) passed through.
     pub upgrades_total: u64,
+    /// Of `requests_total`, those served on the lean HTTP/1.1 path
+    /// ([`IngressOptions::fast_h1`](super::IngressOptions::fast_h1)); the
+    /// rest went through hyper.
+    pub lean_requests_total: u64,
 }
