@@ -311,6 +311,9 @@ pub(crate) fn parse_response(
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Err(HeadError::Invalid("malformed response head"));
     };
+    if status < 100 {
+        return Err(HeadError::Invalid("invalid status code"));
+    }
     if status == 101 {
         return Err(HeadError::Invalid(
             "backend switched protocols without being asked",
@@ -320,7 +323,7 @@ pub(crate) fn parse_response(
         return Ok(Some((len, None)));
     }
     let headers: &[httparse::Header<'_>] = resp.headers;
-    let mut connection: [&[u8]; 4] = [&[]; 4];
+    let mut connection: [&[u8]; 8] = [&[]; 8];
     let mut n_connection = 0;
     let mut backend_close = version == 0;
     let mut length: Option<u64> = None;
@@ -340,10 +343,13 @@ pub(crate) fn parse_response(
                 .last()
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
         } else if is(name, "connection") {
-            if n_connection < connection.len() {
-                connection[n_connection] = h.value;
-                n_connection += 1;
+            if n_connection == connection.len() {
+                return Err(HeadError::Invalid(
+                    "too many Connection headers in the response",
+                ));
             }
+            connection[n_connection] = h.value;
+            n_connection += 1;
             if tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close")) {
                 backend_close = true;
             } else if version == 0 && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
@@ -413,7 +419,7 @@ pub(crate) fn itoa3(status: u16) -> [u8; 3] {
 
 /// Sends the response head in `out` and the body read from `stream`
 /// (some of it may be in `buf` already), framed as it came. `stall`
-/// bounds each wait for more of the body.
+/// bounds each wait for more of the body and each write to the client.
 pub(crate) async fn relay(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
@@ -454,11 +460,11 @@ pub(crate) async fn relay(
                 buf.advance(take);
                 take = 0;
             }
-            client.write_all(out).await?;
+            write_within(client, out, stall).await?;
             out.clear();
         }
         if take > 0 {
-            client.write_all(&buf[..take]).await?;
+            write_within(client, &buf[..take], stall).await?;
             buf.advance(take);
         }
         if done {
@@ -491,6 +497,22 @@ pub(crate) async fn relay(
     }
 }
 
+/// Writes all of `bytes`, each wait for the peer to take more bounded by
+/// `stall` (a client that stops reading is not held).
+async fn write_within(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    stall: Option<Duration>,
+) -> io::Result<()> {
+    match stall {
+        None => stream.write_all(bytes).await,
+        Some(limit) => match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        },
+    }
+}
+
 /// How a relayed body ended.
 pub(crate) struct Relayed {
     /// Cleanly at its end: the connection it came on can be used again.
@@ -510,6 +532,23 @@ pub(crate) struct Chunks {
     digits: u8,
     /// The current trailer line has bytes (an empty one ends the body).
     line: bool,
+    /// Bytes of chunk extensions on the current size line, and of
+    /// trailers in all (both bounded).
+    ext: usize,
+    trailers: usize,
+}
+
+/// Most bytes of chunk extensions on one size line.
+const MAX_CHUNK_EXT: usize = 4096;
+/// Most bytes of trailers after the last chunk.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// A byte allowed in a chunk extension or a trailer line: anything but
+/// control characters (a bare LF included, which some clients take for
+/// the end of the line: the proxy and the client must see the same body
+/// end), HTAB aside.
+fn field_byte(c: u8) -> bool {
+    c == b'\t' || (c >= 0x20 && c != 0x7f)
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -555,7 +594,15 @@ impl Chunks {
                 },
                 S::Ext => {
                     if c == b'\r' {
+                        self.ext = 0;
                         self.state = S::SizeLf;
+                    } else if !field_byte(c) {
+                        return Err("control character in a chunk extension");
+                    } else {
+                        self.ext += 1;
+                        if self.ext > MAX_CHUNK_EXT {
+                            return Err("chunk extension too long");
+                        }
                     }
                 }
                 S::SizeLf => {
@@ -596,8 +643,14 @@ impl Chunks {
                 S::Trailer => {
                     if c == b'\r' {
                         self.state = S::TrailerLf;
+                    } else if !field_byte(c) {
+                        return Err("control character in a trailer");
                     } else {
                         self.line = true;
+                        self.trailers += 1;
+                        if self.trailers > MAX_TRAILERS {
+                            return Err("trailers too long");
+                        }
                     }
                 }
                 S::TrailerLf => {
@@ -725,6 +778,17 @@ mod tests {
         assert!(scan(&[b"zz\r\n"]).is_err());
         assert!(scan(&[b"3\r\nabcX"]).is_err());
         assert!(scan(&[b"ffffffffffffffffff\r\n"]).is_err());
+        // A bare LF (or another control character) in an extension or a
+        // trailer: a client could end the body there, the proxy would not.
+        assert!(scan(&[b"0;x\n\r\nHTTP/1.1 200 OK\r\n\r\n"]).is_err());
+        assert!(scan(&[b"0\r\n\nHTTP/1.1 200 OK\r\n\r\n"]).is_err());
+        assert!(scan(&[b"0\r\nx: a\x00b\r\n\r\n"]).is_err());
+        assert_eq!(
+            scan(&[b"0;a=\"b\tc\"\r\nx: \"\xc3\xa9\"\r\n\r\n"]),
+            Ok((true, 22))
+        );
+        let long = [b"1;".as_slice(), &[b'e'; 5000], b"\r\nx\r\n0\r\n\r\n"].concat();
+        assert!(scan(&[&long]).is_err());
     }
 
     #[test]

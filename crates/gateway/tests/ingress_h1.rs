@@ -312,3 +312,56 @@ async fn a_backend_connection_closed_while_idle_is_replaced_unseen() {
     assert_eq!(p.metrics.snapshot().bad_gateway_total, 0);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_a_client_could_end_elsewhere_is_cut_not_passed() {
+    let backend = RawBackend::start().await;
+    let p = Running::start(opts(&route(&backend))).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /smuggle HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    // The proxy refuses the framing: the client connection closes and
+    // the planted response never reaches it.
+    let text = read_to_close(&mut s).await;
+    assert!(!text.contains("X-Injected"), "{text}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_time_between_requests_is_not_the_next_requests_time() {
+    let backend = RawBackend::start().await;
+    let mut o = opts(&route(&backend));
+    o.header_read_timeout = std::time::Duration::from_secs(5);
+    o.request_timeout = std::time::Duration::from_millis(500);
+    let p = Running::start(o).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET /len HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_response(&mut s, &mut buf, false).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    }
+    assert_eq!(p.metrics.snapshot().timeouts_total, 0);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_head_over_the_limit_gets_431_as_on_hyper() {
+    let backend = RawBackend::start().await;
+    let mut o = opts(&route(&backend));
+    o.max_header_bytes = gateway::ingress::MIN_HEADER_BYTES;
+    let p = Running::start(o).await;
+    // One write, one read: complete at once, and over 8 KiB.
+    let big = "x".repeat(12 * 1024);
+    let req = format!("GET /len HTTP/1.1\r\nHost: a.test\r\nx-big: {big}\r\n\r\n");
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let text = read_to_close(&mut s).await;
+    assert_eq!(raw_status(&text), 431, "{}", &text[..text.len().min(200)]);
+    assert!(backend.take().is_empty(), "nothing forwarded");
+    p.stop().await;
+}

@@ -133,7 +133,7 @@ fn absolute(target: &str) -> Option<(Cow<'_, str>, u16, &str)> {
     let rest = target.strip_prefix("http://")?;
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
-    if !(path.is_empty() || path.starts_with('/')) {
+    if !(path.is_empty() || path.starts_with('/')) || path.contains('#') {
         return None;
     }
     let path = if path.is_empty() { "/" } else { path };
@@ -225,6 +225,10 @@ fn parse(
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        // Over the limit: hyper answers.
+        Ok(httparse::Status::Complete(n)) if n > ctx.opts.max_header_bytes => {
+            return Parse::Fallback;
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parse::Partial,
         Err(_) => return Parse::Fallback,
@@ -559,8 +563,10 @@ async fn refuse(
     tracing::debug!(status = %r.status, reason = %r.message, "request refused");
     let close = close || r.status == StatusCode::BAD_REQUEST || *ctx.shutdown.borrow();
     write_reject(&mut c.resp_out, r, close);
-    match c.stream.write_all(&c.resp_out).await {
-        Ok(()) if !close => Next::KeepAlive,
+    // A client that does not read its answers is not held.
+    let write = c.stream.write_all(&c.resp_out);
+    match tokio::time::timeout(ctx.opts.idle_timeout, write).await {
+        Ok(Ok(())) if !close => Next::KeepAlive,
         _ => Next::Close,
     }
 }
@@ -590,8 +596,12 @@ async fn tunnel(
         stream.source().to_string().as_bytes(),
     );
     c.resp_out.extend_from_slice(b"\r\n");
-    if let Err(e) = c.stream.write_all(&c.resp_out).await {
-        tracing::debug!(peer = %c.peer, error = %e, "client gone before the tunnel started");
+    let write = c.stream.write_all(&c.resp_out);
+    if !matches!(
+        tokio::time::timeout(ctx.opts.idle_timeout, write).await,
+        Ok(Ok(()))
+    ) {
+        tracing::debug!(peer = %c.peer, "client gone (or not reading) before the tunnel started");
         return Ok(None);
     }
     Ok(Some(stream))

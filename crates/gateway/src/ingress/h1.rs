@@ -152,6 +152,8 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        // Over the limit: hyper answers 431.
+        Ok(httparse::Status::Complete(n)) if n > opts.max_header_bytes => return Prep::Fallback,
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Prep::Partial,
         Err(_) => return Prep::Fallback,
@@ -420,10 +422,7 @@ pub(crate) async fn serve(conn: &Conn, mut stream: TcpStream) -> Served {
         if buf.is_empty() && *shutdown.borrow() {
             return Served::Done;
         }
-        // One clock read per request: the head's deadline, the exchange's,
-        // and the backend pool's idle times.
-        let now = Instant::now();
-        let deadline = now + opts.header_read_timeout;
+        let deadline = Instant::now() + opts.header_read_timeout;
         let prep = loop {
             if !buf.is_empty() {
                 match prepare(conn, &buf, &mut req_out) {
@@ -452,6 +451,9 @@ pub(crate) async fn serve(conn: &Conn, mut stream: TcpStream) -> Served {
                 }
             }
         };
+        // When the request came: its exchange's deadline, and the backend
+        // pool's idle times.
+        let now = Instant::now();
         let next = match prep {
             Prep::Answer {
                 reject,
@@ -562,8 +564,9 @@ async fn answer(
     write_reject(out, &reject, close, retry_after);
     ctx.metrics.response(reject.status, false);
     ctx.metrics.lean();
-    match stream.write_all(out).await {
-        Ok(()) if !close => Next::KeepAlive,
+    // A client that does not read its answers is not held.
+    match tokio::time::timeout(ctx.opts.idle_timeout, stream.write_all(out)).await {
+        Ok(Ok(())) if !close => Next::KeepAlive,
         _ => Next::Close,
     }
 }

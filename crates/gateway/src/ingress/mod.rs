@@ -59,7 +59,10 @@
 //! [`TrustForwarded`]). Bodies are streamed both ways.
 //!
 //! Idempotent requests whose connect fails are retried on another backend
-//! ([`Route::retries`]); nothing is retried once sent.
+//! ([`Route::retries`]). Once sent, a request is not retried, with one
+//! exception (RFC 9110 §9.2.2): an idempotent request without a body that
+//! went out on a kept-alive connection the backend had closed meanwhile
+//! (no response byte came back) is sent once more on a new connection.
 //!
 //! # Health
 //!

@@ -61,6 +61,11 @@ pub fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye".to_vec(),
             true,
         ),
+        // A chunk extension ended by a bare LF, then what a lenient client
+        // would read as a second response.
+        "/smuggle" => fixed(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0;x\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Injected: 1\r\n\r\nevil",
+        ),
         "/spoof" => {
             fixed("HTTP/1.1 200 OK\r\nX-Ippool-Source: 6.6.6.6\r\nContent-Length: 2\r\n\r\nok")
         }
