@@ -315,3 +315,26 @@ async fn one_source_keeps_its_upstream_connection_and_replaces_a_stale_one() {
     assert!(text.starts_with("HTTP/1.1 403 "), "{text}");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_let_go_after_the_idle_timeout() {
+    let up = RawBackend::start().await;
+    let pool = pool("127.0.0.0/24", Some(1)).await;
+    let proxy = Running::start(options(&pool, &|o| o.idle_timeout = Duration::from_secs(1))).await;
+    let u = up.addr;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // 256 MiB asked for, none read.
+    s.write_all(format!("GET http://{u}/huge HTTP/1.1\r\nHost: {u}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while up.broken() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the proxy still holds the upstream connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
+    proxy.stop().await;
+}

@@ -29,6 +29,8 @@ pub struct RawBackend {
     pub addr: SocketAddr,
     got: Arc<Mutex<Vec<Got>>>,
     conns: Arc<AtomicUsize>,
+    /// Responses whose writing failed (the proxy closed the connection).
+    broken: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -77,6 +79,12 @@ pub fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
         "/hop" => fixed(
             "HTTP/1.1 200 OK\r\nConnection: x-secret\r\nx-secret: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok",
         ),
+        "/huge" => {
+            let n = 256 << 20;
+            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").into_bytes();
+            r.resize(r.len() + n, b'h');
+            (r, false)
+        }
         "/big" => {
             let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
             r.extend_from_slice(&big_body());
@@ -109,20 +117,22 @@ impl RawBackend {
         let addr = listener.local_addr().unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let conns = Arc::new(AtomicUsize::new(0));
-        let (g, c) = (got.clone(), conns.clone());
+        let broken = Arc::new(AtomicUsize::new(0));
+        let (g, c, b) = (got.clone(), conns.clone(), broken.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(s, g.clone()));
+                tokio::spawn(serve(s, g.clone(), b.clone()));
             }
         });
         RawBackend {
             addr,
             got,
             conns,
+            broken,
             task,
         }
     }
@@ -131,12 +141,16 @@ impl RawBackend {
         std::mem::take(&mut *self.got.lock().unwrap())
     }
 
+    pub fn broken(&self) -> usize {
+        self.broken.load(Ordering::SeqCst)
+    }
+
     pub fn conns(&self) -> usize {
         self.conns.load(Ordering::SeqCst)
     }
 }
 
-pub async fn serve(mut s: TcpStream, got: Arc<Mutex<Vec<Got>>>) {
+pub async fn serve(mut s: TcpStream, got: Arc<Mutex<Vec<Got>>>, broken: Arc<AtomicUsize>) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         // A head, then a Content-Length body.
@@ -216,7 +230,11 @@ pub async fn serve(mut s: TcpStream, got: Arc<Mutex<Vec<Got>>>) {
         buf.drain(..head_len + len);
         let (resp, close) = script(&method, &path, &body);
         got.lock().unwrap().push(Got { head, body });
-        if s.write_all(&resp).await.is_err() || close {
+        if s.write_all(&resp).await.is_err() {
+            broken.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        if close {
             return;
         }
         if path == "/linger" {
