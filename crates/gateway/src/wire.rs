@@ -68,6 +68,130 @@ impl Lazy {
     }
 }
 
+/// What decides a request's fate on a lean path, from one pass over its
+/// headers.
+pub(crate) struct RequestFrame<'h> {
+    /// The body's length (`Content-Length`, else 0).
+    pub(crate) body: u64,
+    /// The client asked to close after this exchange.
+    pub(crate) close: bool,
+    connection: [&'h [u8]; 4],
+    n_connection: usize,
+    /// The value of the header asked for by name, if present (once).
+    pub(crate) one: Option<&'h [u8]>,
+}
+
+impl<'h> RequestFrame<'h> {
+    /// The values of the `Connection` headers.
+    pub(crate) fn connection(&self) -> &[&'h [u8]] {
+        &self.connection[..self.n_connection]
+    }
+}
+
+/// Scans a request's headers; `None` when hyper should take the request:
+/// `Transfer-Encoding`, `Upgrade` or `Expect`, an invalid or conflicting
+/// `Content-Length`, more than four `Connection` headers, or the header
+/// named `one` more than once.
+pub(crate) fn request_frame<'h>(
+    headers: &[httparse::Header<'h>],
+    one: &str,
+) -> Option<RequestFrame<'h>> {
+    let mut f = RequestFrame {
+        body: 0,
+        close: false,
+        connection: [&[]; 4],
+        n_connection: 0,
+        one: None,
+    };
+    let mut length_seen: Option<u64> = None;
+    for h in headers {
+        let name = h.name;
+        if is(name, one) {
+            if f.one.is_some() {
+                return None;
+            }
+            f.one = Some(h.value);
+        } else if is(name, "content-length") {
+            match (length(h.value), length_seen) {
+                (Some(n), None) => length_seen = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return None,
+            }
+        } else if is(name, "transfer-encoding") || is(name, "upgrade") || is(name, "expect") {
+            return None;
+        } else if is(name, "connection") {
+            if f.n_connection == f.connection.len() {
+                return None;
+            }
+            f.connection[f.n_connection] = h.value;
+            f.n_connection += 1;
+            f.close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+        }
+    }
+    f.body = length_seen.unwrap_or(0);
+    Some(f)
+}
+
+/// What an access-log entry needs from a request head.
+pub(crate) struct LogInfo {
+    method: String,
+    target: String,
+    referer: Option<String>,
+    user_agent: Option<String>,
+    time: std::time::SystemTime,
+}
+
+impl LogInfo {
+    pub(crate) fn new(method: &str, target: &str, headers: &[httparse::Header<'_>]) -> LogInfo {
+        let get = |n: &str| {
+            headers
+                .iter()
+                .find(|h| is(h.name, n))
+                .and_then(|h| text(h.value))
+                .map(str::to_owned)
+        };
+        LogInfo {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            referer: get("referer"),
+            user_agent: get("user-agent"),
+            time: std::time::SystemTime::now(),
+        }
+    }
+
+    /// The entry, once the response status (and length, if known) is.
+    pub(crate) fn entry(
+        &self,
+        peer: std::net::IpAddr,
+        status: u16,
+        bytes: u64,
+    ) -> crate::access::AccessEntry {
+        crate::access::AccessEntry {
+            peer,
+            user: None,
+            time: self.time,
+            method: self.method.clone(),
+            target: self.target.clone(),
+            version: "HTTP/1.1",
+            status,
+            bytes,
+            referer: self.referer.clone(),
+            user_agent: self.user_agent.clone(),
+        }
+    }
+}
+
+/// Whether an idle pooled connection was closed by its peer meanwhile
+/// (or it sent something unasked). No system call when the socket has
+/// not been readable since it was last drained.
+pub(crate) fn stale(stream: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match stream.try_read(&mut b) {
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        Ok(_) => true,
+    }
+}
+
 /// Why reading more of a head stopped.
 pub(crate) enum Wait {
     Data,

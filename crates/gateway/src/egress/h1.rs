@@ -40,8 +40,8 @@ use super::metrics::{Protocol, RequestResult};
 use super::upstream::{Key, KeyRef, Pooled};
 use super::{Ctx, ERROR_HEADER};
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, MAX_HEADERS, Rewrite, Wait, copy_body,
-    header_line, hop_by_hop, is, length, named_in, text, tokens,
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Rewrite, Wait,
+    copy_body, header_line, hop_by_hop, is, named_in,
 };
 
 /// An upstream connection of the fast path, with its read buffer.
@@ -61,15 +61,9 @@ impl Pooled for RawConn {
     fn dest(&self) -> IpAddr {
         self.dest
     }
-    /// Closed by the destination while idle (or it sent something
-    /// unasked). No system call when the socket has not been readable
-    /// since it was last drained.
+    /// Closed by the destination while idle.
     fn closed(&self) -> bool {
-        let mut b = [0u8; 1];
-        match self.stream.try_read(&mut b) {
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-            Ok(_) => true,
-        }
+        wire::stale(&self.stream)
     }
 }
 
@@ -117,14 +111,6 @@ struct Req {
     port: u16,
     id: Arc<Identity>,
     log: Option<LogInfo>,
-}
-
-/// What the access log needs from a request head.
-struct LogInfo {
-    method: String,
-    target: String,
-    referer: Option<String>,
-    user_agent: Option<String>,
 }
 
 /// `http://host[:port]/path?query` split, or `None` for anything hyper
@@ -249,37 +235,11 @@ fn parse(
         return Parse::Fallback;
     };
     let headers: &[httparse::Header<'_>] = req.headers;
-    let mut body: Option<u64> = None;
-    let mut close = false;
-    let mut connection: [&[u8]; 4] = [&[]; 4];
-    let mut n_connection = 0;
-    let mut authorization: Option<&[u8]> = None;
-    for h in headers {
-        let name = h.name;
-        if is(name, "content-length") {
-            match (length(h.value), body) {
-                (Some(n), None) => body = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return Parse::Fallback,
-            }
-        } else if is(name, "transfer-encoding") || is(name, "upgrade") || is(name, "expect") {
-            return Parse::Fallback;
-        } else if is(name, "connection") {
-            if n_connection == connection.len() {
-                return Parse::Fallback;
-            }
-            connection[n_connection] = h.value;
-            n_connection += 1;
-            close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
-        } else if is(name, "proxy-authorization") {
-            if authorization.is_some() {
-                return Parse::Fallback;
-            }
-            authorization = Some(h.value);
-        }
-    }
-    let connection = &connection[..n_connection];
-    let body = body.unwrap_or(0);
+    let Some(frame) = wire::request_frame(headers, "proxy-authorization") else {
+        return Parse::Fallback;
+    };
+    let (connection, body, close) = (frame.connection(), frame.body, frame.close);
+    let authorization = frame.one;
     if tunnel && body > 0 {
         return Parse::Fallback;
     }
@@ -288,21 +248,11 @@ fn parse(
     } else {
         Protocol::Http
     };
-    let log = ctx.opts.access_log.as_ref().map(|_| {
-        let get = |n: &str| {
-            headers
-                .iter()
-                .find(|h| is(h.name, n))
-                .and_then(|h| text(h.value))
-                .map(str::to_owned)
-        };
-        LogInfo {
-            method: method.to_owned(),
-            target: target.to_owned(),
-            referer: get("referer"),
-            user_agent: get("user-agent"),
-        }
-    });
+    let log = ctx
+        .opts
+        .access_log
+        .as_ref()
+        .map(|_| LogInfo::new(method, target, headers));
     if let Err(wait) = ctx.opts.guard.check_request(peer.ip()) {
         return Parse::Answer {
             reject: super::http::rate_limit_reject(wait),
@@ -473,12 +423,11 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
                 log,
             } => {
                 c.buf.advance(head_len);
-                let log = log.map(|l| (l, std::time::SystemTime::now()));
                 refuse(ctx, &mut c, protocol, &reject, close, log.as_ref()).await
             }
             Parse::Connect(mut req) => {
                 c.buf.advance(req.head_len);
-                let log = req.log.take().map(|l| (l, std::time::SystemTime::now()));
+                let log = req.log.take();
                 match tunnel(ctx, &mut c, &req, log.as_ref()).await {
                     Ok(None) => return Served::Done,
                     Ok(Some(upstream)) => {
@@ -505,7 +454,7 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
                 req_out.extend_from_slice(&c.buf[..with_head]);
                 c.buf.advance(with_head);
                 let rest = req.body - with_head as u64;
-                let log = req.log.take().map(|l| (l, std::time::SystemTime::now()));
+                let log = req.log.take();
                 match forward(ctx, &mut c, &req_out, &req, rest, log.as_ref()).await {
                     Ok(next) => next,
                     Err(reject) => {
@@ -522,27 +471,6 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
     }
 }
 
-/// An access-log entry (as `http.rs` makes it: the absolute URI).
-fn log_entry(
-    peer: SocketAddr,
-    (info, time): &(LogInfo, std::time::SystemTime),
-    status: u16,
-    bytes: u64,
-) -> crate::access::AccessEntry {
-    crate::access::AccessEntry {
-        peer: peer.ip(),
-        user: None,
-        time: *time,
-        method: info.method.clone(),
-        target: info.target.clone(),
-        version: "HTTP/1.1",
-        status,
-        bytes,
-        referer: info.referer.clone(),
-        user_agent: info.user_agent.clone(),
-    }
-}
-
 /// Sends an answer of the proxy's own, counts it and reports the
 /// offense if the client is at fault.
 async fn refuse(
@@ -551,14 +479,14 @@ async fn refuse(
     protocol: Protocol,
     r: &Reject,
     close: bool,
-    log: Option<&(LogInfo, std::time::SystemTime)>,
+    log: Option<&LogInfo>,
 ) -> Next {
     ctx.metrics.request(protocol, r.result);
     if let Some(o) = r.offense {
         ctx.opts.guard.offense(c.peer.ip(), o);
     }
     if let (Some(l), Some(log)) = (&ctx.opts.access_log, log) {
-        l.record(log_entry(c.peer, log, r.status.as_u16(), 0));
+        l.record(log.entry(c.peer.ip(), r.status.as_u16(), 0));
     }
     tracing::debug!(status = %r.status, reason = %r.message, "request refused");
     let close = close || r.status == StatusCode::BAD_REQUEST || *ctx.shutdown.borrow();
@@ -578,14 +506,14 @@ async fn tunnel(
     ctx: &Ctx,
     c: &mut Client,
     req: &Req,
-    log: Option<&(LogInfo, std::time::SystemTime)>,
+    log: Option<&LogInfo>,
 ) -> Result<Option<addrpool::PooledStream>, Reject> {
     let session = session_for(ctx, &req.id, &req.host);
     let pool = ctx.opts.pool.pick(req.id.user.as_deref());
     let stream = dial::dial(ctx, pool, &req.host, req.port, session.as_deref()).await?;
     ctx.metrics.request(Protocol::Connect, RequestResult::Ok);
     if let (Some(l), Some(log)) = (&ctx.opts.access_log, log) {
-        l.record(log_entry(c.peer, log, 200, 0));
+        l.record(log.entry(c.peer.ip(), 200, 0));
     }
     c.resp_out.clear();
     c.resp_out
@@ -656,7 +584,7 @@ async fn forward(
     req_bytes: &[u8],
     req: &Req,
     rest: u64,
-    log: Option<&(LogInfo, std::time::SystemTime)>,
+    log: Option<&LogInfo>,
 ) -> Result<Next, Reject> {
     let opts = &ctx.opts;
     let session = session_for(ctx, &req.id, &req.host);
@@ -739,7 +667,7 @@ async fn forward(
     lease.report(Outcome::Status(head.status));
     ctx.metrics.request(Protocol::Http, RequestResult::Ok);
     if let (Some(l), Some(log)) = (&opts.access_log, log) {
-        l.record(log_entry(c.peer, log, head.status, head.length));
+        l.record(log.entry(c.peer.ip(), head.status, head.length));
     }
     let relayed = wire::relay(
         &mut conn.stream,

@@ -22,7 +22,6 @@
 //! removed, `X-Forwarded-*`, `Forwarded`, `Via`) are the same as on the
 //! hyper path; `tests/ingress_proxy.rs` runs against both.
 
-use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -36,8 +35,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, MAX_HEADERS, RespHead, Rewrite, Wait,
-    copy_body, header_line, hop_by_hop, is, length, named_in, text, tokens,
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, RespHead, Rewrite,
+    Wait, copy_body, header_line, hop_by_hop, is, named_in, text,
 };
 
 use super::backend::{BackendRt, inc};
@@ -67,15 +66,9 @@ impl RawUpstream {
         }
     }
 
-    /// Whether an idle connection was closed by the backend meanwhile (or
-    /// sent something unasked). No system call when the socket has not
-    /// been readable since it was last drained.
+    /// Whether an idle connection was closed by the backend meanwhile.
     fn stale(&self) -> bool {
-        let mut b = [0u8; 1];
-        match self.stream.try_read(&mut b) {
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-            Ok(_) => true,
-        }
+        wire::stale(&self.stream)
     }
 }
 
@@ -122,14 +115,6 @@ struct Prepared {
     log: Option<LogInfo>,
 }
 
-/// What the access log needs from a request head.
-struct LogInfo {
-    method: String,
-    target: String,
-    referer: Option<String>,
-    user_agent: Option<String>,
-}
-
 /// Appends `value`, trimmed, to a `", "`-joined list (the hyper path's
 /// `joined`: empty and non-text values skipped).
 fn join(list: &mut Vec<u8>, value: &[u8]) {
@@ -167,54 +152,17 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
     let headers: &[httparse::Header<'_>] = req.headers;
 
     // One pass for what decides the request's fate.
-    let mut host: Option<&[u8]> = None;
-    let mut hosts = 0;
-    let mut body: Option<u64> = None;
-    let mut close = false;
-    let mut connection: [&[u8]; 4] = [&[]; 4];
-    let mut n_connection = 0;
-    for h in headers {
-        let name = h.name;
-        if is(name, "host") {
-            hosts += 1;
-            host = Some(h.value);
-        } else if is(name, "content-length") {
-            match (length(h.value), body) {
-                (Some(n), None) => body = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return Prep::Fallback,
-            }
-        } else if is(name, "transfer-encoding") || is(name, "upgrade") || is(name, "expect") {
-            return Prep::Fallback;
-        } else if is(name, "connection") {
-            if n_connection == connection.len() {
-                return Prep::Fallback;
-            }
-            connection[n_connection] = h.value;
-            n_connection += 1;
-            close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
-        }
-    }
-    let connection = &connection[..n_connection];
-    let body = body.unwrap_or(0);
-    let (1, Some(host_raw)) = (hosts, host.and_then(text)) else {
+    let Some(frame) = wire::request_frame(headers, "host") else {
         return Prep::Fallback;
     };
-    let log = opts.access_log.as_ref().map(|_| {
-        let get = |n: &str| {
-            headers
-                .iter()
-                .find(|h| is(h.name, n))
-                .and_then(|h| text(h.value))
-                .map(str::to_owned)
-        };
-        LogInfo {
-            method: method.to_owned(),
-            target: target.to_owned(),
-            referer: get("referer"),
-            user_agent: get("user-agent"),
-        }
-    });
+    let (connection, body, close) = (frame.connection(), frame.body, frame.close);
+    let Some(host_raw) = frame.one.and_then(text) else {
+        return Prep::Fallback;
+    };
+    let log = opts
+        .access_log
+        .as_ref()
+        .map(|_| LogInfo::new(method, target, headers));
     let answer = |reject: Reject, retry_after: Option<u64>, log: Option<LogInfo>| Prep::Answer {
         reject,
         retry_after,
@@ -465,7 +413,6 @@ pub(crate) async fn serve(conn: &Conn, mut stream: TcpStream) -> Served {
             } => {
                 buf.advance(consumed);
                 let close = close || body > 0 || *shutdown.borrow();
-                let log = log.map(|l| (l, std::time::SystemTime::now()));
                 let a = Answer {
                     reject,
                     retry_after,
@@ -518,33 +465,12 @@ struct Answer {
     close: bool,
 }
 
-/// An access-log entry for a request (its head, and when it came).
-fn log_entry(
-    conn: &Conn,
-    (info, time): &(LogInfo, std::time::SystemTime),
-    status: u16,
-    bytes: u64,
-) -> crate::access::AccessEntry {
-    crate::access::AccessEntry {
-        peer: conn.peer.ip(),
-        user: None,
-        time: *time,
-        method: info.method.clone(),
-        target: info.target.clone(),
-        version: "HTTP/1.1",
-        status,
-        bytes,
-        referer: info.referer.clone(),
-        user_agent: info.user_agent.clone(),
-    }
-}
-
 async fn answer(
     conn: &Conn,
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     a: Answer,
-    log: Option<&(LogInfo, std::time::SystemTime)>,
+    log: Option<&LogInfo>,
 ) -> Next {
     let Answer {
         reject,
@@ -555,7 +481,7 @@ async fn answer(
     if let (Some(l), Some(log)) = (&ctx.opts.access_log, log) {
         // As on the hyper path: no length is known for the proxy's own
         // answers there.
-        l.record(log_entry(conn, log, reject.status.as_u16(), 0));
+        l.record(log.entry(conn.peer.ip(), reject.status.as_u16(), 0));
     }
     if reject.status != StatusCode::TOO_MANY_REQUESTS {
         ctx.metrics.refused(reject.kind);
@@ -596,7 +522,7 @@ async fn forward(
 ) -> Next {
     let ctx = &*conn.ctx;
     let opts = &ctx.opts;
-    let log = p.log.map(|l| (l, std::time::SystemTime::now()));
+    let log = p.log;
     let route = &p.route;
     let deadline = now + opts.request_timeout;
     let attempts = if p.idempotent {
@@ -663,7 +589,7 @@ async fn forward(
                 );
                 ctx.metrics.lean();
                 if let (Some(l), Some(log)) = (&opts.access_log, &log) {
-                    l.record(log_entry(conn, log, head.status, head.length));
+                    l.record(log.entry(conn.peer.ip(), head.status, head.length));
                 }
                 close_client |= draining || head.framing == Framing::UntilClose;
                 let relayed = timer
