@@ -205,7 +205,7 @@ pub(crate) enum Wait {
 /// (a future kept for the connection's life, not polled again once it
 /// resolved).
 pub(crate) async fn read_more(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     timer: &mut Lazy,
     deadline: Instant,
@@ -343,7 +343,7 @@ pub(crate) enum BodyError {
 /// `cbuf` (the client's read buffer, empty on entry; bytes read past the
 /// body stay in it).
 pub(crate) async fn copy_body(
-    client: &mut TcpStream,
+    client: &mut (impl AsyncRead + Unpin),
     cbuf: &mut BytesMut,
     up: &mut TcpStream,
     mut n: u64,
@@ -547,7 +547,7 @@ pub(crate) fn itoa3(status: u16) -> [u8; 3] {
 pub(crate) async fn relay(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    client: &mut TcpStream,
+    client: &mut (impl AsyncWrite + Unpin),
     out: &mut Vec<u8>,
     framing: Framing,
     stall: Option<Duration>,
@@ -624,7 +624,7 @@ pub(crate) async fn relay(
 /// Writes all of `bytes`, each wait for the peer to take more bounded by
 /// `stall` (a client that stops reading is not held).
 async fn write_within(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
     stall: Option<Duration>,
 ) -> io::Result<()> {

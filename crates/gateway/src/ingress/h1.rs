@@ -1,4 +1,5 @@
-//! The HTTP/1.1 fast path of plain ingress listeners.
+//! The HTTP/1.1 fast path of ingress connections (plain, or TLS whose
+//! ALPN chose HTTP/1.1).
 //!
 //! hyper serves every protocol the ingress speaks. For the most common
 //! exchange, though (a plain HTTP/1.1 request with no body or a
@@ -30,7 +31,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use health::{Outcome, Verdict};
 use http::StatusCode;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -73,12 +74,12 @@ impl RawUpstream {
 }
 
 /// How the fast path left a client connection.
-pub(crate) enum Served {
+pub(crate) enum Served<S> {
     /// Closed, or to be closed.
     Done,
     /// To be served by hyper from here on; the bytes read and not yet
     /// consumed come first.
-    Fallback(TcpStream, BytesMut),
+    Fallback(S, BytesMut),
 }
 
 /// What one buffered head asks for.
@@ -355,7 +356,10 @@ fn write_reject(out: &mut Vec<u8>, rej: &Reject, close: bool, retry_after: Optio
 }
 
 /// Serves a plain client connection until it closes or needs hyper.
-pub(crate) async fn serve(conn: &Conn, mut stream: TcpStream) -> Served {
+pub(crate) async fn serve<S>(conn: &Conn, mut stream: S) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let ctx = &*conn.ctx;
     let opts = &ctx.opts;
     let shutdown = &ctx.shutdown;
@@ -467,7 +471,7 @@ struct Answer {
 
 async fn answer(
     conn: &Conn,
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncWrite + Unpin),
     out: &mut Vec<u8>,
     a: Answer,
     log: Option<&LogInfo>,
@@ -511,7 +515,7 @@ enum Attempt {
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     conn: &Conn,
-    client: &mut TcpStream,
+    client: &mut (impl AsyncRead + AsyncWrite + Unpin),
     cbuf: &mut BytesMut,
     req: &[u8],
     resp_out: &mut Vec<u8>,
@@ -713,7 +717,7 @@ async fn attempt(
     ctx: &Ctx,
     b: &Arc<BackendRt>,
     s: Sending<'_>,
-    client: &mut TcpStream,
+    client: &mut (impl AsyncRead + Unpin),
     cbuf: &mut BytesMut,
     resp_out: &mut Vec<u8>,
     timer: &mut Lazy,

@@ -87,14 +87,14 @@
 //! # Performance
 //!
 //! Requests read the route table with one atomic load; a clean backend
-//! (no failure run) is picked without a lock. On plain listeners, the
-//! common HTTP/1.1 exchange (no request body or a `Content-Length` one)
+//! (no failure run) is picked without a lock. On HTTP/1.1 connections
+//! (plain, or TLS with ALPN `http/1.1` or none), the common exchange (no request body or a `Content-Length` one)
 //! takes a lean path (`h1.rs`, [`IngressOptions::fast_h1`]): the head is
 //! parsed in place and rewritten into one write to a pooled backend
 //! connection, and the response is copied back with its framing as it
 //! came, in the client connection's task, with no allocation per request;
 //! one read and one write per side, which is what nginx and HAProxy do.
-//! Everything else (TLS, HTTP/2, upgrades, chunked request bodies,
+//! Everything else (HTTP/2, upgrades, chunked request bodies,
 //! HTTP/1.0, malformed heads) goes to hyper, which frames both sides;
 //! its kept-alive backend connections are polled by the request that uses
 //! them (no task hand-off per request, see `upstream.rs`). Both kinds of
@@ -446,9 +446,22 @@ async fn serve_conn(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
                 }
             };
             let h2 = ctx.opts.http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let builder = if h2 { &ctx.h2 } else { &ctx.h1 };
             let conn = Conn::new(&ctx, peer, true, act.clone());
-            run_conn(&ctx, builder, Watched::new(tls, act.clone()), conn, act).await;
+            if h2 {
+                run_conn(&ctx, &ctx.h2, Watched::new(tls, act.clone()), conn, act).await;
+                return;
+            }
+            let (tls, pre) = if ctx.opts.fast_h1 {
+                // HTTP/1.1 over TLS: the lean path too, until hyper is needed.
+                match h1::serve(&conn, tls).await {
+                    h1::Served::Done => return,
+                    h1::Served::Fallback(tls, pre) => (tls, pre.freeze()),
+                }
+            } else {
+                (tls, bytes::Bytes::new())
+            };
+            let io = Watched::new(Rewind::new(pre, tls), act.clone());
+            run_conn(&ctx, &ctx.h1, io, conn, act).await;
         }
         None => {
             let conn = Conn::new(&ctx, peer, false, act.clone());

@@ -199,7 +199,7 @@ pub struct IngressOptions {
     pub guard: Arc<crate::guard::Guard>,
     /// Receives one entry per request. Default: none.
     pub access_log: Option<Arc<dyn crate::access::AccessLog>>,
-    /// Serve plain HTTP/1.1 requests with no request body framing but
+    /// Serve HTTP/1.1 requests (plain or over TLS) with no request body framing but
     /// `Content-Length` (the common case) on the lean path of `h1.rs`
     /// instead of hyper; anything else still goes to hyper. Answers and
     /// forwarded heads are the same either way; off is for comparing the
