@@ -79,6 +79,19 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Who a `Proxy-Authorization` value (or its absence) names, against
+/// `users`.
+pub(crate) fn identify(
+    users: &HashMap<String, String>,
+    value: Option<&[u8]>,
+) -> Result<Identity, AuthError> {
+    let creds = match value {
+        Some(v) => Some(parse_basic(v)?),
+        None => None,
+    };
+    check(users, creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
+}
+
 /// `Basic dXNlcjpwYXNz` → ("user", "pass").
 pub(crate) fn parse_basic(value: &[u8]) -> Result<(String, String), AuthError> {
     let value = std::str::from_utf8(value).map_err(|_| AuthError::Malformed)?;

@@ -187,14 +187,7 @@ fn authenticate(
     {
         return Ok(id.clone());
     }
-    let creds = match value {
-        Some(v) => Some(auth::parse_basic(v)?),
-        None => None,
-    };
-    let id = Arc::new(auth::check(
-        &ctx.opts.users,
-        creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-    )?);
+    let id = Arc::new(auth::identify(&ctx.opts.users, value)?);
     *cache = Some((value.map(Box::from), id.clone()));
     Ok(id)
 }

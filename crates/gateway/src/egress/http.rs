@@ -348,13 +348,9 @@ fn authenticate(
     {
         return Ok(id.clone());
     }
-    let creds = match value {
-        Some(v) => Some(auth::parse_basic(v.as_bytes())?),
-        None => None,
-    };
-    let id = Arc::new(auth::check(
+    let id = Arc::new(auth::identify(
         &ctx.opts.users,
-        creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+        value.map(HeaderValue::as_bytes),
     )?);
     *state.auth.lock().unwrap_or_else(PoisonError::into_inner) = Some((value.cloned(), id.clone()));
     Ok(id)

@@ -45,7 +45,7 @@ use super::balance::{Mask, key_of};
 use super::headers::push_param;
 use super::metrics::Refusal;
 use super::options::is_token;
-use super::proxy::{Reject, connect, header_text};
+use super::proxy::{Reject, connect, header_text, response_timeout};
 use super::routes::{RouteRt, request_host};
 use super::upstream::Registration;
 use super::{Balance, Conn, Ctx, ERROR_HEADER};
@@ -676,18 +676,7 @@ struct Sending<'a> {
 }
 
 fn timed_out(ctx: &Ctx, b: &BackendRt) -> Attempt {
-    inc(&b.stats.timeouts);
-    Attempt::Failed(
-        Some(Outcome::Timeout),
-        Reject::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            Refusal::Timeout,
-            format!(
-                "backend {} ({}) sent no response within {:?}",
-                b.id, b.addr, ctx.opts.request_timeout
-            ),
-        ),
-    )
+    Attempt::Failed(Some(Outcome::Timeout), response_timeout(ctx, b))
 }
 
 fn backend_failed(b: &BackendRt, outcome: Outcome, what: &str) -> Attempt {

@@ -333,19 +333,22 @@ enum Attempt {
     Failed(Option<Outcome>, Reject),
 }
 
-fn timed_out(ctx: &Ctx, b: &BackendRt) -> Attempt {
+/// The 504 of a backend that did not answer within the request timeout
+/// (counted in its stats).
+pub(crate) fn response_timeout(ctx: &Ctx, b: &BackendRt) -> Reject {
     inc(&b.stats.timeouts);
-    Attempt::Failed(
-        Some(Outcome::Timeout),
-        Reject::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            Refusal::Timeout,
-            format!(
-                "backend {} ({}) sent no response within {:?}",
-                b.id, b.addr, ctx.opts.request_timeout
-            ),
+    Reject::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        Refusal::Timeout,
+        format!(
+            "backend {} ({}) sent no response within {:?}",
+            b.id, b.addr, ctx.opts.request_timeout
         ),
     )
+}
+
+fn timed_out(ctx: &Ctx, b: &BackendRt) -> Attempt {
+    Attempt::Failed(Some(Outcome::Timeout), response_timeout(ctx, b))
 }
 
 /// What a failed send means, once the request is known to have left.
