@@ -193,6 +193,9 @@ async fn http2_over_tls_with_sni_choosing_the_certificate() {
     assert_eq!((r.status, r.version), (200, Version::HTTP_11));
     // HTTP/1.1 over TLS takes the lean path, and says https upstream.
     let lean = p.metrics.snapshot().lean_requests_total;
+    // The same kept-alive connection (the client may need a moment to be
+    // ready for the next request).
+    sender.ready().await.unwrap();
     let r = read(
         sender
             .send_request(request("GET", "a.test", "/again"))
