@@ -333,7 +333,7 @@ async fn idle_time_between_requests_is_not_the_next_requests_time() {
     let backend = RawBackend::start().await;
     let mut o = opts(&route(&backend));
     o.header_read_timeout = std::time::Duration::from_secs(5);
-    o.request_timeout = std::time::Duration::from_millis(500);
+    o.request_timeout = std::time::Duration::from_secs(1);
     let p = Running::start(o).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     let mut buf = Vec::new();
@@ -343,7 +343,7 @@ async fn idle_time_between_requests_is_not_the_next_requests_time() {
             .unwrap();
         let r = read_response(&mut s, &mut buf, false).await;
         assert_eq!(r.status, 200, "{r:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     }
     assert_eq!(p.metrics.snapshot().timeouts_total, 0);
     p.stop().await;
