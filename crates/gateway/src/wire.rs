@@ -1029,4 +1029,55 @@ mod tests {
             proptest::prop_assert_eq!(end, Some(body.len()));
         }
     }
+
+    proptest::proptest! {
+        /// Any bytes from an upstream: a response head parses, is
+        /// incomplete or is refused, never a panic; a head that parses
+        /// rewrites into one that parses again, with the same status.
+        #[test]
+        fn any_response_bytes_are_handled(
+            status in 0u16..1000,
+            lines in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::strategy::Just("Content-Length".to_owned()),
+                        proptest::strategy::Just("Transfer-Encoding".to_owned()),
+                        proptest::strategy::Just("Connection".to_owned()),
+                        proptest::strategy::Just("Keep-Alive".to_owned()),
+                        "[A-Za-z-]{1,12}",
+                    ],
+                    proptest::prop_oneof![
+                        "[0-9]{1,3}",
+                        proptest::strategy::Just("chunked".to_owned()),
+                        proptest::strategy::Just("close, x-a".to_owned()),
+                        "[ -~]{0,30}",
+                    ],
+                ),
+                0..6,
+            ),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            head_request: bool,
+        ) {
+            let mut raw = format!("HTTP/1.1 {status:03} X\r\n").into_bytes();
+            for (name, value) in &lines {
+                raw.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            raw.extend_from_slice(&tail);
+            let mut out = Vec::new();
+            let parsed = parse_response(&raw, &mut out, rw(head_request, false));
+            if let Ok(Some((len, Some(head)))) = parsed {
+                proptest::prop_assert!(len <= raw.len());
+                let mut again = Vec::new();
+                let parsed = parse_response(&out, &mut again, rw(head_request, false));
+                proptest::prop_assert!(
+                    matches!(parsed, Ok(Some((_, Some(ref h)))) if h.status == head.status),
+                    "{:?}", String::from_utf8_lossy(&out)
+                );
+            }
+            // And arbitrary bytes as a chunked body.
+            let mut c = Chunks::default();
+            let _ = c.feed(&raw);
+        }
+    }
 }
