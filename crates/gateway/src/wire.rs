@@ -193,7 +193,7 @@ pub(crate) fn stale(stream: &TcpStream) -> bool {
 }
 
 /// Why reading more of a head stopped.
-pub(crate) enum Wait {
+enum Wait {
     Data,
     Closed,
     TimedOut,
@@ -204,7 +204,7 @@ pub(crate) enum Wait {
 /// of the head has arrived yet, `shutdown` resolving ends the wait too
 /// (a future kept for the connection's life, not polled again once it
 /// resolved).
-pub(crate) async fn read_more(
+async fn read_more(
     stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     timer: &mut Lazy,
@@ -224,6 +224,60 @@ pub(crate) async fn read_more(
         }
     };
     timer.within(deadline, read).await.unwrap_or(Wait::TimedOut)
+}
+
+/// What a lean path's parser makes of the buffered bytes of a head.
+pub(crate) enum Parsed<T> {
+    /// More bytes needed.
+    Partial,
+    /// Not for the lean path: hyper takes the connection from here.
+    Fallback,
+    /// A request the lean path takes.
+    Ready(T),
+}
+
+/// How the wait for the next request head ended.
+pub(crate) enum NextHead<T> {
+    Ready(T),
+    /// For hyper; the bytes read so far stay in the buffer.
+    Fallback,
+    /// Closed, shut down while idle, or not complete within the head
+    /// timeout (`slow`: some of the head had come, a slowloris).
+    Done {
+        slow: bool,
+    },
+}
+
+/// Reads into `buf` until `parse` takes or refuses a head, within
+/// `header_read_timeout`; a head still incomplete at `max_header_bytes`
+/// goes to hyper (which answers 431).
+pub(crate) async fn next_head<T>(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    timer: &mut Lazy,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    (header_read_timeout, max_header_bytes): (Duration, usize),
+    mut parse: impl FnMut(&[u8]) -> Parsed<T>,
+) -> NextHead<T> {
+    let deadline = Instant::now() + header_read_timeout;
+    loop {
+        if !buf.is_empty() {
+            match parse(buf) {
+                Parsed::Partial if buf.len() < max_header_bytes => {}
+                Parsed::Partial | Parsed::Fallback => return NextHead::Fallback,
+                Parsed::Ready(t) => return NextHead::Ready(t),
+            }
+        }
+        match read_more(stream, buf, timer, deadline, shutdown).await {
+            Wait::Data => {}
+            Wait::Closed | Wait::Shutdown => return NextHead::Done { slow: false },
+            Wait::TimedOut => {
+                return NextHead::Done {
+                    slow: !buf.is_empty(),
+                };
+            }
+        }
+    }
 }
 
 /// A future that resolves once `shutdown` turns `true`, made once per

@@ -674,14 +674,8 @@ impl ListenerEnv {
             .ok_or_else(|| err(format!("pool `{}` is not running", spec.pool)))?;
         let mut options = spec.options(pool);
         options.guard = self.guards.guard(spec.rules.as_deref(), true);
-        let writer = match &spec.access_log {
-            Some(p) => {
-                let (sink, writer) = access_log(&section, p).await?;
-                options.access_log = Some(sink);
-                Some(writer)
-            }
-            None => None,
-        };
+        let (sink, writer) = access_log(&section, spec.access_log.as_deref()).await?;
+        options.access_log = sink;
         // The proxy's own addresses are no destination (unless allowed):
         // its pool's range and its listener.
         let own = own_addresses(&self.pool_specs, &spec.pool, spec.listen);
@@ -804,14 +798,8 @@ impl ListenerEnv {
             }
         };
         let mut options = spec.options;
-        let writer = match &spec.access_log {
-            Some(p) => {
-                let (sink, writer) = access_log(&section, p).await?;
-                options.access_log = Some(sink);
-                Some(writer)
-            }
-            None => None,
-        };
+        let (sink, writer) = access_log(&section, spec.access_log.as_deref()).await?;
+        options.access_log = sink;
         options.routes = table.clone();
         options.guard = self.guards.guard(spec.rules.as_deref(), true);
         let listen = options.listen;
@@ -841,25 +829,28 @@ impl ListenerEnv {
     }
 }
 
-/// Opens access log `path` of listener `section`: the proxies' sink and
+/// Opens access log `path` (if any) of listener `section`: the proxies' sink and
 /// the writer to run as a task.
 async fn access_log(
     section: &str,
-    path: &std::path::Path,
+    path: Option<&std::path::Path>,
 ) -> Result<
     (
-        Arc<dyn gateway::access::AccessLog>,
-        crate::accessfile::Writer,
+        Option<Arc<dyn gateway::access::AccessLog>>,
+        Option<crate::accessfile::Writer>,
     ),
     ServeError,
 > {
+    let Some(path) = path else {
+        return Ok((None, None));
+    };
     let (sink, writer) = crate::accessfile::open(path)
         .await
         .map_err(|e| ServeError::Pool {
             section: section.to_owned(),
             message: format!("access_log {}: {e}", path.display()),
         })?;
-    Ok((Arc::new(sink), writer))
+    Ok((Some(Arc::new(sink)), Some(writer)))
 }
 
 /// Binds a listening socket on `addr` (`key` names it in errors) with

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use support::{Daemon, PeerEcho, TempDir, http};
+use support::{Daemon, PeerEcho, TempDir, benched_until, http, same_time};
 
 const TOKEN: &str = "egress-state-token-0123456789";
 
@@ -103,20 +103,6 @@ fn probe(d: &Daemon, ip: &str) -> Option<Value> {
 
 fn address(d: &Daemon, ip: &str) -> Value {
     probe(d, ip).unwrap_or_else(|| panic!("{ip} not in pool rr"))
-}
-
-/// The wall-clock end of a benching, from `/probe`.
-fn benched_until(a: &Value) -> SystemTime {
-    let s = a["benched_until"].as_str().expect("benched_until");
-    humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-fn same_time(a: SystemTime, b: SystemTime) -> bool {
-    let d = a
-        .duration_since(b)
-        .or_else(|_| b.duration_since(a))
-        .unwrap_or_default();
-    d <= Duration::from_millis(5)
 }
 
 fn ip(s: &str) -> IpAddr {

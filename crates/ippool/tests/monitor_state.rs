@@ -11,10 +11,10 @@ mod support;
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Daemon, TempDir, http};
+use support::{Daemon, TempDir, benched_until, http, same_time};
 
 const PARSED: &str = "ippool_accesslog_lines_total{monitor=\"web\",result=\"parsed\"}";
 
@@ -178,18 +178,6 @@ fn log_offset_survives_sigterm_and_kill_9() {
 }
 
 /// The wall-clock end of a benching, from `/probe`.
-fn benched_until(a: &Value) -> SystemTime {
-    let s = a["benched_until"].as_str().expect("benched_until");
-    humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-fn same_time(a: SystemTime, b: SystemTime) -> bool {
-    let d = a
-        .duration_since(b)
-        .or_else(|_| b.duration_since(a))
-        .unwrap_or_default();
-    d <= Duration::from_millis(5)
-}
 
 #[test]
 fn benches_survive_sigterm_and_kill_9_with_their_remaining_cooldown() {

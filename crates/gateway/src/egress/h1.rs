@@ -40,8 +40,8 @@ use super::metrics::{Protocol, RequestResult};
 use super::upstream::{Key, KeyRef, Pooled};
 use super::{Ctx, ERROR_HEADER};
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Rewrite, Wait,
-    copy_body, header_line, hop_by_hop, is, named_in,
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, NextHead, Parsed,
+    Rewrite, copy_body, header_line, hop_by_hop, is, named_in,
 };
 
 /// An upstream connection of the fast path, with its read buffer.
@@ -81,10 +81,8 @@ pub(crate) enum Served {
 /// time.
 type AuthCache = Option<(Option<Box<[u8]>>, Arc<Identity>)>;
 
-/// What one buffered head asks for.
+/// What a head the fast path takes asks for.
 enum Parse {
-    Partial,
-    Fallback,
     /// Answered by the proxy; then the connection closes if `close`
     /// (asked, or a request body is left unread).
     Answer {
@@ -200,23 +198,23 @@ fn parse(
     cache: &mut AuthCache,
     buf: &[u8],
     out: &mut Vec<u8>,
-) -> Parse {
+) -> Parsed<Parse> {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         // Over the limit: hyper answers.
         Ok(httparse::Status::Complete(n)) if n > ctx.opts.max_header_bytes => {
-            return Parse::Fallback;
+            return Parsed::Fallback;
         }
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Parse::Partial,
-        Err(_) => return Parse::Fallback,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Fallback,
     };
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parse::Fallback;
+        return Parsed::Fallback;
     };
     if !target.is_ascii() {
-        return Parse::Fallback;
+        return Parsed::Fallback;
     }
     let tunnel = method == "CONNECT";
     let parsed = if tunnel {
@@ -225,16 +223,16 @@ fn parse(
         absolute(target)
     };
     let Some((host, port, path)) = parsed else {
-        return Parse::Fallback;
+        return Parsed::Fallback;
     };
     let headers: &[httparse::Header<'_>] = req.headers;
     let Some(frame) = wire::request_frame(headers, "proxy-authorization") else {
-        return Parse::Fallback;
+        return Parsed::Fallback;
     };
     let (connection, body, close) = (frame.connection(), frame.body, frame.close);
     let authorization = frame.one;
     if tunnel && body > 0 {
-        return Parse::Fallback;
+        return Parsed::Fallback;
     }
     let protocol = if tunnel {
         Protocol::Connect
@@ -247,29 +245,29 @@ fn parse(
         .as_ref()
         .map(|_| LogInfo::new(method, target, headers));
     if let Err(wait) = ctx.opts.guard.check_request(peer.ip()) {
-        return Parse::Answer {
+        return Parsed::Ready(Parse::Answer {
             reject: super::http::rate_limit_reject(wait),
             protocol,
             head_len,
             close: close || body > 0,
             log,
-        };
+        });
     }
     let id = match authenticate(ctx, cache, authorization) {
         Ok(id) => id,
         Err(e) => {
-            return Parse::Answer {
+            return Parsed::Ready(Parse::Answer {
                 reject: Reject::from(e),
                 protocol,
                 head_len,
                 close: close || body > 0,
                 log,
-            };
+            });
         }
     };
 
     if tunnel {
-        return Parse::Connect(Req {
+        return Parsed::Ready(Parse::Connect(Req {
             head_len,
             body: 0,
             close,
@@ -278,7 +276,7 @@ fn parse(
             port,
             id,
             log,
-        });
+        }));
     }
     out.clear();
     out.extend_from_slice(method.as_bytes());
@@ -287,8 +285,8 @@ fn parse(
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
     if port != 80 {
-        out.push(b':');
-        out.extend_from_slice(port.to_string().as_bytes());
+        use std::io::Write as _;
+        let _ = write!(out, ":{port}");
     }
     out.extend_from_slice(b"\r\n");
     for h in headers {
@@ -303,7 +301,7 @@ fn parse(
         header_line(out, name.as_bytes(), h.value);
     }
     out.extend_from_slice(b"\r\n");
-    Parse::Forward(Req {
+    Parsed::Ready(Parse::Forward(Req {
         head_len,
         body,
         close,
@@ -312,7 +310,7 @@ fn parse(
         port,
         id,
         log,
-    })
+    }))
 }
 
 /// An answer of the proxy's own, as `http.rs` makes it.
@@ -381,30 +379,23 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
         if c.buf.is_empty() && *ctx.shutdown.borrow() {
             return Served::Done;
         }
-        let deadline = Instant::now() + opts.header_read_timeout;
-        let parsed = loop {
-            if !c.buf.is_empty() {
-                match parse(ctx, peer, &mut cache, &c.buf, &mut req_out) {
-                    Parse::Partial if c.buf.len() < opts.max_header_bytes => {}
-                    Parse::Partial | Parse::Fallback => return Served::Fallback(c.stream, c.buf),
-                    p => break p,
-                }
-            }
-            match wire::read_more(
-                &mut c.stream,
-                &mut c.buf,
-                &mut head_timer,
-                deadline,
-                &mut stopping,
-            )
-            .await
-            {
-                Wait::Data => {}
-                Wait::Closed | Wait::Shutdown => return Served::Done,
-                Wait::TimedOut => {
+        let limits = (opts.header_read_timeout, opts.max_header_bytes);
+        let head = wire::next_head(
+            &mut c.stream,
+            &mut c.buf,
+            &mut head_timer,
+            &mut stopping,
+            limits,
+            |b| parse(ctx, peer, &mut cache, b, &mut req_out),
+        );
+        let parsed = match head.await {
+            NextHead::Ready(p) => p,
+            NextHead::Fallback => return Served::Fallback(c.stream, c.buf),
+            NextHead::Done { slow } => {
+                if slow {
                     tracing::debug!(%peer, "request head not complete in time; closed");
-                    return Served::Done;
                 }
+                return Served::Done;
             }
         };
         let next = match parsed {
@@ -456,7 +447,6 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
                     }
                 }
             }
-            Parse::Partial | Parse::Fallback => unreachable!("handled above"),
         };
         if next == Next::Close {
             return Served::Done;

@@ -36,8 +36,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, RespHead, Rewrite,
-    Wait, copy_body, header_line, hop_by_hop, is, named_in, text,
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, NextHead, Parsed,
+    RespHead, Rewrite, copy_body, header_line, hop_by_hop, is, named_in, text,
 };
 
 use super::backend::{BackendRt, inc};
@@ -45,7 +45,7 @@ use super::balance::{Mask, key_of};
 use super::headers::push_param;
 use super::metrics::Refusal;
 use super::options::is_token;
-use super::proxy::{Reject, connect, header_text, response_timeout};
+use super::proxy::{Reject, connect, header_text, removed, response_timeout};
 use super::routes::{RouteRt, request_host};
 use super::upstream::Registration;
 use super::{Balance, Conn, Ctx, ERROR_HEADER};
@@ -82,12 +82,8 @@ pub(crate) enum Served<S> {
     Fallback(S, BytesMut),
 }
 
-/// What one buffered head asks for.
+/// What a head the fast path takes asks for.
 enum Prep {
-    /// More bytes needed.
-    Partial,
-    /// Not for the fast path: hyper takes the connection.
-    Fallback,
     /// Answered by the proxy. `consumed`: the head's length; `body`: the
     /// request body's (the connection closes after the answer if > 0).
     Answer {
@@ -132,45 +128,47 @@ fn join(list: &mut Vec<u8>, value: &[u8]) {
 
 /// Parses the head at the start of `buf` and, if the fast path takes it,
 /// writes the head to send to the backend into `out`.
-fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
+fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Parsed<Prep> {
     let ctx = &*conn.ctx;
     let opts = &ctx.opts;
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         // Over the limit: hyper answers 431.
-        Ok(httparse::Status::Complete(n)) if n > opts.max_header_bytes => return Prep::Fallback,
+        Ok(httparse::Status::Complete(n)) if n > opts.max_header_bytes => return Parsed::Fallback,
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Prep::Partial,
-        Err(_) => return Prep::Fallback,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Fallback,
     };
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Prep::Fallback;
+        return Parsed::Fallback;
     };
     if method == "CONNECT" || !target.starts_with('/') || !target.is_ascii() {
-        return Prep::Fallback;
+        return Parsed::Fallback;
     }
     let headers: &[httparse::Header<'_>] = req.headers;
 
     // One pass for what decides the request's fate.
     let Some(frame) = wire::request_frame(headers, "host") else {
-        return Prep::Fallback;
+        return Parsed::Fallback;
     };
     let (connection, body, close) = (frame.connection(), frame.body, frame.close);
     let Some(host_raw) = frame.one.and_then(text) else {
-        return Prep::Fallback;
+        return Parsed::Fallback;
     };
     let log = opts
         .access_log
         .as_ref()
         .map(|_| LogInfo::new(method, target, headers));
-    let answer = |reject: Reject, retry_after: Option<u64>, log: Option<LogInfo>| Prep::Answer {
-        reject,
-        retry_after,
-        consumed: head_len,
-        body,
-        close,
-        log,
+    let answer = |reject: Reject, retry_after: Option<u64>, log: Option<LogInfo>| {
+        Parsed::Ready(Prep::Answer {
+            reject,
+            retry_after,
+            consumed: head_len,
+            body,
+            close,
+            log,
+        })
     };
 
     // The client's rate limit, per request (keep-alive does not escape it).
@@ -315,7 +313,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
     }
     out.extend_from_slice(b"\r\n");
 
-    Prep::Forward(Prepared {
+    Parsed::Ready(Prep::Forward(Prepared {
         route: route.clone(),
         key,
         head_len,
@@ -327,7 +325,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Prep {
         ),
         head: method == "HEAD",
         log,
-    })
+    }))
 }
 
 /// A response the proxy makes itself, as the hyper path makes it.
@@ -374,33 +372,24 @@ where
         if buf.is_empty() && *shutdown.borrow() {
             return Served::Done;
         }
-        let deadline = Instant::now() + opts.header_read_timeout;
-        let prep = loop {
-            if !buf.is_empty() {
-                match prepare(conn, &buf, &mut req_out) {
-                    Prep::Partial if buf.len() < opts.max_header_bytes => {}
-                    Prep::Partial | Prep::Fallback => return Served::Fallback(stream, buf),
-                    p => break p,
+        let limits = (opts.header_read_timeout, opts.max_header_bytes);
+        let head = wire::next_head(
+            &mut stream,
+            &mut buf,
+            &mut head_timer,
+            &mut stopping,
+            limits,
+            |b| prepare(conn, b, &mut req_out),
+        );
+        let prep = match head.await {
+            NextHead::Ready(p) => p,
+            NextHead::Fallback => return Served::Fallback(stream, buf),
+            NextHead::Done { slow } => {
+                if slow {
+                    ctx.metrics.malformed();
+                    tracing::debug!(peer = %conn.peer, "request head not complete in time; closed");
                 }
-            }
-            match wire::read_more(
-                &mut stream,
-                &mut buf,
-                &mut head_timer,
-                deadline,
-                &mut stopping,
-            )
-            .await
-            {
-                Wait::Data => {}
-                Wait::Closed | Wait::Shutdown => return Served::Done,
-                Wait::TimedOut => {
-                    if !buf.is_empty() {
-                        ctx.metrics.malformed();
-                        tracing::debug!(peer = %conn.peer, "request head not complete in time; closed");
-                    }
-                    return Served::Done;
-                }
+                return Served::Done;
             }
         };
         // When the request came: its exchange's deadline, and the backend
@@ -444,7 +433,6 @@ where
                 )
                 .await
             }
-            Prep::Partial | Prep::Fallback => unreachable!("handled above"),
         };
         if matches!(next, Next::Close) {
             return Served::Done;
@@ -681,15 +669,7 @@ fn timed_out(ctx: &Ctx, b: &BackendRt) -> Attempt {
 
 fn backend_failed(b: &BackendRt, outcome: Outcome, what: &str) -> Attempt {
     if *b.kill.borrow() {
-        // Removed while the request was in flight.
-        return Attempt::Failed(
-            None,
-            Reject::new(
-                StatusCode::BAD_GATEWAY,
-                Refusal::BadGateway,
-                format!("backend {} ({}) was removed", b.id, b.addr),
-            ),
-        );
+        return Attempt::Failed(None, removed(b));
     }
     Attempt::Failed(
         Some(outcome),

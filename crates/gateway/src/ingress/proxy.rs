@@ -347,6 +347,16 @@ pub(crate) fn response_timeout(ctx: &Ctx, b: &BackendRt) -> Reject {
     )
 }
 
+/// The 502 of a request whose backend was removed while it was in flight
+/// (not the backend's failure).
+pub(crate) fn removed(b: &BackendRt) -> Reject {
+    Reject::new(
+        StatusCode::BAD_GATEWAY,
+        Refusal::BadGateway,
+        format!("backend {} ({}) was removed", b.id, b.addr),
+    )
+}
+
 fn timed_out(ctx: &Ctx, b: &BackendRt) -> Attempt {
     Attempt::Failed(Some(Outcome::Timeout), response_timeout(ctx, b))
 }
@@ -377,15 +387,7 @@ fn send_failed(ctx: &Ctx, b: &BackendRt, err: hyper::Error) -> Attempt {
         );
     }
     if *b.kill.borrow() {
-        // Removed while the request was in flight.
-        return Attempt::Failed(
-            None,
-            Reject::new(
-                StatusCode::BAD_GATEWAY,
-                Refusal::BadGateway,
-                format!("backend {} ({}) was removed", b.id, b.addr),
-            ),
-        );
+        return Attempt::Failed(None, removed(b));
     }
     let outcome = if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
         Outcome::EarlyEof

@@ -411,3 +411,18 @@ pub fn named_backend(name: &'static str) -> SocketAddr {
     });
     addr
 }
+
+/// The wall-clock end of a benching, from a `/probe` address entry.
+pub fn benched_until(a: &serde_json::Value) -> std::time::SystemTime {
+    let s = a["benched_until"].as_str().expect("benched_until");
+    humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// Two wall-clock times within 5 ms (a restored benching keeps its end).
+pub fn same_time(a: std::time::SystemTime, b: std::time::SystemTime) -> bool {
+    let d = a
+        .duration_since(b)
+        .or_else(|_| b.duration_since(a))
+        .unwrap_or_default();
+    d <= Duration::from_millis(5)
+}
