@@ -912,9 +912,12 @@ fn bulk_case(args: &Args) -> Result<(), BoxError> {
     let bytes = mb * 1_000_000;
     let connect = connect_request(bed.blast);
     let once = |via: Via| -> Result<f64, BoxError> {
-        bed.client_rt.block_on(async {
+        let entry = bed.entry(via, bed.blast);
+        let connect = connect.clone();
+        // Spawned, not run in block_on: block_on would run the reading
+        // loop on this (unpinned) main thread, off the client's CPU.
+        let read = bed.client_rt.spawn(async move {
             let t0 = Instant::now();
-            let entry = bed.entry(via, bed.blast);
             let mut s = match via {
                 Via::Direct => dial(entry).await?,
                 _ => open_tunnel(entry, &connect).await?,
@@ -929,8 +932,9 @@ fn bulk_case(args: &Args) -> Result<(), BoxError> {
                 }
                 got += n as u64;
             }
-            Ok(bytes as f64 / 1e6 / t0.elapsed().as_secs_f64())
-        })
+            Ok::<f64, BoxError>(bytes as f64 / 1e6 / t0.elapsed().as_secs_f64())
+        });
+        bed.client_rt.block_on(read)?
     };
     for via in &sides {
         once(*via)?;
