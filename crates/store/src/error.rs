@@ -70,4 +70,15 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A remote store (Redis) could not be reached, refused a command or
+    /// answered what this ippool cannot use.
+    #[error("{target}: state store: cannot {operation}: {reason}")]
+    Remote {
+        /// The server, without its password.
+        target: String,
+        /// What was being done.
+        operation: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
 }

@@ -11,6 +11,8 @@
 //!   `state.redb` under the daemon's `state_dir`. Every write is committed
 //!   with immediate durability (fsync) before it returns: what the API
 //!   acknowledged survives `kill -9` and power loss.
+//! - [`Redis`]: one Redis server shared by several instances, which learn
+//!   of each other's changes through [`Redis::changes`].
 //! - [`Memory`]: nothing persisted, for tests and for running without a
 //!   state directory.
 //!
@@ -45,6 +47,7 @@ mod embedded;
 mod error;
 mod memory;
 mod records;
+mod redis;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -53,6 +56,7 @@ pub use embedded::Embedded;
 pub use error::StoreError;
 pub use memory::Memory;
 pub use records::{Ban, HealthRecord, Hold, KeyRecord, LogOffset, RuntimeRule};
+pub use redis::{Change, Changes, Redis};
 
 /// The store's format version. A store written with a higher version is
 /// refused ([`StoreError::NewerFormat`]).
@@ -88,6 +92,11 @@ impl Table {
         Table::Offsets,
         Table::Holds,
     ];
+
+    /// The table named `name` ([`Table::name`]).
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
 
     /// The table's name in the backend.
     pub fn name(self) -> &'static str {
@@ -186,6 +195,23 @@ impl Store {
         Ok(existed)
     }
 
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.backend.get(table, key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Decode {
+                    table: table.name(),
+                    key: key.to_owned(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
     fn scan_json<T: serde::de::DeserializeOwned>(
         &self,
         table: Table,
@@ -211,6 +237,17 @@ impl Store {
     /// Removes the ban of `network` in `set`; whether there was one.
     pub fn remove_ban(&self, set: &str, network: &str) -> Result<bool, StoreError> {
         self.delete(Table::Bans, &format!("{set}/{network}"))
+    }
+
+    /// The ban saved under `key` (`set/network`, as [`Ban::key`]).
+    pub fn ban(&self, key: &str) -> Result<Option<Ban>, StoreError> {
+        self.get_json(Table::Bans, key)
+    }
+
+    /// The runtime rule saved under `key` (`set/list/rule`, as
+    /// [`RuntimeRule::key`]).
+    pub fn rule(&self, key: &str) -> Result<Option<RuntimeRule>, StoreError> {
+        self.get_json(Table::Rules, key)
     }
 
     /// Every saved ban (expired ones included: the caller decides).
@@ -289,15 +326,6 @@ impl Store {
 
     /// Where `monitor` was in its log, if saved.
     pub fn offset(&self, monitor: &str) -> Result<Option<LogOffset>, StoreError> {
-        match self.backend.get(Table::Offsets, monitor)? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Decode {
-                    table: Table::Offsets.name(),
-                    key: monitor.to_owned(),
-                    reason: e.to_string(),
-                }),
-        }
+        self.get_json(Table::Offsets, monitor)
     }
 }

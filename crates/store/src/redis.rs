@@ -1,0 +1,749 @@
+//! The Redis backend: several ippool instances share one state.
+//!
+//! Each table is one Redis hash, `PREFIX:TABLE` (`ippool:bans`), field =
+//! record key, value = the record's JSON, so `redis-cli HGETALL
+//! ippool:bans` shows what the fleet holds. `PREFIX:meta` holds the format
+//! version. A batch ([`Backend::apply`]) is one `MULTI … EXEC` that also
+//! publishes one message per change on `PREFIX:changes`; [`Redis::changes`]
+//! subscribes to that channel so an instance learns what the others did
+//! (and is told to read everything again after it lost the subscription).
+//!
+//! Durability is the server's: with `appendonly yes` and `appendfsync
+//! always` an acknowledged write survives a crash of Redis as it survives
+//! one of the embedded store; with Redis's defaults up to a second of
+//! writes can be lost on a crash of the Redis host.
+//!
+//! The client is a small synchronous RESP2 client over one TCP connection
+//! (the commands used are HGET, HGETALL, HSET, HDEL, MULTI/EXEC, PUBLISH,
+//! SUBSCRIBE, AUTH and SELECT): it keeps the store crate free of an async
+//! runtime and of a large dependency. A call that finds the connection
+//! broken reconnects and tries once more (every write here is idempotent).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::{Backend, FORMAT_VERSION, Op, StoreError, Table};
+
+/// How long connecting, and each read or write, may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest bulk string or array accepted from the server.
+const MAX_BULK: usize = 64 * 1024 * 1024;
+
+/// Where the Redis server is, from a `redis://` URL.
+#[derive(Clone, PartialEq, Eq)]
+struct Target {
+    host: String,
+    port: u16,
+    username: Option<String>,
+    password: Option<String>,
+    db: u32,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Target {
+    /// `redis://[[user]:password@]host[:port][/db]`.
+    fn parse(url: &str) -> Result<Target, String> {
+        let rest = url.strip_prefix("redis://").ok_or_else(|| {
+            format!("{url:?}: a Redis URL starts with redis:// (rediss:// is not supported)")
+        })?;
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let (hostport, db) = match hostpart.split_once('/') {
+            Some((hp, "")) => (hp, 0),
+            Some((hp, db)) => (
+                hp,
+                db.parse::<u32>()
+                    .map_err(|_| format!("database {db:?} in {url:?} is not a number"))?,
+            ),
+            None => (hostpart, 0),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
+            (h.to_owned(), p.strip_prefix(':').unwrap_or(""))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), p),
+                None => (hostport.to_owned(), ""),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} names no host"));
+        }
+        let port = if port.is_empty() {
+            6379
+        } else {
+            port.parse::<u16>()
+                .map_err(|_| format!("port {port:?} in {url:?} is not a port number"))?
+        };
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_owned()), Some(p.to_owned())),
+                None => (None, Some(a.to_owned())),
+            },
+        };
+        Ok(Target {
+            host,
+            port,
+            username,
+            password,
+            db,
+        })
+    }
+
+    /// The target without its password.
+    fn describe(&self) -> String {
+        let user = match (&self.username, &self.password) {
+            (Some(u), _) => format!("{u}:***@"),
+            (None, Some(_)) => "***@".to_owned(),
+            (None, None) => String::new(),
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("redis://{user}{host}:{}/{}", self.port, self.db)
+    }
+}
+
+/// A reply from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Reply>>),
+}
+
+/// One connection to the server.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    fn open(t: &Target) -> io::Result<Conn> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the host resolves to no address");
+        for addr in (t.host.as_str(), t.port).to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, IO_TIMEOUT) {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(IO_TIMEOUT))?;
+                    s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    let mut c = Conn {
+                        reader: BufReader::new(s.try_clone()?),
+                        writer: s,
+                    };
+                    c.hello(t)?;
+                    return Ok(c);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// AUTH and SELECT as the URL asks.
+    fn hello(&mut self, t: &Target) -> io::Result<()> {
+        if let Some(p) = &t.password {
+            let reply = match &t.username {
+                Some(u) => self.call(&[b"AUTH", u.as_bytes(), p.as_bytes()])?,
+                None => self.call(&[b"AUTH", p.as_bytes()])?,
+            };
+            ok(reply, "AUTH")?;
+        }
+        if t.db != 0 {
+            let db = t.db.to_string();
+            ok(self.call(&[b"SELECT", db.as_bytes()])?, "SELECT")?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, commands: &[Vec<&[u8]>]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(256);
+        for args in commands {
+            encode(&mut out, args);
+        }
+        self.writer.write_all(&out)
+    }
+
+    fn call(&mut self, args: &[&[u8]]) -> io::Result<Reply> {
+        self.send(&[args.to_vec()])?;
+        read_reply(&mut self.reader)
+    }
+}
+
+/// Appends one command as a RESP array of bulk strings.
+fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn protocol(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+fn read_line(r: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    r.by_ref().take(64 * 1024).read_until(b'\n', &mut line)?;
+    if line.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection",
+        ));
+    }
+    if !line.ends_with(b"\r\n") {
+        return Err(protocol("a reply line without CRLF".into()));
+    }
+    line.truncate(line.len() - 2);
+    String::from_utf8(line).map_err(|_| protocol("a reply line that is not UTF-8".into()))
+}
+
+fn read_len(text: &str) -> io::Result<Option<usize>> {
+    match text.parse::<i64>() {
+        Ok(-1) => Ok(None),
+        Ok(n) if n >= 0 && (n as usize) <= MAX_BULK => Ok(Some(n as usize)),
+        _ => Err(protocol(format!("bad length {text:?} in a reply"))),
+    }
+}
+
+/// Reads one reply (nested arrays included).
+fn read_reply(r: &mut impl BufRead) -> io::Result<Reply> {
+    let line = read_line(r)?;
+    let (kind, rest) = line.split_at(line.len().min(1));
+    Ok(match kind {
+        "+" => Reply::Simple(rest.to_owned()),
+        "-" => Reply::Error(rest.to_owned()),
+        ":" => Reply::Int(
+            rest.parse()
+                .map_err(|_| protocol(format!("bad integer {rest:?}")))?,
+        ),
+        "$" => match read_len(rest)? {
+            None => Reply::Bulk(None),
+            Some(n) => {
+                let mut b = vec![0; n + 2];
+                r.read_exact(&mut b)?;
+                if !b.ends_with(b"\r\n") {
+                    return Err(protocol("a bulk string without CRLF".into()));
+                }
+                b.truncate(n);
+                Reply::Bulk(Some(b))
+            }
+        },
+        "*" => match read_len(rest)? {
+            None => Reply::Array(None),
+            Some(n) => {
+                let mut items = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    items.push(read_reply(r)?);
+                }
+                Reply::Array(Some(items))
+            }
+        },
+        _ => return Err(protocol(format!("unknown reply {line:?}"))),
+    })
+}
+
+/// An error reply as an error.
+fn ok(reply: Reply, what: &str) -> io::Result<Reply> {
+    match reply {
+        Reply::Error(e) => Err(io::Error::other(format!("{what}: {e}"))),
+        r => Ok(r),
+    }
+}
+
+/// One change another instance made, from [`Redis::changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `key` of `table` was written: read it with [`Backend::get`].
+    Put(Table, String),
+    /// `key` of `table` was removed.
+    Delete(Table, String),
+    /// The subscription was lost and is back: changes may have been
+    /// missed, read the tables again.
+    Resync,
+}
+
+/// The changes other instances publish, as they come
+/// ([`Redis::changes`]). Dropping it ends the subscription (within a
+/// second).
+#[derive(Debug)]
+pub struct Changes {
+    rx: mpsc::Receiver<Change>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Changes {
+    /// The next change, waiting up to `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Change, mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(timeout)
+    }
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The Redis backend (see the module docs).
+pub struct Redis {
+    target: Target,
+    prefix: String,
+    /// Names this instance in what it publishes, so it can skip its own.
+    origin: String,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Redis {
+    /// Connects to the server of `url` (`redis://[[user]:password@]host[:port][/db]`)
+    /// and checks the format of the state under `prefix` (keys
+    /// `PREFIX:…`). Refuses a state written by a newer ippool, as the
+    /// embedded store does.
+    pub fn connect(url: &str, prefix: &str) -> Result<Redis, StoreError> {
+        let target = Target::parse(url).map_err(|reason| StoreError::Remote {
+            target: "redis".into(),
+            operation: "parse the URL",
+            reason,
+        })?;
+        if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+            return Err(StoreError::Remote {
+                target: target.describe(),
+                operation: "use the prefix",
+                reason: format!("prefix {prefix:?} must be non-empty, without white space"),
+            });
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let r = Redis {
+            origin: format!("{:x}-{:x}", std::process::id(), nanos),
+            prefix: prefix.to_owned(),
+            conn: Mutex::new(None),
+            target,
+        };
+        let meta = format!("{}:meta", r.prefix);
+        let found = r.run("read the format", |c| {
+            c.call(&[b"HGET", meta.as_bytes(), b"format"])
+        })?;
+        match found {
+            Reply::Bulk(None) => {
+                let v = FORMAT_VERSION.to_string();
+                r.run("write the format", |c| {
+                    ok(
+                        c.call(&[b"HSETNX", meta.as_bytes(), b"format", v.as_bytes()])?,
+                        "HSETNX",
+                    )
+                })?;
+            }
+            Reply::Bulk(Some(v)) => {
+                let text = String::from_utf8_lossy(&v).into_owned();
+                match text.parse::<u32>() {
+                    Ok(n) if n <= FORMAT_VERSION => {}
+                    _ => {
+                        return Err(StoreError::Remote {
+                            target: r.describe(),
+                            operation: "read the format",
+                            reason: format!(
+                                "{meta} says format {text:?}, this ippool reads up to {FORMAT_VERSION}: \
+                                 run the newer ippool, or use another prefix"
+                            ),
+                        });
+                    }
+                }
+            }
+            other => {
+                return Err(StoreError::Remote {
+                    target: r.describe(),
+                    operation: "read the format",
+                    reason: format!("unexpected reply {other:?}"),
+                });
+            }
+        }
+        Ok(r)
+    }
+
+    fn key(&self, table: Table) -> String {
+        format!("{}:{}", self.prefix, table.name())
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:changes", self.prefix)
+    }
+
+    /// Runs `f` on the connection, opening it if needed; on an I/O error
+    /// reopens it and runs `f` once more.
+    fn run<T>(
+        &self,
+        operation: &'static str,
+        f: impl Fn(&mut Conn) -> io::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = None;
+        for _ in 0..2 {
+            let conn = match slot.as_mut() {
+                Some(c) => c,
+                None => match Conn::open(&self.target) {
+                    Ok(c) => slot.insert(c),
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                },
+            };
+            match f(conn) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    // An error reply leaves the connection usable; any
+                    // other error may have left it mid-reply.
+                    *slot = None;
+                    if e.kind() == io::ErrorKind::Other {
+                        last = Some(e);
+                        break;
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(StoreError::Remote {
+            target: self.describe(),
+            operation,
+            reason: last.map_or_else(|| "unknown error".into(), |e| e.to_string()),
+        })
+    }
+
+    /// Subscribes to the changes other instances make. Returns once the
+    /// subscription is in place: a change made after this returns is
+    /// delivered (or, after a lost connection, a [`Change::Resync`]).
+    pub fn changes(&self) -> Result<Changes, StoreError> {
+        let fail = |e: io::Error| StoreError::Remote {
+            target: self.describe(),
+            operation: "subscribe to changes",
+            reason: e.to_string(),
+        };
+        let channel = self.channel();
+        let conn = subscribe(&self.target, &channel).map_err(fail)?;
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let follower = Follower {
+            target: self.target.clone(),
+            channel,
+            origin: self.origin.clone(),
+            tx,
+            stop: Arc::clone(&stop),
+        };
+        std::thread::Builder::new()
+            .name("store-changes".into())
+            .spawn(move || follower.run(conn))
+            .map_err(fail)?;
+        Ok(Changes { rx, stop })
+    }
+}
+
+/// Opens a connection subscribed to `channel`, reading with a short
+/// timeout so the follower can notice it should stop.
+fn subscribe(t: &Target, channel: &str) -> io::Result<Conn> {
+    let mut c = Conn::open(t)?;
+    let reply = ok(c.call(&[b"SUBSCRIBE", channel.as_bytes()])?, "SUBSCRIBE")?;
+    match reply {
+        Reply::Array(Some(items))
+            if items.first() == Some(&Reply::Bulk(Some(b"subscribe".to_vec()))) => {}
+        other => return Err(protocol(format!("SUBSCRIBE answered {other:?}"))),
+    }
+    c.writer.set_read_timeout(Some(Duration::from_secs(1)))?;
+    Ok(c)
+}
+
+/// The thread behind [`Changes`].
+struct Follower {
+    target: Target,
+    channel: String,
+    origin: String,
+    tx: mpsc::Sender<Change>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Follower {
+    fn run(self, first: Conn) {
+        let mut conn = Some(first);
+        let mut backoff = Duration::from_millis(100);
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(c) = conn.as_mut() else {
+                std::thread::sleep(backoff);
+                match subscribe(&self.target, &self.channel) {
+                    Ok(c) => {
+                        conn = Some(c);
+                        backoff = Duration::from_millis(100);
+                        if self.tx.send(Change::Resync).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => backoff = (backoff * 2).min(Duration::from_secs(5)),
+                }
+                continue;
+            };
+            // Wait (up to the read timeout) for a message to begin; a
+            // reply cut by a timeout halfway would leave the stream out of
+            // step, so only an idle wait counts as "nothing yet".
+            match c.reader.fill_buf() {
+                Ok([]) => {
+                    conn = None;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(_) => {
+                    conn = None;
+                    continue;
+                }
+            }
+            match read_reply(&mut c.reader) {
+                Ok(reply) => {
+                    if let Some(change) = self.parse(reply)
+                        && self.tx.send(change).is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(_) => conn = None,
+            }
+        }
+    }
+
+    /// A published message as a change, unless it is this instance's own
+    /// or not one of ours.
+    fn parse(&self, reply: Reply) -> Option<Change> {
+        let Reply::Array(Some(items)) = reply else {
+            return None;
+        };
+        let [Reply::Bulk(Some(kind)), _, Reply::Bulk(Some(payload))] = items.as_slice() else {
+            return None;
+        };
+        if kind != b"message" {
+            return None;
+        }
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut parts = text.splitn(4, ' ');
+        let (origin, op, table, key) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if origin == self.origin {
+            return None;
+        }
+        let table = Table::from_name(table)?;
+        match op {
+            "put" => Some(Change::Put(table, key.to_owned())),
+            "del" => Some(Change::Delete(table, key.to_owned())),
+            _ => None,
+        }
+    }
+}
+
+impl Backend for Redis {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let hash = self.key(table);
+        match self.run("read", |c| {
+            ok(c.call(&[b"HGET", hash.as_bytes(), key.as_bytes()])?, "HGET")
+        })? {
+            Reply::Bulk(v) => Ok(v),
+            other => Err(StoreError::Remote {
+                target: self.describe(),
+                operation: "read",
+                reason: format!("HGET answered {other:?}"),
+            }),
+        }
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let hash = self.key(table);
+        let reply = self.run("scan", |c| {
+            ok(c.call(&[b"HGETALL", hash.as_bytes()])?, "HGETALL")
+        })?;
+        let bad = |what: String| StoreError::Remote {
+            target: self.describe(),
+            operation: "scan",
+            reason: what,
+        };
+        let Reply::Array(Some(items)) = reply else {
+            return Err(bad(format!("HGETALL answered {reply:?}")));
+        };
+        let mut out = Vec::with_capacity(items.len() / 2);
+        let mut it = items.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            let (Reply::Bulk(Some(k)), Reply::Bulk(Some(v))) = (k, v) else {
+                return Err(bad("HGETALL answered a non-string field".into()));
+            };
+            let k =
+                String::from_utf8(k).map_err(|_| bad(format!("a key of {hash} is not UTF-8")))?;
+            out.push((k, v));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let channel = self.channel();
+        let mut commands: Vec<Vec<Vec<u8>>> = vec![vec![b"MULTI".to_vec()]];
+        for op in ops {
+            let (table, key, cmd, word) = match op {
+                Op::Put(t, k, v) => (
+                    *t,
+                    k,
+                    vec![
+                        b"HSET".to_vec(),
+                        self.key(*t).into_bytes(),
+                        k.clone().into_bytes(),
+                        v.clone(),
+                    ],
+                    "put",
+                ),
+                Op::Delete(t, k) => (
+                    *t,
+                    k,
+                    vec![
+                        b"HDEL".to_vec(),
+                        self.key(*t).into_bytes(),
+                        k.clone().into_bytes(),
+                    ],
+                    "del",
+                ),
+            };
+            commands.push(cmd);
+            let note = format!("{} {word} {} {key}", self.origin, table.name());
+            commands.push(vec![
+                b"PUBLISH".to_vec(),
+                channel.clone().into_bytes(),
+                note.into_bytes(),
+            ]);
+        }
+        commands.push(vec![b"EXEC".to_vec()]);
+        let n = commands.len();
+        self.run("write", |c| {
+            let borrowed: Vec<Vec<&[u8]>> = commands
+                .iter()
+                .map(|cmd| cmd.iter().map(Vec::as_slice).collect())
+                .collect();
+            c.send(&borrowed)?;
+            let mut replies = Vec::with_capacity(n);
+            for _ in 0..n {
+                replies.push(read_reply(&mut c.reader)?);
+            }
+            // MULTI: +OK, each queued command: +QUEUED, EXEC: the results.
+            if let Some(Reply::Error(e)) = replies.iter().find(|r| matches!(r, Reply::Error(_))) {
+                return Err(io::Error::other(format!("the batch was refused: {e}")));
+            }
+            match replies.last() {
+                Some(Reply::Array(Some(results))) => {
+                    if let Some(Reply::Error(e)) =
+                        results.iter().find(|r| matches!(r, Reply::Error(_)))
+                    {
+                        return Err(io::Error::other(format!("a write failed: {e}")));
+                    }
+                    Ok(())
+                }
+                other => Err(io::Error::other(format!("EXEC answered {other:?}"))),
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("redis {} prefix {}", self.target.describe(), self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_print_without_the_password() {
+        let t = Target::parse("redis://user:s3cret@cache.example:6380/2").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.db), ("cache.example", 6380, 2));
+        assert_eq!(t.username.as_deref(), Some("user"));
+        assert_eq!(t.password.as_deref(), Some("s3cret"));
+        assert_eq!(t.describe(), "redis://user:***@cache.example:6380/2");
+        let t = Target::parse("redis://:pw@[::1]").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.db), ("::1", 6379, 0));
+        assert_eq!(t.username, None);
+        assert_eq!(t.describe(), "redis://***@[::1]:6379/0");
+        let t = Target::parse("redis://127.0.0.1:7000/").unwrap();
+        assert_eq!((t.port, t.db, t.password), (7000, 0, None));
+        for (bad, says) in [
+            ("http://x", "redis://"),
+            ("redis://", "no host"),
+            ("redis://h:99999", "port"),
+            ("redis://h/x", "database"),
+            ("redis://[::1", "unclosed"),
+        ] {
+            let e = Target::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn replies_parse_and_bad_ones_are_errors() {
+        let mut r = &b"*3\r\n$7\r\nmessage\r\n$-1\r\n:42\r\n+OK\r\n-ERR no\r\n"[..];
+        assert_eq!(
+            read_reply(&mut r).unwrap(),
+            Reply::Array(Some(vec![
+                Reply::Bulk(Some(b"message".to_vec())),
+                Reply::Bulk(None),
+                Reply::Int(42)
+            ]))
+        );
+        assert_eq!(read_reply(&mut r).unwrap(), Reply::Simple("OK".into()));
+        assert_eq!(read_reply(&mut r).unwrap(), Reply::Error("ERR no".into()));
+        for bad in [
+            &b"$5\r\nab\r\n"[..],
+            b"$-7\r\n",
+            b"?x\r\n",
+            b"+OK\n",
+            b":x\r\n",
+            b"",
+        ] {
+            let mut r = bad;
+            assert!(
+                read_reply(&mut r).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut out = Vec::new();
+        encode(&mut out, &[b"HGET", b"k", b""]);
+        assert_eq!(out, b"*3\r\n$4\r\nHGET\r\n$1\r\nk\r\n$0\r\n\r\n");
+    }
+}

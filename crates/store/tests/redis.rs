@@ -1,0 +1,219 @@
+//! The Redis backend against a real `redis-server` started here (installed
+//! by `.ci/run`): records, batches, the change feed between two instances,
+//! a newer format refused, and a server restart survived.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use store::{Backend, Ban, Change, Op, Redis, RuntimeRule, Store, StoreError, Table};
+
+/// A redis-server on a free loopback port, killed on drop.
+struct Server {
+    port: u16,
+    child: Child,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Server::on(port)
+    }
+
+    fn on(port: u16) -> Server {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        let s = Server { port, child };
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "redis-server does not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ban(network: &str) -> Ban {
+    Ban {
+        set: "clients".into(),
+        network: network.into(),
+        until_unix_ms: 4_000_000_000_000,
+        times: 1,
+        reason: "test".into(),
+    }
+}
+
+/// The next change within 5 s.
+fn next(c: &store::Changes) -> Change {
+    c.recv_timeout(Duration::from_secs(5))
+        .expect("a change within 5 s")
+}
+
+#[test]
+fn two_instances_share_records_and_hear_of_each_others_changes() {
+    let srv = Server::start();
+    let a = Redis::connect(&srv.url(), "fleet").expect("connect a");
+    let b = Redis::connect(&srv.url(), "fleet").expect("connect b");
+    let a_changes = a.changes().expect("a subscribes");
+    let b_changes = b.changes().expect("b subscribes");
+    let (a, b) = (Store::new(a), Store::new(b));
+
+    a.put_ban(&ban("203.0.113.7")).unwrap();
+    assert_eq!(
+        next(&b_changes),
+        Change::Put(Table::Bans, "clients/203.0.113.7".into())
+    );
+    assert_eq!(
+        b.ban("clients/203.0.113.7").unwrap(),
+        Some(ban("203.0.113.7"))
+    );
+    // Readable with Redis's own tools.
+    assert!(
+        srv.cli(&["HGET", "fleet:bans", "clients/203.0.113.7"])
+            .contains("203.0.113.7")
+    );
+
+    let rule = RuntimeRule {
+        set: "clients".into(),
+        list: "deny".into(),
+        rule: "10.9.0.0/16".into(),
+        until_unix_ms: None,
+    };
+    b.put_rule(&rule).unwrap();
+    assert_eq!(
+        next(&a_changes),
+        Change::Put(Table::Rules, "clients/deny/10.9.0.0/16".into())
+    );
+    assert_eq!(a.rules().unwrap(), vec![rule.clone()]);
+    assert!(a.remove_rule(&rule).unwrap());
+    assert!(!a.remove_rule(&rule).unwrap(), "gone");
+    assert_eq!(
+        next(&b_changes),
+        Change::Delete(Table::Rules, "clients/deny/10.9.0.0/16".into())
+    );
+
+    // Nobody hears its own changes: a's feed has nothing more.
+    assert!(a_changes.recv_timeout(Duration::from_millis(300)).is_err());
+
+    // A batch is all or nothing, and scans come sorted by key.
+    let backend = Redis::connect(&srv.url(), "fleet").unwrap();
+    backend
+        .apply(&[
+            Op::Put(Table::Offsets, "z".into(), b"{}".to_vec()),
+            Op::Put(Table::Offsets, "m".into(), b"{}".to_vec()),
+            Op::Delete(Table::Offsets, "none".into()),
+        ])
+        .unwrap();
+    let keys: Vec<String> = backend
+        .scan(Table::Offsets)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["m", "z"]);
+    // Another prefix is another state.
+    let other = Store::new(Redis::connect(&srv.url(), "other").unwrap());
+    assert!(other.bans().unwrap().is_empty());
+    assert_eq!(b.bans().unwrap().len(), 1);
+}
+
+#[test]
+fn a_newer_format_and_bad_urls_are_refused_with_the_reason() {
+    let srv = Server::start();
+    srv.cli(&["HSET", "newer:meta", "format", "99"]);
+    let e = Redis::connect(&srv.url(), "newer").unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, StoreError::Remote { .. }), "{e:?}");
+    assert!(
+        text.contains("format \"99\"") && text.contains("newer ippool"),
+        "{text}"
+    );
+    assert_eq!(
+        srv.cli(&["HGET", "newer:meta", "format"]),
+        "99",
+        "left as it was"
+    );
+
+    let e = Redis::connect("redis://:pw@127.0.0.1:1/0", "x")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("redis://***@127.0.0.1:1/0"),
+        "names the server: {e}"
+    );
+    assert!(!e.contains("pw"), "never prints the password: {e}");
+    let e = Redis::connect("http://127.0.0.1", "x")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("redis://"), "{e}");
+    let e = Redis::connect(&srv.url(), "has space")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prefix"), "{e}");
+}
+
+#[test]
+fn a_server_restart_is_survived_and_the_feed_asks_for_a_resync() {
+    let srv = Server::start();
+    let port = srv.port;
+    let a = Store::new(Redis::connect(&srv.url(), "r").unwrap());
+    let b = Redis::connect(&srv.url(), "r").unwrap();
+    let feed = b.changes().unwrap();
+    a.put_ban(&ban("192.0.2.1")).unwrap();
+    assert_eq!(
+        next(&feed),
+        Change::Put(Table::Bans, "clients/192.0.2.1".into())
+    );
+
+    drop(srv);
+    let e = a.put_ban(&ban("192.0.2.2")).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")) && e.contains("cannot write"),
+        "{e}"
+    );
+
+    let _srv = Server::on(port);
+    // The feed comes back and says changes may have been missed.
+    assert_eq!(next(&feed), Change::Resync);
+    // Writes reconnect by themselves.
+    a.put_ban(&ban("192.0.2.3")).unwrap();
+    assert_eq!(
+        next(&feed),
+        Change::Put(Table::Bans, "clients/192.0.2.3".into())
+    );
+    assert_eq!(
+        a.bans().unwrap(),
+        vec![ban("192.0.2.3")],
+        "a server without persistence restarted empty"
+    );
+}
