@@ -58,6 +58,10 @@ pub struct Config {
     /// before it stops anyway (`"10s"` by default).
     #[serde(default = "default_shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Where runtime state lives: `[store]` (the embedded file under
+    /// `state_dir` by default, or a Redis shared by several instances).
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The admin API: `[admin]`.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -82,6 +86,112 @@ pub struct Config {
     /// The backend self-registration channel: `[registry]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryConfig>,
+}
+
+/// `[store]`: where runtime rules, bans, holds, benches and log offsets
+/// are kept.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `embedded` (default: `state.redb` under `state_dir`) or `redis`
+    /// (one Redis shared by every instance of a fleet: a rule added or a
+    /// ban taken on one instance applies on all).
+    #[serde(default = "default_store_kind")]
+    pub backend: Spanned<StoreKind>,
+    /// With `backend = "redis"`: `redis://[[user]:password@]host[:port][/db]`.
+    /// Printed (`/config`, `ippool check`) without its password. Exclusive
+    /// with `url_env`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "redacted_url"
+    )]
+    pub url: Option<Spanned<String>>,
+    /// With `backend = "redis"`: the environment variable holding the URL
+    /// (keeps a password out of the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<Spanned<String>>,
+    /// With `backend = "redis"`: the prefix of every key (`ippool` by
+    /// default); instances that share state use the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<Spanned<String>>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            backend: default_store_kind(),
+            url: None,
+            url_env: None,
+            prefix: None,
+        }
+    }
+}
+
+fn default_store_kind() -> Spanned<StoreKind> {
+    Spanned::new(0..0, StoreKind::Embedded)
+}
+
+/// `store.backend`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A redb file under `state_dir`.
+    #[default]
+    Embedded,
+    /// A Redis server.
+    Redis,
+}
+
+/// The store `serve` opens, from `[store]`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// `state.redb` under `state_dir`.
+    Embedded,
+    /// A Redis server.
+    Redis {
+        /// The URL (may hold a password: never printed).
+        url: String,
+        /// The key prefix.
+        prefix: String,
+    },
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Embedded => f.write_str("Embedded"),
+            StoreSpec::Redis { url, prefix } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .field("prefix", prefix)
+                .finish(),
+        }
+    }
+}
+
+/// `url` with the password of its user part replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        None => url.to_owned(),
+        Some((auth, host)) => {
+            let user = auth.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+    }
+}
+
+fn redacted_url<S: serde::Serializer>(
+    url: &Option<Spanned<String>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&redact_url(u.get_ref())),
+        None => s.serialize_none(),
+    }
 }
 
 /// `[admin]`: the admin API listener and its token.
@@ -384,6 +494,8 @@ pub struct Loaded {
     pub path: PathBuf,
     /// `state_dir`, resolved against the config file's directory.
     pub state_dir: PathBuf,
+    /// The store of `[store]`.
+    pub store: StoreSpec,
     /// The configuration, defaults filled in. Holds no secret.
     pub config: Config,
     /// The admin token, when `admin.token_file` or `admin.token_env` is set.
@@ -525,6 +637,88 @@ impl ConfigError {
     }
 }
 
+/// Checks `[store]`; reads `store.url_env` unless offline.
+fn store_spec(c: &StoreConfig, scope: Scope, src: &Source<'_>) -> Result<StoreSpec, ConfigError> {
+    let at = |span: Range<usize>, key: &str, m: String| src.error(Some(span), Some(key.into()), m);
+    if *c.backend.get_ref() == StoreKind::Embedded {
+        for (set, key) in [
+            (c.url.as_ref().map(Spanned::span), "store.url"),
+            (c.url_env.as_ref().map(Spanned::span), "store.url_env"),
+            (c.prefix.as_ref().map(Spanned::span), "store.prefix"),
+        ] {
+            if let Some(span) = set {
+                return Err(at(
+                    span,
+                    key,
+                    "only used with store.backend = \"redis\"".into(),
+                ));
+            }
+        }
+        return Ok(StoreSpec::Embedded);
+    }
+    let prefix = match &c.prefix {
+        None => "ippool".to_owned(),
+        Some(p) => {
+            let v = p.get_ref();
+            if v.is_empty()
+                || !v
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.:".contains(ch))
+            {
+                return Err(at(
+                    p.span(),
+                    "store.prefix",
+                    format!("{v:?}: letters, digits and - _ . : only, not empty"),
+                ));
+            }
+            v.clone()
+        }
+    };
+    let url = match (&c.url, &c.url_env) {
+        (Some(_), Some(env)) => {
+            return Err(at(
+                env.span(),
+                "store.url_env",
+                "set one of store.url and store.url_env, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(at(
+                c.backend.span(),
+                "store.backend",
+                "backend = \"redis\" needs store.url or store.url_env".into(),
+            ));
+        }
+        (Some(u), None) => {
+            store::Redis::check_url(u.get_ref()).map_err(|m| at(u.span(), "store.url", m))?;
+            u.get_ref().clone()
+        }
+        (None, Some(env)) => {
+            let name = env.get_ref();
+            if scope == Scope::Offline {
+                String::new()
+            } else {
+                let url = std::env::var(name).map_err(|e| {
+                    at(
+                        env.span(),
+                        "store.url_env",
+                        format!("environment variable {name}: {e}"),
+                    )
+                })?;
+                store::Redis::check_url(&url).map_err(|m| {
+                    at(
+                        env.span(),
+                        "store.url_env",
+                        format!("environment variable {name}: {m}"),
+                    )
+                })?;
+                url
+            }
+        }
+    };
+    Ok(StoreSpec::Redis { url, prefix })
+}
+
 /// Turns spans into line/column and snippets for one source text.
 struct Source<'a> {
     file: &'a Path,
@@ -662,6 +856,8 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
             format!("{} exists and is not a directory", state_path.display()),
         ));
     }
+
+    let store = store_spec(&config.store, scope, &src)?;
 
     // admin token
     let admin = &config.admin;
@@ -895,6 +1091,7 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
     Ok(Loaded {
         path: path.to_owned(),
         state_dir: state_path,
+        store,
         config,
         admin_token,
         admin_token_source,

@@ -11,6 +11,7 @@ mod backends;
 mod client;
 mod config;
 mod events;
+mod fleet;
 mod logging;
 mod logscan;
 mod metrics;

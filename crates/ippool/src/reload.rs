@@ -49,7 +49,7 @@
 //!
 //! # What needs a restart (listed in `restart_required`, not applied)
 //!
-//! - `[pools.*]`, `[monitor.*]`, `[registry]`, `[admin]`, `state_dir`,
+//! - `[pools.*]`, `[monitor.*]`, `[registry]`, `[admin]`, `[store]`, `state_dir`,
 //!   `shutdown_timeout`, rule sets added or removed and a set's `default`,
 //!   `autoblock`, `rate_limit` or `kernel_filter`: they own state or
 //!   sockets that other parts hold.

@@ -58,6 +58,9 @@ pub enum ServeError {
     /// do; nothing was changed).
     #[error("state_dir: {0}")]
     Store(#[source] store::StoreError),
+    /// The shared store of `[store]` could not be used.
+    #[error("[store]: {0}")]
+    SharedStore(#[source] store::StoreError),
     /// The state directory could not be created.
     #[error("state_dir = \"{path}\": cannot create: {source}")]
     StateDir {
@@ -118,16 +121,37 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         source,
     })?;
     let dir = loaded.state_dir.clone();
-    let store = tokio::task::spawn_blocking(move || store::Store::open_dir(&dir))
-        .await
-        .map_err(|e| ServeError::Task {
-            task: "store",
-            message: e.to_string(),
-        })?
-        .map_err(ServeError::Store)?;
-    let saved = store.rules().map_err(ServeError::Store)?;
+    let spec = loaded.store.clone();
+    // With Redis, the subscription to the fleet's changes is taken before
+    // the tables are read: nothing written in between is missed.
+    let (store, changes) = tokio::task::spawn_blocking(move || match spec {
+        crate::config::StoreSpec::Embedded => store::Store::open_dir(&dir)
+            .map(|s| (s, None))
+            .map_err(ServeError::Store),
+        crate::config::StoreSpec::Redis { url, prefix } => {
+            let local =
+                store::Embedded::open(&dir.join(store::FILE_NAME)).map_err(ServeError::Store)?;
+            let shared = store::Redis::connect(&url, &prefix).map_err(ServeError::SharedStore)?;
+            let changes = shared.changes().map_err(ServeError::SharedStore)?;
+            Ok((
+                store::Store::new(store::Split { shared, local }),
+                Some(changes),
+            ))
+        }
+    })
+    .await
+    .map_err(|e| ServeError::Task {
+        task: "store",
+        message: e.to_string(),
+    })??;
+    let store_error = if changes.is_some() {
+        ServeError::SharedStore
+    } else {
+        ServeError::Store
+    };
+    let saved = store.rules().map_err(store_error)?;
     let restored = loaded.rules.restore(saved, &store);
-    let saved = store.bans().map_err(ServeError::Store)?;
+    let saved = store.bans().map_err(store_error)?;
     let bans = loaded.rules.restore_bans(saved, &store);
     tracing::info!(store = ?store, runtime_rules = restored, bans, "state store open");
     let rules = Arc::new(loaded.rules);
@@ -140,6 +164,20 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         filters: std::sync::Mutex::new(Vec::new()),
     });
     let metrics = Arc::new(Metrics::new(&rules));
+    if let Some(changes) = changes {
+        let follower = crate::fleet::Follower {
+            store: store.clone(),
+            rules: Arc::clone(&rules),
+            events: events.clone(),
+            metrics: Arc::clone(&metrics),
+        };
+        follower
+            .spawn(changes, shutdown.clone())
+            .map_err(|e| ServeError::Task {
+                task: "fleet",
+                message: e.to_string(),
+            })?;
+    }
 
     // Pools: one per monitor (egress pools will register here too).
     let mut pools = Pools::with_events(events.clone());

@@ -93,6 +93,13 @@ impl Table {
         Table::Holds,
     ];
 
+    /// Whether the table holds fleet-wide state (rules, bans, keys), which
+    /// instances sharing a store share, rather than one instance's own
+    /// (health of its pools, its log offsets, its backends' holds).
+    pub fn is_shared(self) -> bool {
+        matches!(self, Table::Rules | Table::Bans | Table::Keys)
+    }
+
     /// The table named `name` ([`Table::name`]).
     pub fn from_name(name: &str) -> Option<Table> {
         Table::ALL.into_iter().find(|t| t.name() == name)
@@ -133,6 +140,61 @@ pub trait Backend: Send + Sync + 'static {
     fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
     /// A short description for logs (`redb /var/lib/ippool/state.redb`).
     fn describe(&self) -> String;
+}
+
+/// Two backends in one: the [shared](Table::is_shared) tables in `shared`
+/// (a [`Redis`] a fleet shares), the others in `local` (this instance's
+/// [`Embedded`] file), so that instances share rules and bans but not
+/// their log offsets or the health of their own addresses.
+///
+/// A batch that touches both sides is applied as two batches (shared
+/// first); the typed [`Store`] methods never mix them.
+pub struct Split<S, L> {
+    /// Where the shared tables live.
+    pub shared: S,
+    /// Where this instance's own tables live.
+    pub local: L,
+}
+
+impl<S: Backend, L: Backend> Backend for Split<S, L> {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if table.is_shared() {
+            self.shared.get(table, key)
+        } else {
+            self.local.get(table, key)
+        }
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if table.is_shared() {
+            self.shared.scan(table)
+        } else {
+            self.local.scan(table)
+        }
+    }
+
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let table = |op: &Op| match op {
+            Op::Put(t, ..) | Op::Delete(t, _) => *t,
+        };
+        let (shared, local): (Vec<Op>, Vec<Op>) =
+            ops.iter().cloned().partition(|op| table(op).is_shared());
+        if !shared.is_empty() {
+            self.shared.apply(&shared)?;
+        }
+        if !local.is_empty() {
+            self.local.apply(&local)?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (rules, bans, keys) + {}",
+            self.shared.describe(),
+            self.local.describe()
+        )
+    }
 }
 
 /// Typed records over a [`Backend`]. Cheap to clone (one `Arc`).

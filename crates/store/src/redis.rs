@@ -105,6 +105,20 @@ impl Target {
         })
     }
 
+    /// `url` with any password replaced by `***`.
+    fn redact(url: &str) -> String {
+        match url
+            .split_once("://")
+            .and_then(|(s, rest)| Some((s, rest.rsplit_once('@')?)))
+        {
+            Some((scheme, (auth, host))) => {
+                let user = auth.split_once(':').map_or("", |(u, _)| u);
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_owned(),
+        }
+    }
+
     /// The target without its password.
     fn describe(&self) -> String {
         let user = match (&self.username, &self.password) {
@@ -322,15 +336,23 @@ impl std::fmt::Debug for Redis {
 }
 
 impl Redis {
+    /// Checks a URL as [`connect`](Redis::connect) reads it; the error
+    /// says what is wrong (and never repeats a password).
+    pub fn check_url(url: &str) -> Result<(), String> {
+        Target::parse(url)
+            .map(drop)
+            .map_err(|e| e.replace(url, &Target::redact(url)))
+    }
+
     /// Connects to the server of `url` (`redis://[[user]:password@]host[:port][/db]`)
     /// and checks the format of the state under `prefix` (keys
     /// `PREFIX:…`). Refuses a state written by a newer ippool, as the
     /// embedded store does.
     pub fn connect(url: &str, prefix: &str) -> Result<Redis, StoreError> {
         let target = Target::parse(url).map_err(|reason| StoreError::Remote {
-            target: "redis".into(),
+            target: Target::redact(url),
             operation: "parse the URL",
-            reason,
+            reason: reason.replace(url, &Target::redact(url)),
         })?;
         if prefix.is_empty() || prefix.contains(char::is_whitespace) {
             return Err(StoreError::Remote {

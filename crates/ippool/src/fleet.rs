@@ -1,0 +1,190 @@
+//! Following the other instances of a fleet that share a Redis store
+//! (`[store] backend = "redis"`): a runtime rule added or removed, or a
+//! ban taken or lifted, on any instance applies here within a round trip
+//! of Redis's pub/sub.
+//!
+//! The store is written by whoever made the change (the admin API, the
+//! autoblocker); this follower only reads: for each change it reads the
+//! record back and applies it to the live rule sets, as a restart would
+//! (expired records are dropped, unreadable ones logged and kept). After
+//! the subscription was lost it reads both tables again: what is missing
+//! here is added, and a runtime rule no longer in the store is removed; a
+//! ban lifted elsewhere meanwhile runs to its end here (a ban this
+//! instance just took may not be written yet, and must not be lifted).
+//!
+//! Runs on its own thread: store calls block on the network.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use store::{Change, Changes, Store, Table};
+use tokio_util::sync::CancellationToken;
+
+use crate::events::Events;
+use crate::metrics::Metrics;
+use crate::rules::{List, RuleSets};
+
+/// What the follower changes.
+pub struct Follower {
+    /// The shared store.
+    pub store: Store,
+    /// The live rule sets.
+    pub rules: Arc<RuleSets>,
+    /// The admin events stream.
+    pub events: Events,
+    /// Rule counts per set.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Follower {
+    /// Applies `changes` until `stop` is cancelled or the feed ends.
+    pub fn spawn(
+        self,
+        changes: Changes,
+        stop: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("fleet".into())
+            .spawn(move || {
+                while !stop.is_cancelled() {
+                    match changes.recv_timeout(Duration::from_millis(250)) {
+                        Ok(change) => self.apply(change),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })
+    }
+
+    fn apply(&self, change: Change) {
+        let done = match &change {
+            Change::Put(Table::Rules, key) => self.rule_put(key),
+            Change::Delete(Table::Rules, key) => {
+                self.rule_deleted(key);
+                Ok(())
+            }
+            Change::Put(Table::Bans, key) => self.ban_put(key),
+            Change::Delete(Table::Bans, key) => {
+                self.ban_deleted(key);
+                Ok(())
+            }
+            Change::Resync => self.resync(),
+            // Holds, benches, offsets and keys belong to one instance's
+            // listeners, pools and files.
+            _ => Ok(()),
+        };
+        if let Err(e) = done {
+            tracing::warn!(?change, error = %e, "change from the fleet not applied");
+        }
+    }
+
+    fn rule_put(&self, key: &str) -> Result<(), store::StoreError> {
+        let Some(r) = self.store.rule(key)? else {
+            return Ok(()); // removed again meanwhile
+        };
+        let (set, list, rule) = (r.set.clone(), r.list.clone(), r.rule.clone());
+        if self.rules.restore(vec![r], &self.store) == 1 {
+            self.counted(&set, &list);
+            tracing::info!(set, list, rule, "rule added by the fleet");
+            self.events.publish(
+                "rule_added",
+                serde_json::json!({"set": set, "list": list, "rule": rule, "origin": "fleet"}),
+            );
+        }
+        Ok(())
+    }
+
+    fn rule_deleted(&self, key: &str) {
+        // `set/list/rule`: the rule is last and may hold a `/`.
+        let mut parts = key.splitn(3, '/');
+        let (Some(set), Some(list), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        let (Some(l), Ok(rule)) = (List::parse(list), text.parse::<iprules::Rule>()) else {
+            return;
+        };
+        if self.rules.remove_runtime(set, l, &rule).is_ok() {
+            self.counted(set, list);
+            tracing::info!(set, list, rule = text, "rule removed by the fleet");
+            self.events.publish(
+                "rule_removed",
+                serde_json::json!({"set": set, "list": list, "rule": text, "origin": "fleet"}),
+            );
+        }
+    }
+
+    fn ban_put(&self, key: &str) -> Result<(), store::StoreError> {
+        let Some(b) = self.store.ban(key)? else {
+            return Ok(());
+        };
+        let (set, rule) = (b.set.clone(), b.network.clone());
+        if self.rules.restore_bans(vec![b], &self.store) == 1 {
+            tracing::info!(set, rule, "ban taken by the fleet");
+            self.events.publish(
+                "banned",
+                serde_json::json!({"set": set, "rule": rule, "origin": "fleet"}),
+            );
+        }
+        Ok(())
+    }
+
+    fn ban_deleted(&self, key: &str) {
+        let Some((set, text)) = key.split_once('/') else {
+            return;
+        };
+        let Ok(rule) = text.parse::<iprules::Rule>() else {
+            return;
+        };
+        if let Ok(true) = self.rules.lift(set, &rule, Instant::now()) {
+            tracing::info!(set, rule = text, "ban lifted by the fleet");
+            self.events.publish(
+                "ban_lifted",
+                serde_json::json!({"set": set, "rule": text, "origin": "fleet"}),
+            );
+        }
+    }
+
+    /// Reads both tables again: adds what is missing here and removes the
+    /// runtime rules the store no longer has.
+    fn resync(&self) -> Result<(), store::StoreError> {
+        let saved = self.store.rules()?;
+        let keep: std::collections::HashSet<String> =
+            saved.iter().map(store::RuntimeRule::key).collect();
+        let added = self.rules.restore(saved, &self.store);
+        let mut removed = 0;
+        for set in self.rules.names().map(str::to_owned).collect::<Vec<_>>() {
+            let Some(listing) = self.rules.listing(&set, Instant::now()) else {
+                continue;
+            };
+            for (list, entries) in [(List::Allow, &listing.allow), (List::Deny, &listing.deny)] {
+                for e in entries.iter().filter(|e| e.source == "runtime") {
+                    let key = format!("{set}/{}/{}", list.as_str(), e.rule);
+                    if !keep.contains(&key)
+                        && let Ok(rule) = e.rule.parse::<iprules::Rule>()
+                    {
+                        removed +=
+                            usize::from(self.rules.remove_runtime(&set, list, &rule).is_ok());
+                    }
+                }
+                self.counted(&set, list.as_str());
+            }
+        }
+        // Bans are not lifted here: one taken on this instance may not be
+        // written yet, and a missed lift ends with the ban's own expiry.
+        let banned = self.rules.restore_bans(self.store.bans()?, &self.store);
+        tracing::info!(
+            added,
+            removed,
+            banned,
+            "state read again from the fleet's store"
+        );
+        Ok(())
+    }
+
+    fn counted(&self, set: &str, list: &str) {
+        if let Some(l) = List::parse(list) {
+            self.metrics
+                .set_rule_count(set, l.as_str(), self.rules.len(set, l));
+        }
+    }
+}

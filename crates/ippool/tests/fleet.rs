@@ -1,0 +1,279 @@
+//! Two daemons sharing one real `redis-server` (`[store] backend =
+//! "redis"`, installed by `.ci/run`): a rule added or removed on one
+//! applies on the other, a ban written by any instance applies on all and
+//! is lifted on all, a restarted instance reads the fleet's state, and bad
+//! `[store]` settings or an unreachable Redis stop start-up with the key or
+//! the server named.
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Daemon, TempDir, http, serve_fails};
+
+const TOKEN: &str = "fleet-admin-token-0123456789";
+
+/// A redis-server on a free loopback port, killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        let r = Redis { port, child };
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "redis-server does not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(redis: &Redis) -> String {
+    format!(
+        r#"
+shutdown_timeout = "5s"
+[store]
+backend = "redis"
+url = "redis://127.0.0.1:{}/0"
+prefix = "fleet-test"
+[admin]
+listen = "127.0.0.1:0"
+token_env = "IPPOOL_TEST_TOKEN"
+[rules.clients]
+default = "allow"
+deny = ["10.0.0.0/8"]
+[rules.clients.autoblock]
+threshold = 3
+window = "1m"
+ban = "1h"
+"#,
+        redis.port
+    )
+}
+
+fn start(cfg: &std::path::Path) -> Daemon {
+    Daemon::start(cfg, &[("IPPOOL_TEST_TOKEN", TOKEN)])
+}
+
+fn call(d: &Daemon, method: &str, path: &str, body: &str) -> support::Response {
+    let bearer = format!("Bearer {TOKEN}");
+    http(
+        d.admin,
+        method,
+        path,
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+}
+
+fn verdict(d: &Daemon, ip: &str) -> String {
+    let r = http(
+        d.admin,
+        "GET",
+        &format!("/api/rules/clients/check?ip={ip}"),
+        &[],
+        "",
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    v["verdict"].as_str().expect("verdict").to_owned()
+}
+
+fn bans(d: &Daemon) -> Vec<String> {
+    let r = http(d.admin, "GET", "/api/bans", &[], "");
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    v["bans"]
+        .as_array()
+        .expect("bans")
+        .iter()
+        .map(|b| b["rule"].as_str().expect("rule").to_owned())
+        .collect()
+}
+
+/// Polls `f` until it is true, for up to 5 s.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "not within 5 s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn rules_and_bans_apply_across_the_fleet() {
+    let redis = Redis::start();
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let ca = da.write("ippool.toml", &config(&redis));
+    let cb = db.write("ippool.toml", &config(&redis));
+    let mut a = start(&ca);
+    let mut b = start(&cb);
+
+    // A rule added on a applies on b, and its removal too.
+    let r = call(
+        &a,
+        "POST",
+        "/api/rules/clients/deny",
+        r#"{"rule": "192.0.2.0/24"}"#,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    eventually("b denies 192.0.2.7", || verdict(&b, "192.0.2.7") == "deny");
+    let r = call(
+        &b,
+        "DELETE",
+        "/api/rules/clients/deny?rule=192.0.2.0/24",
+        "",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    eventually("a allows 192.0.2.7 again", || {
+        verdict(&a, "192.0.2.7") == "allow"
+    });
+    // Readable with Redis's tools; config-file rules are not written.
+    assert_eq!(redis.cli(&["HLEN", "fleet-test:rules"]), "0");
+
+    // A ban written by any instance (here: by hand, as another instance
+    // would) is enforced by both, and lifted on one it is lifted on all.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000;
+    let ban = format!(
+        r#"{{"set":"clients","network":"198.51.100.9","until_unix_ms":{until},"times":1,"reason":"test"}}"#
+    );
+    redis.cli(&["HSET", "fleet-test:bans", "clients/198.51.100.9", &ban]);
+    redis.cli(&[
+        "PUBLISH",
+        "fleet-test:changes",
+        "elsewhere put bans clients/198.51.100.9",
+    ]);
+    eventually("both ban 198.51.100.9", || {
+        bans(&a) == ["198.51.100.9"] && bans(&b) == ["198.51.100.9"]
+    });
+    assert_eq!(verdict(&a, "198.51.100.9"), "deny");
+    let r = call(&a, "DELETE", "/api/bans/clients?rule=198.51.100.9", "");
+    assert_eq!(r.status, 200, "{r:?}");
+    eventually("b lifted it too", || bans(&b).is_empty());
+    assert_eq!(verdict(&b, "198.51.100.9"), "allow");
+
+    // While b is down a rule is added; b reads it at start.
+    assert!(b.terminate().success());
+    let r = call(
+        &a,
+        "POST",
+        "/api/rules/clients/deny",
+        r#"{"rule": "203.0.113.0/24"}"#,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut b = start(&cb);
+    assert_eq!(verdict(&b, "203.0.113.5"), "deny");
+
+    // Redis gone: a change is refused with the reason and nothing changes.
+    drop(redis);
+    let r = call(
+        &b,
+        "POST",
+        "/api/rules/clients/deny",
+        r#"{"rule": "198.51.100.0/24"}"#,
+    );
+    assert!(r.status >= 500, "{r:?}");
+    assert!(
+        r.body.contains("redis://127.0.0.1"),
+        "names the server: {}",
+        r.body
+    );
+    assert_eq!(verdict(&b, "198.51.100.1"), "allow");
+    assert_eq!(verdict(&b, "203.0.113.5"), "deny", "what it had stays");
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
+
+#[test]
+fn bad_store_settings_and_an_unreachable_redis_stop_start_up() {
+    let dir = TempDir::new();
+    for (text, says) in [
+        ("[store]\nbackend = \"redis\"\n", "store.backend"),
+        ("[store]\nurl = \"redis://127.0.0.1/0\"\n", "store.url"),
+        (
+            "[store]\nbackend = \"redis\"\nurl = \"http://127.0.0.1\"\n",
+            "store.url",
+        ),
+        (
+            "[store]\nbackend = \"redis\"\nurl = \"redis://h\"\nprefix = \"a b\"\n",
+            "store.prefix",
+        ),
+        ("[store]\nbackend = \"mysql\"\n", "store.backend"),
+        (
+            "[store]\nbackend = \"redis\"\nurl_env = \"IPPOOL_TEST_NO_SUCH_VAR\"\n",
+            "store.url_env",
+        ),
+    ] {
+        let cfg = dir.write("bad.toml", text);
+        let err = serve_fails(&cfg, &[]);
+        assert!(err.contains(says), "{text:?}: {err}");
+        assert!(
+            (2..=4).any(|line| err.contains(&format!("bad.toml:{line}:"))),
+            "names the line: {text:?}: {err}"
+        );
+    }
+
+    // Nothing listens on the port: start-up stops, naming the server but
+    // not the password.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.write(
+        "down.toml",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\nurl_env = \"IPPOOL_TEST_REDIS\"\n",
+    );
+    let url = format!("redis://:hunter2@127.0.0.1:{port}/0");
+    let err = serve_fails(&cfg, &[("IPPOOL_TEST_REDIS", &url)]);
+    assert!(
+        err.contains("[store]") && err.contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "the password is never printed: {err}"
+    );
+}
