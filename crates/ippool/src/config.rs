@@ -90,7 +90,7 @@ pub struct Config {
 
 /// `[store]`: where runtime rules, bans, holds, benches and log offsets
 /// are kept.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `embedded` (default: `state.redb` under `state_dir`) or `redis`
@@ -115,6 +115,17 @@ pub struct StoreConfig {
     /// default); instances that share state use the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<Spanned<String>>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("backend", self.backend.get_ref())
+            .field("url", &self.url.as_ref().map(|u| redact_url(u.get_ref())))
+            .field("url_env", &self.url_env.as_ref().map(Spanned::get_ref))
+            .field("prefix", &self.prefix.as_ref().map(Spanned::get_ref))
+            .finish()
+    }
 }
 
 impl Default for StoreConfig {
@@ -172,16 +183,7 @@ impl std::fmt::Debug for StoreSpec {
 
 /// `url` with the password of its user part replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        None => url.to_owned(),
-        Some((auth, host)) => {
-            let user = auth.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
-        }
-    }
+    store::Redis::redacted(url)
 }
 
 fn redacted_url<S: serde::Serializer>(
@@ -639,7 +641,11 @@ impl ConfigError {
 
 /// Checks `[store]`; reads `store.url_env` unless offline.
 fn store_spec(c: &StoreConfig, scope: Scope, src: &Source<'_>) -> Result<StoreSpec, ConfigError> {
-    let at = |span: Range<usize>, key: &str, m: String| src.error(Some(span), Some(key.into()), m);
+    // No source line under these errors: `store.url` may hold a password.
+    let at = |span: Range<usize>, key: &str, m: String| ConfigError {
+        snippet: None,
+        ..src.error(Some(span), Some(key.into()), m)
+    };
     if *c.backend.get_ref() == StoreKind::Embedded {
         for (set, key) in [
             (c.url.as_ref().map(Spanned::span), "store.url"),

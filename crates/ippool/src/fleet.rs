@@ -7,10 +7,11 @@
 //! autoblocker); this follower only reads: for each change it reads the
 //! record back and applies it to the live rule sets, as a restart would
 //! (expired records are dropped, unreadable ones logged and kept). After
-//! the subscription was lost it reads both tables again: what is missing
-//! here is added, and a runtime rule no longer in the store is removed; a
-//! ban lifted elsewhere meanwhile runs to its end here (a ban this
-//! instance just took may not be written yet, and must not be lifted).
+//! the subscription was lost it reads both tables again and adds what is
+//! missing here; it never removes a rule or ban for being absent from the
+//! store (see [`Follower::resync`]). A delete is applied only if the record
+//! is still absent when it arrives, so a stale delete cannot undo a newer
+//! write.
 //!
 //! Runs on its own thread: store calls block on the network.
 
@@ -23,6 +24,14 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::rules::{List, RuleSets};
+
+/// A store that keeps nothing, for `restore`/`restore_bans` on this path:
+/// they drop expired records from the store they are given, and an
+/// expired record is for the instance that wrote it (or the next start)
+/// to drop, not for every follower of the fleet, whose clocks differ.
+fn scratch() -> Store {
+    Store::memory()
+}
 
 /// What the follower changes.
 pub struct Follower {
@@ -50,7 +59,13 @@ impl Follower {
                     match changes.recv_timeout(Duration::from_millis(250)) {
                         Ok(change) => self.apply(change),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            tracing::error!(
+                                "the fleet's change feed ended: changes made by other \
+                                 instances apply here only after a restart"
+                            );
+                            return;
+                        }
                     }
                 }
             })
@@ -59,15 +74,9 @@ impl Follower {
     fn apply(&self, change: Change) {
         let done = match &change {
             Change::Put(Table::Rules, key) => self.rule_put(key),
-            Change::Delete(Table::Rules, key) => {
-                self.rule_deleted(key);
-                Ok(())
-            }
+            Change::Delete(Table::Rules, key) => self.rule_deleted(key),
             Change::Put(Table::Bans, key) => self.ban_put(key),
-            Change::Delete(Table::Bans, key) => {
-                self.ban_deleted(key);
-                Ok(())
-            }
+            Change::Delete(Table::Bans, key) => self.ban_deleted(key),
             Change::Resync => self.resync(),
             // Holds, benches, offsets and keys belong to one instance's
             // listeners, pools and files.
@@ -83,7 +92,7 @@ impl Follower {
             return Ok(()); // removed again meanwhile
         };
         let (set, list, rule) = (r.set.clone(), r.list.clone(), r.rule.clone());
-        if self.rules.restore(vec![r], &self.store) == 1 {
+        if self.rules.restore(vec![r], &scratch()) == 1 {
             self.counted(&set, &list);
             tracing::info!(set, list, rule, "rule added by the fleet");
             self.events.publish(
@@ -94,14 +103,18 @@ impl Follower {
         Ok(())
     }
 
-    fn rule_deleted(&self, key: &str) {
+    fn rule_deleted(&self, key: &str) -> Result<(), store::StoreError> {
+        // Written again since (here, or elsewhere): the delete is stale.
+        if self.store.rule(key)?.is_some() {
+            return Ok(());
+        }
         // `set/list/rule`: the rule is last and may hold a `/`.
         let mut parts = key.splitn(3, '/');
         let (Some(set), Some(list), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
-            return;
+            return Ok(());
         };
         let (Some(l), Ok(rule)) = (List::parse(list), text.parse::<iprules::Rule>()) else {
-            return;
+            return Ok(());
         };
         if self.rules.remove_runtime(set, l, &rule).is_ok() {
             self.counted(set, list);
@@ -111,6 +124,7 @@ impl Follower {
                 serde_json::json!({"set": set, "list": list, "rule": text, "origin": "fleet"}),
             );
         }
+        Ok(())
     }
 
     fn ban_put(&self, key: &str) -> Result<(), store::StoreError> {
@@ -118,7 +132,7 @@ impl Follower {
             return Ok(());
         };
         let (set, rule) = (b.set.clone(), b.network.clone());
-        if self.rules.restore_bans(vec![b], &self.store) == 1 {
+        if self.rules.restore_bans(vec![b], &scratch()) == 1 {
             tracing::info!(set, rule, "ban taken by the fleet");
             self.events.publish(
                 "banned",
@@ -128,12 +142,15 @@ impl Follower {
         Ok(())
     }
 
-    fn ban_deleted(&self, key: &str) {
+    fn ban_deleted(&self, key: &str) -> Result<(), store::StoreError> {
+        if self.store.ban(key)?.is_some() {
+            return Ok(());
+        }
         let Some((set, text)) = key.split_once('/') else {
-            return;
+            return Ok(());
         };
         let Ok(rule) = text.parse::<iprules::Rule>() else {
-            return;
+            return Ok(());
         };
         if let Ok(true) = self.rules.lift(set, &rule, Instant::now()) {
             tracing::info!(set, rule = text, "ban lifted by the fleet");
@@ -142,42 +159,24 @@ impl Follower {
                 serde_json::json!({"set": set, "rule": text, "origin": "fleet"}),
             );
         }
+        Ok(())
     }
 
-    /// Reads both tables again: adds what is missing here and removes the
-    /// runtime rules the store no longer has.
+    /// Reads both tables again and applies what is missing here. Nothing
+    /// is removed for being absent: a Redis restarted empty (without
+    /// persistence) must not lift every rule and ban of the fleet, and a
+    /// rule or ban this instance just took may not be written yet. A
+    /// removal missed while the feed was lost holds here until the record
+    /// expires or the instance restarts.
     fn resync(&self) -> Result<(), store::StoreError> {
-        let saved = self.store.rules()?;
-        let keep: std::collections::HashSet<String> =
-            saved.iter().map(store::RuntimeRule::key).collect();
-        let added = self.rules.restore(saved, &self.store);
-        let mut removed = 0;
-        for set in self.rules.names().map(str::to_owned).collect::<Vec<_>>() {
-            let Some(listing) = self.rules.listing(&set, Instant::now()) else {
-                continue;
-            };
-            for (list, entries) in [(List::Allow, &listing.allow), (List::Deny, &listing.deny)] {
-                for e in entries.iter().filter(|e| e.source == "runtime") {
-                    let key = format!("{set}/{}/{}", list.as_str(), e.rule);
-                    if !keep.contains(&key)
-                        && let Ok(rule) = e.rule.parse::<iprules::Rule>()
-                    {
-                        removed +=
-                            usize::from(self.rules.remove_runtime(&set, list, &rule).is_ok());
-                    }
-                }
-                self.counted(&set, list.as_str());
+        let banned = self.rules.restore_bans(self.store.bans()?, &scratch());
+        let added = self.rules.restore(self.store.rules()?, &scratch());
+        for set in self.rules.names() {
+            for list in [List::Allow, List::Deny] {
+                self.counted(set, list.as_str());
             }
         }
-        // Bans are not lifted here: one taken on this instance may not be
-        // written yet, and a missed lift ends with the ban's own expiry.
-        let banned = self.rules.restore_bans(self.store.bans()?, &self.store);
-        tracing::info!(
-            added,
-            removed,
-            banned,
-            "state read again from the fleet's store"
-        );
+        tracing::info!(added, banned, "state read again from the fleet's store");
         Ok(())
     }
 

@@ -27,6 +27,10 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Redis::on(port)
+    }
+
+    fn on(port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -227,6 +231,55 @@ fn rules_and_bans_apply_across_the_fleet() {
 }
 
 #[test]
+fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let ca = da.write("ippool.toml", &config(&redis));
+    let cb = db.write("ippool.toml", &config(&redis));
+    let mut a = start(&ca);
+    let mut b = start(&cb);
+    let r = call(
+        &a,
+        "POST",
+        "/api/rules/clients/deny",
+        r#"{"rule": "192.0.2.0/24"}"#,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    eventually("b denies 192.0.2.7", || verdict(&b, "192.0.2.7") == "deny");
+
+    // Redis restarts empty (no persistence): nobody lifts what it enforces.
+    drop(redis);
+    redis = Redis::on(port);
+    // Written while the instances' feeds were down: read at their resync.
+    let rule = r#"{"set":"clients","list":"deny","rule":"198.51.100.0/24","until_unix_ms":null}"#;
+    redis.cli(&[
+        "HSET",
+        "fleet-test:rules",
+        "clients/deny/198.51.100.0/24",
+        rule,
+    ]);
+    eventually("both read the tables again", || {
+        verdict(&a, "198.51.100.1") == "deny" && verdict(&b, "198.51.100.1") == "deny"
+    });
+    assert_eq!(verdict(&a, "192.0.2.7"), "deny", "kept");
+    assert_eq!(verdict(&b, "192.0.2.7"), "deny", "kept");
+    // And the feed works again.
+    let r = call(
+        &b,
+        "POST",
+        "/api/rules/clients/deny",
+        r#"{"rule": "203.0.113.0/24"}"#,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    eventually("a denies 203.0.113.5", || {
+        verdict(&a, "203.0.113.5") == "deny"
+    });
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
+
+#[test]
 fn bad_store_settings_and_an_unreachable_redis_stop_start_up() {
     let dir = TempDir::new();
     for (text, says) in [
@@ -252,6 +305,20 @@ fn bad_store_settings_and_an_unreachable_redis_stop_start_up() {
         assert!(
             (2..=4).any(|line| err.contains(&format!("bad.toml:{line}:"))),
             "names the line: {text:?}: {err}"
+        );
+    }
+
+    // A password in the file is not repeated by an error about the URL.
+    for text in [
+        "[store]\nbackend = \"redis\"\nurl = \"redis://:hunter2@127.0.0.1:99999\"\n",
+        "[store]\nurl = \"redis://:hunter2@127.0.0.1\"\n",
+    ] {
+        let cfg = dir.write("secret.toml", text);
+        let err = serve_fails(&cfg, &[]);
+        assert!(err.contains("store.url"), "{err}");
+        assert!(
+            !err.contains("hunter2"),
+            "the password is never printed: {err}"
         );
     }
 

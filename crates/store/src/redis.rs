@@ -24,12 +24,19 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{Backend, FORMAT_VERSION, Op, StoreError, Table};
 
 /// How long connecting, and each read or write, may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a quiet subscription waits before it PINGs the server.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// How long a subscription may hear nothing (not even a PONG) before it
+/// is taken for dead and opened again.
+const DEAD_AFTER: Duration = Duration::from_secs(15);
 
 /// The largest bulk string or array accepted from the server.
 const MAX_BULK: usize = 64 * 1024 * 1024;
@@ -53,8 +60,10 @@ impl std::fmt::Debug for Target {
 impl Target {
     /// `redis://[[user]:password@]host[:port][/db]`.
     fn parse(url: &str) -> Result<Target, String> {
+        // Messages name the URL without its password.
+        let shown = Target::redact(url);
         let rest = url.strip_prefix("redis://").ok_or_else(|| {
-            format!("{url:?}: a Redis URL starts with redis:// (rediss:// is not supported)")
+            format!("{shown:?}: a Redis URL starts with redis:// (rediss:// is not supported)")
         })?;
         let (auth, hostpart) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
@@ -65,14 +74,14 @@ impl Target {
             Some((hp, db)) => (
                 hp,
                 db.parse::<u32>()
-                    .map_err(|_| format!("database {db:?} in {url:?} is not a number"))?,
+                    .map_err(|_| format!("database {db:?} in {shown:?} is not a number"))?,
             ),
             None => (hostpart, 0),
         };
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (h, p) = v6
                 .split_once(']')
-                .ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
+                .ok_or_else(|| format!("{shown:?}: unclosed [ in the host"))?;
             (h.to_owned(), p.strip_prefix(':').unwrap_or(""))
         } else {
             match hostport.rsplit_once(':') {
@@ -81,19 +90,22 @@ impl Target {
             }
         };
         if host.is_empty() {
-            return Err(format!("{url:?} names no host"));
+            return Err(format!("{shown:?} names no host"));
         }
         let port = if port.is_empty() {
             6379
         } else {
             port.parse::<u16>()
-                .map_err(|_| format!("port {port:?} in {url:?} is not a port number"))?
+                .map_err(|_| format!("port {port:?} in {shown:?} is not a port number"))?
         };
         let (username, password) = match auth {
             None => (None, None),
             Some(a) => match a.split_once(':') {
-                Some((u, p)) => ((!u.is_empty()).then(|| u.to_owned()), Some(p.to_owned())),
-                None => (None, Some(a.to_owned())),
+                Some((u, p)) => (
+                    (!u.is_empty()).then(|| percent_decoded(u)),
+                    Some(percent_decoded(p)),
+                ),
+                None => (None, Some(percent_decoded(a))),
             },
         };
         Ok(Target {
@@ -105,15 +117,17 @@ impl Target {
         })
     }
 
-    /// `url` with any password replaced by `***`.
+    /// `url` with anything before an `@` but the user name replaced by
+    /// `***` (whatever the scheme, or without one).
     fn redact(url: &str) -> String {
-        match url
-            .split_once("://")
-            .and_then(|(s, rest)| Some((s, rest.rsplit_once('@')?)))
-        {
-            Some((scheme, (auth, host))) => {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s, r)) => (format!("{s}://"), r),
+            None => (String::new(), url),
+        };
+        match rest.rsplit_once('@') {
+            Some((auth, host)) => {
                 let user = auth.split_once(':').map_or("", |(u, _)| u);
-                format!("{scheme}://{user}:***@{host}")
+                format!("{scheme}{user}:***@{host}")
             }
             None => url.to_owned(),
         }
@@ -133,6 +147,28 @@ impl Target {
         };
         format!("redis://{user}{host}:{}/{}", self.port, self.db)
     }
+}
+
+/// `%XX` escapes decoded (as redis-cli and other clients read the user
+/// part of a URL); anything else kept as it is.
+fn percent_decoded(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A reply from the server.
@@ -241,18 +277,29 @@ fn read_len(text: &str) -> io::Result<Option<usize>> {
     }
 }
 
-/// Reads one reply (nested arrays included).
+/// How deep arrays may nest in a reply (the replies used here nest two).
+const MAX_DEPTH: usize = 4;
+
+/// Reads one reply (nested arrays included, up to [`MAX_DEPTH`]).
 fn read_reply(r: &mut impl BufRead) -> io::Result<Reply> {
+    read_nested(r, 0)
+}
+
+fn read_nested(r: &mut impl BufRead, depth: usize) -> io::Result<Reply> {
     let line = read_line(r)?;
-    let (kind, rest) = line.split_at(line.len().min(1));
+    let Some(&kind) = line.as_bytes().first() else {
+        return Err(protocol("an empty reply line".into()));
+    };
+    // An ASCII type byte: slicing after it is on a char boundary.
+    let rest = if kind.is_ascii() { &line[1..] } else { "" };
     Ok(match kind {
-        "+" => Reply::Simple(rest.to_owned()),
-        "-" => Reply::Error(rest.to_owned()),
-        ":" => Reply::Int(
+        b'+' => Reply::Simple(rest.to_owned()),
+        b'-' => Reply::Error(rest.to_owned()),
+        b':' => Reply::Int(
             rest.parse()
                 .map_err(|_| protocol(format!("bad integer {rest:?}")))?,
         ),
-        "$" => match read_len(rest)? {
+        b'$' => match read_len(rest)? {
             None => Reply::Bulk(None),
             Some(n) => {
                 let mut b = vec![0; n + 2];
@@ -264,12 +311,15 @@ fn read_reply(r: &mut impl BufRead) -> io::Result<Reply> {
                 Reply::Bulk(Some(b))
             }
         },
-        "*" => match read_len(rest)? {
+        b'*' => match read_len(rest)? {
             None => Reply::Array(None),
+            Some(_) if depth >= MAX_DEPTH => {
+                return Err(protocol("arrays nested too deep in a reply".into()));
+            }
             Some(n) => {
                 let mut items = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
-                    items.push(read_reply(r)?);
+                    items.push(read_nested(r, depth + 1)?);
                 }
                 Reply::Array(Some(items))
             }
@@ -336,12 +386,16 @@ impl std::fmt::Debug for Redis {
 }
 
 impl Redis {
+    /// `url` with its password (anything before an `@` but the user name)
+    /// replaced by `***`, for printing.
+    pub fn redacted(url: &str) -> String {
+        Target::redact(url)
+    }
+
     /// Checks a URL as [`connect`](Redis::connect) reads it; the error
     /// says what is wrong (and never repeats a password).
     pub fn check_url(url: &str) -> Result<(), String> {
-        Target::parse(url)
-            .map(drop)
-            .map_err(|e| e.replace(url, &Target::redact(url)))
+        Target::parse(url).map(drop)
     }
 
     /// Connects to the server of `url` (`redis://[[user]:password@]host[:port][/db]`)
@@ -352,7 +406,7 @@ impl Redis {
         let target = Target::parse(url).map_err(|reason| StoreError::Remote {
             target: Target::redact(url),
             operation: "parse the URL",
-            reason: reason.replace(url, &Target::redact(url)),
+            reason,
         })?;
         if prefix.is_empty() || prefix.contains(char::is_whitespace) {
             return Err(StoreError::Remote {
@@ -515,6 +569,11 @@ impl Follower {
     fn run(self, first: Conn) {
         let mut conn = Some(first);
         let mut backoff = Duration::from_millis(100);
+        // A subscription that died without a FIN (a rebooted host, a NAT
+        // that forgot the flow) looks idle: PING when quiet, and give up
+        // on it when nothing at all came back for a while.
+        let mut heard = Instant::now();
+        let mut pinged = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             let Some(c) = conn.as_mut() else {
                 std::thread::sleep(backoff);
@@ -522,6 +581,7 @@ impl Follower {
                     Ok(c) => {
                         conn = Some(c);
                         backoff = Duration::from_millis(100);
+                        heard = Instant::now();
                         if self.tx.send(Change::Resync).is_err() {
                             return;
                         }
@@ -545,6 +605,14 @@ impl Follower {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
+                    if heard.elapsed() >= DEAD_AFTER {
+                        conn = None;
+                    } else if heard.elapsed() >= PING_EVERY && pinged.elapsed() >= PING_EVERY {
+                        pinged = Instant::now();
+                        if c.send(&[vec![b"PING".as_slice()]]).is_err() {
+                            conn = None;
+                        }
+                    }
                     continue;
                 }
                 Err(_) => {
@@ -554,6 +622,7 @@ impl Follower {
             }
             match read_reply(&mut c.reader) {
                 Ok(reply) => {
+                    heard = Instant::now();
                     if let Some(change) = self.parse(reply)
                         && self.tx.send(change).is_err()
                     {
@@ -722,6 +791,15 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port, t.db), ("::1", 6379, 0));
         assert_eq!(t.username, None);
         assert_eq!(t.describe(), "redis://***@[::1]:6379/0");
+        let t = Target::parse("redis://us%40r:p%3Aw%2Fd@h").unwrap();
+        assert_eq!(t.username.as_deref(), Some("us@r"));
+        assert_eq!(t.password.as_deref(), Some("p:w/d"), "percent-decoded");
+        assert_eq!(Target::redact("u:pw@h:1"), "u:***@h:1", "no scheme");
+        assert_eq!(Target::redact("redis://h:1/0"), "redis://h:1/0");
+        let e = Target::parse("redis://:hunter2@h:99999").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = Target::parse("rediss://:hunter2@h").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
         let t = Target::parse("redis://127.0.0.1:7000/").unwrap();
         assert_eq!((t.port, t.db, t.password), (7000, 0, None));
         for (bad, says) in [
@@ -764,6 +842,16 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        // A hostile or broken server: never a panic, never a deep stack.
+        let mut r = "é\r\n".as_bytes();
+        assert!(read_reply(&mut r).is_err());
+        let deep = "*1\r\n".repeat(100_000);
+        let mut r = deep.as_bytes();
+        assert!(read_reply(&mut r).is_err());
+        let mut r = &b"*2\r\n*1\r\n:1\r\n$2\r\nok\r\n"[..];
+        assert!(read_reply(&mut r).is_ok(), "two levels are fine");
+        let mut r = &b"$99999999999\r\n"[..];
+        assert!(read_reply(&mut r).is_err(), "a length beyond the bound");
         let mut out = Vec::new();
         encode(&mut out, &[b"HGET", b"k", b""]);
         assert_eq!(out, b"*3\r\n$4\r\nHGET\r\n$1\r\nk\r\n$0\r\n\r\n");
