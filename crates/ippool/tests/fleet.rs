@@ -8,63 +8,13 @@
 mod support;
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Daemon, TempDir, http, serve_fails};
+use support::{Daemon, TempDir, http, serve_fails, verdict};
+use testbed::redis::RedisServer as Redis;
 
 const TOKEN: &str = "fleet-admin-token-0123456789";
-
-/// A redis-server on a free loopback port, killed on drop.
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        Redis::on(port)
-    }
-
-    fn on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (.ci/run installs it)");
-        let r = Redis { port, child };
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "redis-server does not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn config(redis: &Redis) -> String {
     format!(
@@ -85,7 +35,7 @@ threshold = 3
 window = "1m"
 ban = "1h"
 "#,
-        redis.port
+        redis.port()
     )
 }
 
@@ -107,18 +57,6 @@ fn call(d: &Daemon, method: &str, path: &str, body: &str) -> support::Response {
     )
 }
 
-fn verdict(d: &Daemon, ip: &str) -> String {
-    let r = http(
-        d.admin,
-        "GET",
-        &format!("/api/rules/clients/check?ip={ip}"),
-        &[],
-        "",
-    );
-    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
-    v["verdict"].as_str().expect("verdict").to_owned()
-}
-
 fn bans(d: &Daemon) -> Vec<String> {
     let r = http(d.admin, "GET", "/api/bans", &[], "");
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
@@ -128,6 +66,14 @@ fn bans(d: &Daemon) -> Vec<String> {
         .iter()
         .map(|b| b["rule"].as_str().expect("rule").to_owned())
         .collect()
+}
+
+/// Two daemons sharing `redis` (each with its own state_dir).
+fn pair(redis: &Redis) -> (TempDir, TempDir, Daemon, Daemon) {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let a = start(&da.write("ippool.toml", &config(redis)));
+    let b = start(&db.write("ippool.toml", &config(redis)));
+    (da, db, a, b)
 }
 
 /// Polls `f` until it is true, for up to 5 s.
@@ -145,11 +91,8 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 #[test]
 fn rules_and_bans_apply_across_the_fleet() {
     let redis = Redis::start();
-    let (da, db) = (TempDir::new(), TempDir::new());
-    let ca = da.write("ippool.toml", &config(&redis));
-    let cb = db.write("ippool.toml", &config(&redis));
-    let mut a = start(&ca);
-    let mut b = start(&cb);
+    let (_da, db, mut a, mut b) = pair(&redis);
+    let cb = db.0.join("ippool.toml");
 
     // A rule added on a applies on b, and its removal too.
     let r = call(
@@ -159,7 +102,9 @@ fn rules_and_bans_apply_across_the_fleet() {
         r#"{"rule": "192.0.2.0/24"}"#,
     );
     assert_eq!(r.status, 200, "{r:?}");
-    eventually("b denies 192.0.2.7", || verdict(&b, "192.0.2.7") == "deny");
+    eventually("b denies 192.0.2.7", || {
+        verdict(&b, "clients", "192.0.2.7") == "deny"
+    });
     let r = call(
         &b,
         "DELETE",
@@ -168,7 +113,7 @@ fn rules_and_bans_apply_across_the_fleet() {
     );
     assert_eq!(r.status, 200, "{r:?}");
     eventually("a allows 192.0.2.7 again", || {
-        verdict(&a, "192.0.2.7") == "allow"
+        verdict(&a, "clients", "192.0.2.7") == "allow"
     });
     // Readable with Redis's tools; config-file rules are not written.
     assert_eq!(redis.cli(&["HLEN", "fleet-test:rules"]), "0");
@@ -192,11 +137,11 @@ fn rules_and_bans_apply_across_the_fleet() {
     eventually("both ban 198.51.100.9", || {
         bans(&a) == ["198.51.100.9"] && bans(&b) == ["198.51.100.9"]
     });
-    assert_eq!(verdict(&a, "198.51.100.9"), "deny");
+    assert_eq!(verdict(&a, "clients", "198.51.100.9"), "deny");
     let r = call(&a, "DELETE", "/api/bans/clients?rule=198.51.100.9", "");
     assert_eq!(r.status, 200, "{r:?}");
     eventually("b lifted it too", || bans(&b).is_empty());
-    assert_eq!(verdict(&b, "198.51.100.9"), "allow");
+    assert_eq!(verdict(&b, "clients", "198.51.100.9"), "allow");
 
     // While b is down a rule is added; b reads it at start.
     assert!(b.terminate().success());
@@ -208,7 +153,7 @@ fn rules_and_bans_apply_across_the_fleet() {
     );
     assert_eq!(r.status, 200, "{r:?}");
     let mut b = start(&cb);
-    assert_eq!(verdict(&b, "203.0.113.5"), "deny");
+    assert_eq!(verdict(&b, "clients", "203.0.113.5"), "deny");
 
     // Redis gone: a change is refused with the reason and nothing changes.
     drop(redis);
@@ -224,8 +169,12 @@ fn rules_and_bans_apply_across_the_fleet() {
         "names the server: {}",
         r.body
     );
-    assert_eq!(verdict(&b, "198.51.100.1"), "allow");
-    assert_eq!(verdict(&b, "203.0.113.5"), "deny", "what it had stays");
+    assert_eq!(verdict(&b, "clients", "198.51.100.1"), "allow");
+    assert_eq!(
+        verdict(&b, "clients", "203.0.113.5"),
+        "deny",
+        "what it had stays"
+    );
     assert!(a.terminate().success());
     assert!(b.terminate().success());
 }
@@ -233,12 +182,8 @@ fn rules_and_bans_apply_across_the_fleet() {
 #[test]
 fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
     let mut redis = Redis::start();
-    let port = redis.port;
-    let (da, db) = (TempDir::new(), TempDir::new());
-    let ca = da.write("ippool.toml", &config(&redis));
-    let cb = db.write("ippool.toml", &config(&redis));
-    let mut a = start(&ca);
-    let mut b = start(&cb);
+    let port = redis.port();
+    let (_da, _db, mut a, mut b) = pair(&redis);
     let r = call(
         &a,
         "POST",
@@ -246,7 +191,9 @@ fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
         r#"{"rule": "192.0.2.0/24"}"#,
     );
     assert_eq!(r.status, 200, "{r:?}");
-    eventually("b denies 192.0.2.7", || verdict(&b, "192.0.2.7") == "deny");
+    eventually("b denies 192.0.2.7", || {
+        verdict(&b, "clients", "192.0.2.7") == "deny"
+    });
 
     // Redis restarts empty (no persistence): nobody lifts what it enforces.
     drop(redis);
@@ -260,10 +207,11 @@ fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
         rule,
     ]);
     eventually("both read the tables again", || {
-        verdict(&a, "198.51.100.1") == "deny" && verdict(&b, "198.51.100.1") == "deny"
+        verdict(&a, "clients", "198.51.100.1") == "deny"
+            && verdict(&b, "clients", "198.51.100.1") == "deny"
     });
-    assert_eq!(verdict(&a, "192.0.2.7"), "deny", "kept");
-    assert_eq!(verdict(&b, "192.0.2.7"), "deny", "kept");
+    assert_eq!(verdict(&a, "clients", "192.0.2.7"), "deny", "kept");
+    assert_eq!(verdict(&b, "clients", "192.0.2.7"), "deny", "kept");
     // And the feed works again.
     let r = call(
         &b,
@@ -273,7 +221,7 @@ fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
     );
     assert_eq!(r.status, 200, "{r:?}");
     eventually("a denies 203.0.113.5", || {
-        verdict(&a, "203.0.113.5") == "deny"
+        verdict(&a, "clients", "203.0.113.5") == "deny"
     });
     assert!(a.terminate().success());
     assert!(b.terminate().success());
@@ -343,4 +291,22 @@ fn bad_store_settings_and_an_unreachable_redis_stop_start_up() {
         !err.contains("hunter2"),
         "the password is never printed: {err}"
     );
+
+    // `ippool check` shows the effective config without the password.
+    let cfg = dir.write(
+        "shown.toml",
+        &format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\nprefix = \"p1\"\n"),
+    );
+    let out = Command::new(support::BIN)
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .expect("ippool check");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("redis://:***@127.0.0.1:{port}/0")) && shown.contains("p1"),
+        "{shown}"
+    );
+    assert!(!shown.contains("hunter2"), "{shown}");
 }

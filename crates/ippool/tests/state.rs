@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{Daemon, TempDir, http};
+use support::{Daemon, TempDir, http, verdict};
 
 const TOKEN: &str = "state-admin-token-0123456789";
 
@@ -40,25 +40,13 @@ fn delete(d: &Daemon, path: &str) -> support::Response {
     http(d.admin, "DELETE", path, &[("Authorization", &bearer)], "")
 }
 
-fn verdict(d: &Daemon, ip: &str) -> String {
-    let r = http(
-        d.admin,
-        "GET",
-        &format!("/api/rules/clients/check?ip={ip}"),
-        &[],
-        "",
-    );
-    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
-    v["verdict"].as_str().expect("verdict").to_owned()
-}
-
 #[test]
 fn runtime_rules_survive_restart() {
     let dir = TempDir::new();
     let cfg = dir.write("ippool.toml", CONFIG);
     let mut d = start(&cfg);
 
-    assert_eq!(verdict(&d, "192.0.2.7"), "allow");
+    assert_eq!(verdict(&d, "clients", "192.0.2.7"), "allow");
     let body = r#"{"rule": "192.0.2.0/24"}"#;
     assert_eq!(
         http(d.admin, "POST", "/api/rules/clients/deny", &[], body).status,
@@ -67,7 +55,7 @@ fn runtime_rules_survive_restart() {
     );
     let r = post(&d, "/api/rules/clients/deny", body);
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(verdict(&d, "192.0.2.7"), "deny");
+    assert_eq!(verdict(&d, "clients", "192.0.2.7"), "deny");
     // A rule with a TTL, and one that expires almost at once.
     assert_eq!(
         post(
@@ -87,10 +75,10 @@ fn runtime_rules_survive_restart() {
         .status,
         200
     );
-    assert_eq!(verdict(&d, "198.51.100.2"), "deny");
+    assert_eq!(verdict(&d, "clients", "198.51.100.2"), "deny");
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(
-        verdict(&d, "198.51.100.2"),
+        verdict(&d, "clients", "198.51.100.2"),
         "allow",
         "expired at once, no sweep"
     );
@@ -147,15 +135,19 @@ fn runtime_rules_survive_restart() {
 
     // Restart: the runtime rules are back, the expired one is not.
     let mut d = start(&cfg);
-    assert_eq!(verdict(&d, "192.0.2.7"), "deny");
-    assert_eq!(verdict(&d, "198.51.100.1"), "deny");
-    assert_eq!(verdict(&d, "198.51.100.2"), "allow");
+    assert_eq!(verdict(&d, "clients", "192.0.2.7"), "deny");
+    assert_eq!(verdict(&d, "clients", "198.51.100.1"), "deny");
+    assert_eq!(verdict(&d, "clients", "198.51.100.2"), "allow");
     let r = delete(&d, "/api/rules/clients/deny?rule=192.0.2.0/24");
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(verdict(&d, "192.0.2.7"), "allow");
+    assert_eq!(verdict(&d, "clients", "192.0.2.7"), "allow");
     assert!(d.terminate().success());
     let mut d = start(&cfg);
-    assert_eq!(verdict(&d, "192.0.2.7"), "allow", "removal is durable too");
+    assert_eq!(
+        verdict(&d, "clients", "192.0.2.7"),
+        "allow",
+        "removal is durable too"
+    );
     assert!(d.terminate().success());
 }
 
@@ -177,7 +169,7 @@ fn kill_9_right_after_the_200_loses_nothing() {
         let d = start(&cfg);
         for j in 1..=i {
             assert_eq!(
-                verdict(&d, &format!("203.0.113.{j}")),
+                verdict(&d, "clients", &format!("203.0.113.{j}")),
                 "deny",
                 "round {i}: rule {j} lost"
             );
@@ -314,7 +306,7 @@ fn reload_applies_rules_keeps_runtime_ones_and_refuses_bad_files() {
         post(&d, "/api/rules/clients/deny", r#"{"rule": "192.0.2.0/24"}"#).status,
         200
     );
-    assert_eq!(verdict(&d, "10.1.1.1"), "deny");
+    assert_eq!(verdict(&d, "clients", "10.1.1.1"), "deny");
 
     // New file rules: 10/8 gone, 198.51.100.0/24 in; shutdown_timeout changed.
     dir.write(
@@ -332,9 +324,13 @@ fn reload_applies_rules_keeps_runtime_ones_and_refuses_bad_files() {
         serde_json::json!(["shutdown_timeout"]),
         "{v}"
     );
-    assert_eq!(verdict(&d, "10.1.1.1"), "allow");
-    assert_eq!(verdict(&d, "198.51.100.4"), "deny");
-    assert_eq!(verdict(&d, "192.0.2.7"), "deny", "the runtime rule stays");
+    assert_eq!(verdict(&d, "clients", "10.1.1.1"), "allow");
+    assert_eq!(verdict(&d, "clients", "198.51.100.4"), "deny");
+    assert_eq!(
+        verdict(&d, "clients", "192.0.2.7"),
+        "deny",
+        "the runtime rule stays"
+    );
 
     // An invalid file is refused with where and why; nothing changes.
     dir.write("ippool.toml", &CONFIG.replace("10.0.0.0/8", "10.0.0.1/8"));
@@ -346,7 +342,7 @@ fn reload_applies_rules_keeps_runtime_ones_and_refuses_bad_files() {
         r.body
     );
     assert_eq!(
-        verdict(&d, "198.51.100.4"),
+        verdict(&d, "clients", "198.51.100.4"),
         "deny",
         "the running config stays"
     );
@@ -362,14 +358,14 @@ fn reload_applies_rules_keeps_runtime_ones_and_refuses_bad_files() {
         .status()
         .expect("kill -HUP");
     let t0 = std::time::Instant::now();
-    while verdict(&d, "203.0.113.9") != "deny" {
+    while verdict(&d, "clients", "203.0.113.9") != "deny" {
         assert!(
             t0.elapsed() < std::time::Duration::from_secs(5),
             "SIGHUP not applied"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(verdict(&d, "198.51.100.4"), "allow");
+    assert_eq!(verdict(&d, "clients", "198.51.100.4"), "allow");
     let r = http(d.admin, "GET", "/config", &[], "");
     assert!(
         r.body.contains("203.0.113.0/24"),

@@ -2,66 +2,10 @@
 //! by `.ci/run`): records, batches, the change feed between two instances,
 //! a newer format refused, and a server restart survived.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use store::{Backend, Ban, Change, Op, Redis, RuntimeRule, Store, StoreError, Table};
-
-/// A redis-server on a free loopback port, killed on drop.
-struct Server {
-    port: u16,
-    child: Child,
-}
-
-impl Server {
-    fn start() -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        Server::on(port)
-    }
-
-    fn on(port: u16) -> Server {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (.ci/run installs it)");
-        let s = Server { port, child };
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "redis-server does not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use testbed::redis::RedisServer as Server;
 
 fn ban(network: &str) -> Ban {
     Ban {
@@ -185,7 +129,7 @@ fn a_newer_format_and_bad_urls_are_refused_with_the_reason() {
 #[test]
 fn a_server_restart_is_survived_and_the_feed_asks_for_a_resync() {
     let srv = Server::start();
-    let port = srv.port;
+    let port = srv.port();
     let a = Store::new(Redis::connect(&srv.url(), "r").unwrap());
     let b = Redis::connect(&srv.url(), "r").unwrap();
     let feed = b.changes().unwrap();

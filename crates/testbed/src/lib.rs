@@ -1,5 +1,6 @@
 //! Dev-only test harness: two network namespaces joined by a veth pair, and
-//! an upstream server that answers with the peer address it saw.
+//! an upstream server that answers with the peer address it saw; and a real
+//! Redis ([`redis::RedisServer`]).
 //!
 //! ```text
 //!   namespace "proxy"                      namespace "upstream"
@@ -47,6 +48,8 @@
 //! assert_eq!(peer, "fd00:250::1");
 //! assert_eq!(server.peers().len(), 1);
 //! ```
+
+pub mod redis;
 
 use std::future::Future;
 use std::io;

@@ -426,3 +426,17 @@ pub fn same_time(a: std::time::SystemTime, b: std::time::SystemTime) -> bool {
         .unwrap_or_default();
     d <= Duration::from_millis(5)
 }
+
+/// The verdict (`allow`/`deny`) of rule set `set` for `ip`, from the
+/// daemon's admin API.
+pub fn verdict(d: &Daemon, set: &str, ip: &str) -> String {
+    let r = http(
+        d.admin,
+        "GET",
+        &format!("/api/rules/{set}/check?ip={ip}"),
+        &[],
+        "",
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    v["verdict"].as_str().expect("verdict").to_owned()
+}
