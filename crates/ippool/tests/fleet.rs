@@ -57,6 +57,17 @@ fn call(d: &Daemon, method: &str, path: &str, body: &str) -> support::Response {
     )
 }
 
+/// Adds `rule` to the deny list of `clients` through `d`'s API.
+fn deny(d: &Daemon, rule: &str) {
+    let r = call(
+        d,
+        "POST",
+        "/api/rules/clients/deny",
+        &format!(r#"{{"rule": "{rule}"}}"#),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
 fn bans(d: &Daemon) -> Vec<String> {
     let r = http(d.admin, "GET", "/api/bans", &[], "");
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
@@ -95,13 +106,7 @@ fn rules_and_bans_apply_across_the_fleet() {
     let cb = db.0.join("ippool.toml");
 
     // A rule added on a applies on b, and its removal too.
-    let r = call(
-        &a,
-        "POST",
-        "/api/rules/clients/deny",
-        r#"{"rule": "192.0.2.0/24"}"#,
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    deny(&a, "192.0.2.0/24");
     eventually("b denies 192.0.2.7", || {
         verdict(&b, "clients", "192.0.2.7") == "deny"
     });
@@ -145,13 +150,7 @@ fn rules_and_bans_apply_across_the_fleet() {
 
     // While b is down a rule is added; b reads it at start.
     assert!(b.terminate().success());
-    let r = call(
-        &a,
-        "POST",
-        "/api/rules/clients/deny",
-        r#"{"rule": "203.0.113.0/24"}"#,
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    deny(&a, "203.0.113.0/24");
     let mut b = start(&cb);
     assert_eq!(verdict(&b, "clients", "203.0.113.5"), "deny");
 
@@ -184,13 +183,7 @@ fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
     let mut redis = Redis::start();
     let port = redis.port();
     let (_da, _db, mut a, mut b) = pair(&redis);
-    let r = call(
-        &a,
-        "POST",
-        "/api/rules/clients/deny",
-        r#"{"rule": "192.0.2.0/24"}"#,
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    deny(&a, "192.0.2.0/24");
     eventually("b denies 192.0.2.7", || {
         verdict(&b, "clients", "192.0.2.7") == "deny"
     });
@@ -213,13 +206,7 @@ fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
     assert_eq!(verdict(&a, "clients", "192.0.2.7"), "deny", "kept");
     assert_eq!(verdict(&b, "clients", "192.0.2.7"), "deny", "kept");
     // And the feed works again.
-    let r = call(
-        &b,
-        "POST",
-        "/api/rules/clients/deny",
-        r#"{"rule": "203.0.113.0/24"}"#,
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    deny(&b, "203.0.113.0/24");
     eventually("a denies 203.0.113.5", || {
         verdict(&a, "clients", "203.0.113.5") == "deny"
     });
