@@ -94,6 +94,7 @@ impl Follower {
         let (set, list, rule) = (r.set.clone(), r.list.clone(), r.rule.clone());
         if self.rules.restore(vec![r], &scratch()) == 1 {
             self.counted(&set, &list);
+            self.metrics.count_fleet_change("rule_added");
             tracing::info!(set, list, rule, "rule added by the fleet");
             self.events.publish(
                 "rule_added",
@@ -118,6 +119,7 @@ impl Follower {
         };
         if self.rules.remove_runtime(set, l, &rule).is_ok() {
             self.counted(set, list);
+            self.metrics.count_fleet_change("rule_removed");
             tracing::info!(set, list, rule = text, "rule removed by the fleet");
             self.events.publish(
                 "rule_removed",
@@ -133,6 +135,7 @@ impl Follower {
         };
         let (set, rule) = (b.set.clone(), b.network.clone());
         if self.rules.restore_bans(vec![b], &scratch()) == 1 {
+            self.metrics.count_fleet_change("ban_taken");
             tracing::info!(set, rule, "ban taken by the fleet");
             self.events.publish(
                 "banned",
@@ -153,6 +156,7 @@ impl Follower {
             return Ok(());
         };
         if let Ok(true) = self.rules.lift(set, &rule, Instant::now()) {
+            self.metrics.count_fleet_change("ban_lifted");
             tracing::info!(set, rule = text, "ban lifted by the fleet");
             self.events.publish(
                 "ban_lifted",
@@ -176,6 +180,7 @@ impl Follower {
                 self.counted(set, list.as_str());
             }
         }
+        self.metrics.count_fleet_change("resync");
         tracing::info!(added, banned, "state read again from the fleet's store");
         Ok(())
     }

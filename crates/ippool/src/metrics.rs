@@ -84,6 +84,11 @@ struct LineLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FleetLabels {
+    change: &'static str,
+}
+
 /// The registry and the handles to update it.
 #[derive(Debug)]
 pub struct Metrics {
@@ -93,6 +98,7 @@ pub struct Metrics {
     pool_addresses: Family<PoolStateLabels, Gauge>,
     pool_transitions: Family<TransitionLabels, Counter>,
     accesslog_lines: Family<LineLabels, Counter>,
+    fleet_changes: Family<FleetLabels, Counter>,
     egress: Arc<EgressCollector>,
 }
 
@@ -136,6 +142,14 @@ impl Metrics {
             "Access-log lines read by each monitor, parsed or malformed",
             accesslog_lines.clone(),
         );
+        let fleet_changes = Family::<FleetLabels, Counter>::default();
+        registry.register(
+            "fleet_changes",
+            "Changes made by other instances of the fleet and applied here \
+             (rule_added, rule_removed, ban_taken, ban_lifted), and rereads of \
+             the shared store after its change feed was lost (resync)",
+            fleet_changes.clone(),
+        );
         let egress = Arc::new(EgressCollector {
             sets: Arc::clone(sets),
             ..EgressCollector::default()
@@ -149,6 +163,7 @@ impl Metrics {
             pool_addresses,
             pool_transitions,
             accesslog_lines,
+            fleet_changes,
         };
         for s in sets.summaries() {
             for verdict in ["allow", "deny"] {
@@ -235,6 +250,14 @@ impl Metrics {
                 pool: pool.to_owned(),
                 kind,
             })
+            .inc();
+    }
+
+    /// Counts one change from the fleet applied here (`rule_added`,
+    /// `rule_removed`, `ban_taken`, `ban_lifted`, `resync`).
+    pub fn count_fleet_change(&self, change: &'static str) {
+        self.fleet_changes
+            .get_or_create(&FleetLabels { change })
             .inc();
     }
 

@@ -143,6 +143,20 @@ fn rules_and_bans_apply_across_the_fleet() {
         bans(&a) == ["198.51.100.9"] && bans(&b) == ["198.51.100.9"]
     });
     assert_eq!(verdict(&a, "clients", "198.51.100.9"), "deny");
+    // What b applied from the fleet, counted.
+    let m = http(b.admin, "GET", "/metrics", &[], "").body;
+    for (change, n) in [
+        ("rule_added", 1.0),
+        ("rule_removed", 0.0),
+        ("ban_taken", 1.0),
+    ] {
+        let series = format!("ippool_fleet_changes_total{{change=\"{change}\"}}");
+        assert_eq!(
+            support::metric(&m, &series).unwrap_or(0.0),
+            n,
+            "{series}\n{m}"
+        );
+    }
     let r = call(&a, "DELETE", "/api/bans/clients?rule=198.51.100.9", "");
     assert_eq!(r.status, 200, "{r:?}");
     eventually("b lifted it too", || bans(&b).is_empty());
