@@ -161,3 +161,44 @@ fn a_server_restart_is_survived_and_the_feed_asks_for_a_resync() {
         "a server without persistence restarted empty"
     );
 }
+
+#[test]
+fn passwords_and_acl_users_authenticate_and_wrong_ones_are_refused() {
+    let srv = Server::with_args(&["--requirepass", "p@ss:word"]);
+    let port = srv.port();
+    // The password percent-encoded in the URL, as for any Redis client.
+    let url = format!("redis://:p%40ss%3Aword@127.0.0.1:{port}/0");
+    let s = Store::new(Redis::connect(&url, "auth").expect("the right password"));
+    s.put_ban(&ban("192.0.2.50")).unwrap();
+    assert_eq!(s.bans().unwrap(), vec![ban("192.0.2.50")]);
+
+    let e = Redis::connect(&format!("redis://:nope@127.0.0.1:{port}/0"), "auth")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AUTH") && !e.contains("nope"), "{e}");
+    let e = Redis::connect(&format!("redis://127.0.0.1:{port}/0"), "auth")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NOAUTH"), "no password: {e}");
+
+    // An ACL user (Redis 6+), and another database of the same server.
+    let acl = Server::with_args(&[
+        "--user", "ippool", "on", ">pw", "~*", "&*", "+@all", "--user", "default", "off",
+    ]);
+    let url = format!("redis://ippool:pw@127.0.0.1:{}/3", acl.port());
+    let other = Redis::connect(&url, "acl").expect("the ACL user");
+    let feed = other.changes().expect("the feed authenticates too");
+    let s = Store::new(Redis::connect(&url, "acl").expect("the ACL user"));
+    s.put_ban(&ban("192.0.2.51")).unwrap();
+    assert_eq!(
+        next(&feed),
+        Change::Put(Table::Bans, "clients/192.0.2.51".into())
+    );
+    assert_eq!(
+        acl.cli(&[
+            "--user", "ippool", "--pass", "pw", "-n", "3", "HLEN", "acl:bans"
+        ]),
+        "1",
+        "written to database 3"
+    );
+}

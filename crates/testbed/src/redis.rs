@@ -18,11 +18,21 @@ impl RedisServer {
     ///
     /// When `redis-server` is not installed or does not listen within 10 s.
     pub fn start() -> RedisServer {
+        RedisServer::with_args(&[])
+    }
+
+    /// Starts one on a free loopback port with more `redis-server`
+    /// arguments (`["--requirepass", "s3cret"]`).
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisServer::start`].
+    pub fn with_args(args: &[&str]) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        RedisServer::on(port)
+        RedisServer::spawn(port, args)
     }
 
     /// Starts one on `port` (again, after a drop: a restart, empty).
@@ -31,9 +41,14 @@ impl RedisServer {
     ///
     /// As [`RedisServer::start`].
     pub fn on(port: u16) -> RedisServer {
+        RedisServer::spawn(port, &[])
+    }
+
+    fn spawn(port: u16, args: &[&str]) -> RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (.ci/run installs it)");
