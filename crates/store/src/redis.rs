@@ -454,6 +454,19 @@ impl Redis {
                     }
                 }
             }
+            Reply::Error(e) => {
+                let hint = if e.starts_with("NOAUTH") {
+                    " (the server wants a password: redis://:PASSWORD@host, or \
+                     redis://USER:PASSWORD@host for an ACL user)"
+                } else {
+                    ""
+                };
+                return Err(StoreError::Remote {
+                    target: r.describe(),
+                    operation: "read the format",
+                    reason: format!("the server answered: {e}{hint}"),
+                });
+            }
             other => {
                 return Err(StoreError::Remote {
                     target: r.describe(),

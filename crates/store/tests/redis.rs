@@ -179,7 +179,10 @@ fn passwords_and_acl_users_authenticate_and_wrong_ones_are_refused() {
     let e = Redis::connect(&format!("redis://127.0.0.1:{port}/0"), "auth")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("NOAUTH"), "no password: {e}");
+    assert!(
+        e.contains("NOAUTH") && e.contains("redis://:PASSWORD@host"),
+        "no password: {e}"
+    );
 
     // An ACL user (Redis 6+), and another database of the same server.
     let acl = Server::with_args(&[
