@@ -1248,36 +1248,77 @@ impl Guards {
     }
 }
 
-/// Writes bans to the store as they happen, until shutdown.
+/// Writes bans to the store as they happen, until shutdown. A ban the
+/// store refused (a shared Redis that is down) is kept and written again
+/// every [`BAN_RETRY`], in order, until it is saved or has ended: it is
+/// enforced here all along, and reaches the fleet once the store is back.
 async fn save_bans(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, gateway::guard::Ban)>,
     store: store::Store,
     shutdown: CancellationToken,
 ) {
+    let mut pending: std::collections::VecDeque<store::Ban> = std::collections::VecDeque::new();
+    let mut failing = false;
+    let mut retry = tokio::time::interval(BAN_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (set, ban) = tokio::select! {
+        tokio::select! {
             () = shutdown.cancelled() => return,
             next = rx.recv() => match next {
-                Some(b) => b,
+                Some((set, ban)) => {
+                    let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+                    pending.push_back(store::Ban {
+                        set,
+                        network: ban.rule.to_string(),
+                        until_unix_ms: crate::rules::unix_ms(ban.until, now, wall),
+                        times: ban.times,
+                        reason: ban.offense.map_or("restored", |o| o.name()).to_owned(),
+                    });
+                }
                 None => return,
             },
-        };
-        let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
-        let record = store::Ban {
-            set,
-            network: ban.rule.to_string(),
-            until_unix_ms: crate::rules::unix_ms(ban.until, now, wall),
-            times: ban.times,
-            reason: ban.offense.map_or("restored", |o| o.name()).to_owned(),
-        };
-        let st = store.clone();
-        match tokio::task::spawn_blocking(move || st.put_ban(&record)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "ban not saved: it ends with this process"),
-            Err(e) => tracing::error!(error = %e, "ban not saved"),
+            _ = retry.tick(), if !pending.is_empty() => {}
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        pending.retain(|b| b.until_unix_ms > now_ms);
+        let mut saved = 0usize;
+        while let Some(record) = pending.front().cloned() {
+            let st = store.clone();
+            let error = match tokio::task::spawn_blocking(move || st.put_ban(&record)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            match error {
+                None => {
+                    pending.pop_front();
+                    saved += 1;
+                }
+                Some(e) => {
+                    if !failing {
+                        tracing::error!(
+                            error = %e,
+                            pending = pending.len(),
+                            "ban not saved: enforced here, written again every {:?} until the store takes it",
+                            BAN_RETRY
+                        );
+                    }
+                    failing = true;
+                    break;
+                }
+            }
+        }
+        if failing && pending.is_empty() {
+            failing = false;
+            tracing::info!(saved, "bans saved: the store is back");
         }
     }
 }
+
+/// How often bans the store refused are written again.
+const BAN_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The addresses an egress listener must not connect to as destinations:
 /// the source range of its pool (CIDR, range or list) and its own listen

@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Daemon, TempDir, http, serve_fails, verdict};
+use support::{Daemon, Fate, PeerEcho, TempDir, http, proxy_get, send_from, serve_fails, verdict};
 use testbed::redis::RedisServer as Redis;
 
 const TOKEN: &str = "fleet-admin-token-0123456789";
@@ -34,6 +34,16 @@ deny = ["10.0.0.0/8"]
 threshold = 3
 window = "1m"
 ban = "1h"
+[pools.loop]
+source = "127.0.30.0/29"
+strategy = "round_robin"
+max_uses = 0
+[egress.main]
+listen = "127.0.0.1:0"
+pool = "loop"
+rules = "clients"
+users_file = "users"
+allow = ["127.0.0.0/8"]
 "#,
         redis.port()
     )
@@ -82,18 +92,20 @@ fn bans(d: &Daemon) -> Vec<String> {
 /// Two daemons sharing `redis` (each with its own state_dir).
 fn pair(redis: &Redis) -> (TempDir, TempDir, Daemon, Daemon) {
     let (da, db) = (TempDir::new(), TempDir::new());
+    da.write("users", "alice:secret\n");
+    db.write("users", "alice:secret\n");
     let a = start(&da.write("ippool.toml", &config(redis)));
     let b = start(&db.write("ippool.toml", &config(redis)));
     (da, db, a, b)
 }
 
-/// Polls `f` until it is true, for up to 5 s.
+/// Polls `f` until it is true, for up to 10 s.
 fn eventually(what: &str, f: impl Fn() -> bool) {
     let t0 = Instant::now();
     while !f() {
         assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "not within 5 s: {what}"
+            t0.elapsed() < Duration::from_secs(10),
+            "not within 10 s: {what}"
         );
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -187,6 +199,74 @@ fn rules_and_bans_apply_across_the_fleet() {
         verdict(&b, "clients", "203.0.113.5"),
         "deny",
         "what it had stays"
+    );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
+
+/// `alice:secret` and `alice:wrong`, Base64.
+const GOOD: &str = "YWxpY2U6c2VjcmV0";
+const BAD: &str = "YWxpY2U6d3Jvbmc=";
+
+#[test]
+fn a_client_banned_by_one_instance_is_refused_by_the_other() {
+    let mut redis = Redis::start();
+    let port = redis.port();
+    let (_da, _db, mut a, mut b) = pair(&redis);
+    let upstream = PeerEcho::start();
+    let (pa, pb) = (a.egress("main"), b.egress("main"));
+    let ok = proxy_get(upstream.addr, Some(GOOD));
+    let bad = proxy_get(upstream.addr, Some(BAD));
+    let refused = |f: Fate| matches!(f, Fate::Refused | Fate::NoConnection);
+
+    assert_eq!(send_from("127.0.0.4", pb, &ok), Fate::Status(200));
+    // Wrong credentials on a, three times: a bans 127.0.0.4, and so does b.
+    for i in 1..=3 {
+        assert_eq!(
+            send_from("127.0.0.4", pa, &bad),
+            Fate::Status(407),
+            "attempt {i}"
+        );
+    }
+    assert!(refused(send_from("127.0.0.4", pa, &ok)), "banned on a");
+    eventually("b refuses 127.0.0.4", || {
+        refused(send_from("127.0.0.4", pb, &ok))
+    });
+    assert_eq!(
+        send_from("127.0.0.5", pb, &ok),
+        Fate::Status(200),
+        "others unaffected"
+    );
+
+    // Redis down: a ban taken meanwhile is enforced where it was taken,
+    // and reaches the others once Redis is back (written again by a).
+    drop(redis);
+    for i in 1..=3 {
+        assert_eq!(
+            send_from("127.0.0.7", pa, &bad),
+            Fate::Status(407),
+            "attempt {i}"
+        );
+    }
+    assert!(refused(send_from("127.0.0.7", pa, &ok)), "banned on a");
+    assert_eq!(
+        send_from("127.0.0.7", pb, &ok),
+        Fate::Status(200),
+        "b has not heard yet"
+    );
+    redis = Redis::on(port);
+    eventually("b refuses 127.0.0.7 once Redis is back", || {
+        refused(send_from("127.0.0.7", pb, &ok))
+    });
+    assert!(
+        refused(send_from("127.0.0.4", pb, &ok)),
+        "the earlier ban stays"
+    );
+    assert!(
+        redis
+            .cli(&["HGET", "fleet-test:bans", "clients/127.0.0.7"])
+            .contains("auth_failed"),
+        "saved once Redis was back"
     );
     assert!(a.terminate().success());
     assert!(b.terminate().success());

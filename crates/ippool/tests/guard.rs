@@ -5,63 +5,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
-use support::{Daemon, PeerEcho, TempDir, http};
+use support::{Daemon, Fate, PeerEcho, TempDir, http, proxy_get, send_from};
 
 const TOKEN: &str = "guard-admin-token-0123456789";
-
-/// What happened to a request sent from `src`.
-#[derive(Debug, PartialEq, Eq)]
-enum Fate {
-    /// An HTTP status came back.
-    Status(u16),
-    /// Reset or closed before any answer (refused at accept).
-    Refused,
-    /// No connection within the timeout (SYN dropped).
-    NoConnection,
-}
-
-fn send_from(src: &str, to: SocketAddr, request: &str) -> Fate {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let src: IpAddr = src.parse().expect("source");
-    s.bind(&SocketAddr::new(src, 0).into())
-        .expect("bind source");
-    match s.connect_timeout(&to.into(), Duration::from_millis(400)) {
-        Ok(()) => {}
-        // The reset of a refused peer may beat connect() to userspace.
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Fate::Refused,
-        Err(_) => return Fate::NoConnection,
-    }
-    let mut s: std::net::TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    if s.write_all(request.as_bytes()).is_err() {
-        return Fate::Refused;
-    }
-    let mut buf = Vec::new();
-    match s.read_to_end(&mut buf) {
-        Ok(_) if buf.starts_with(b"HTTP/1.1 ") => {
-            let code = String::from_utf8_lossy(&buf[9..12])
-                .parse()
-                .expect("status");
-            Fate::Status(code)
-        }
-        _ => Fate::Refused,
-    }
-}
-
-fn proxy_get(upstream: SocketAddr, auth: Option<&str>) -> String {
-    let auth = auth.map_or(String::new(), |a| {
-        format!("Proxy-Authorization: Basic {a}\r\n")
-    });
-    format!(
-        "GET http://{upstream}/ HTTP/1.1\r\nHost: {upstream}\r\n{auth}Connection: close\r\n\r\n"
-    )
-}
 
 const CONFIG: &str = r#"
 shutdown_timeout = "5s"

@@ -5,7 +5,7 @@
 #![allow(dead_code, reason = "each test file uses a subset")]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -439,4 +439,58 @@ pub fn verdict(d: &Daemon, set: &str, ip: &str) -> String {
     );
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
     v["verdict"].as_str().expect("verdict").to_owned()
+}
+
+/// What happened to a request sent from `src` ([`send_from`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// An HTTP status came back.
+    Status(u16),
+    /// Reset or closed before any answer (refused at accept).
+    Refused,
+    /// No connection within the timeout (SYN dropped).
+    NoConnection,
+}
+
+/// Sends `request` to `to` from source address `src` (any 127.0.0.0/8
+/// address works on loopback) and reads the answer.
+pub fn send_from(src: &str, to: SocketAddr, request: &str) -> Fate {
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let src: IpAddr = src.parse().expect("source");
+    s.bind(&SocketAddr::new(src, 0).into())
+        .expect("bind source");
+    match s.connect_timeout(&to.into(), Duration::from_millis(400)) {
+        Ok(()) => {}
+        // The reset of a refused peer may beat connect() to userspace.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Fate::Refused,
+        Err(_) => return Fate::NoConnection,
+    }
+    let mut s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    if s.write_all(request.as_bytes()).is_err() {
+        return Fate::Refused;
+    }
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf) {
+        Ok(_) if buf.starts_with(b"HTTP/1.1 ") => {
+            let code = String::from_utf8_lossy(&buf[9..12])
+                .parse()
+                .expect("status");
+            Fate::Status(code)
+        }
+        _ => Fate::Refused,
+    }
+}
+
+/// A forward-proxy request for `http://upstream/`, with Basic proxy
+/// credentials `auth` (Base64) if given.
+pub fn proxy_get(upstream: SocketAddr, auth: Option<&str>) -> String {
+    let auth = auth.map_or(String::new(), |a| {
+        format!("Proxy-Authorization: Basic {a}\r\n")
+    });
+    format!(
+        "GET http://{upstream}/ HTTP/1.1\r\nHost: {upstream}\r\n{auth}Connection: close\r\n\r\n"
+    )
 }
