@@ -331,6 +331,39 @@ pub(crate) fn named_in(connection: &[&[u8]], name: &str) -> bool {
         .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
 }
 
+/// An answer of the proxy's own, as the hyper paths make it, into `out`
+/// (cleared first): `status`, `x-ippool-error: error` (a header-safe
+/// rendering of `body`), the `extra` header lines as given, `retry-after`
+/// and `connection: close` when asked, and `body` plus a newline as a
+/// text/plain body.
+pub(crate) fn own_response(
+    out: &mut Vec<u8>,
+    status: http::StatusCode,
+    error: &[u8],
+    body: &str,
+    extra: &[u8],
+    retry_after: Option<u64>,
+    close: bool,
+) {
+    use std::io::Write as _;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    header_line(out, crate::egress::ERROR_HEADER.as_bytes(), error);
+    out.extend_from_slice(extra);
+    if let Some(secs) = retry_after {
+        let _ = write!(out, "retry-after: {secs}\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let _ = write!(out, "content-length: {}\r\n\r\n{body}\n", body.len() + 1);
+}
+
 /// Appends one header line.
 pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);

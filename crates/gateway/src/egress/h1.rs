@@ -33,12 +33,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::Ctx;
 use super::auth::{self, AuthError, Identity};
 use super::dial;
 use super::http::{Reject, header_text, session_for};
 use super::metrics::{Protocol, RequestResult};
 use super::upstream::{Key, KeyRef, Pooled};
-use super::{Ctx, ERROR_HEADER};
 use crate::wire::{
     self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, NextHead, Parsed,
     Rewrite, copy_body, header_line, hop_by_hop, is, named_in,
@@ -315,33 +315,19 @@ fn parse(
 
 /// An answer of the proxy's own, as `http.rs` makes it.
 fn write_reject(out: &mut Vec<u8>, r: &Reject, close: bool) {
-    use std::io::Write as _;
-    out.clear();
-    let _ = write!(
+    let extra: &[u8] = if r.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        b"proxy-authenticate: Basic realm=\"ippool\"\r\n"
+    } else {
+        b""
+    };
+    wire::own_response(
         out,
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n",
-        r.status.as_u16(),
-        r.status.canonical_reason().unwrap_or("")
-    );
-    header_line(
-        out,
-        ERROR_HEADER.as_bytes(),
+        r.status,
         header_text(&r.message).as_bytes(),
-    );
-    if r.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-        out.extend_from_slice(b"proxy-authenticate: Basic realm=\"ippool\"\r\n");
-    }
-    if let Some(secs) = r.retry_after {
-        let _ = write!(out, "retry-after: {secs}\r\n");
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    let _ = write!(
-        out,
-        "content-length: {}\r\n\r\n{}\n",
-        r.message.len() + 1,
-        r.message
+        &r.message,
+        extra,
+        r.retry_after,
+        close,
     );
 }
 

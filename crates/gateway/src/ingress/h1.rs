@@ -48,7 +48,7 @@ use super::options::is_token;
 use super::proxy::{Reject, connect, header_text, removed, response_timeout};
 use super::routes::{RouteRt, request_host};
 use super::upstream::Registration;
-use super::{Balance, Conn, Ctx, ERROR_HEADER};
+use super::{Balance, Conn, Ctx};
 
 /// A connection to a backend used by the fast path, with its read buffer.
 pub(crate) struct RawUpstream {
@@ -330,27 +330,15 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Parsed<Prep> {
 
 /// A response the proxy makes itself, as the hyper path makes it.
 fn write_reject(out: &mut Vec<u8>, rej: &Reject, close: bool, retry_after: Option<u64>) {
-    use std::io::Write as _;
-    let body_len = rej.reason.len() + 1;
-    out.clear();
-    let _ = write!(
+    wire::own_response(
         out,
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n",
-        rej.status.as_u16(),
-        rej.status.canonical_reason().unwrap_or("")
-    );
-    header_line(
-        out,
-        ERROR_HEADER.as_bytes(),
+        rej.status,
         header_text(&rej.reason).as_bytes(),
+        &rej.reason,
+        b"",
+        retry_after,
+        close,
     );
-    if let Some(secs) = retry_after {
-        let _ = write!(out, "retry-after: {secs}\r\n");
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    let _ = write!(out, "content-length: {body_len}\r\n\r\n{}\n", rej.reason);
 }
 
 /// Serves a plain client connection until it closes or needs hyper.
