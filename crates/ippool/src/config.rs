@@ -121,7 +121,13 @@ impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreConfig")
             .field("backend", self.backend.get_ref())
-            .field("url", &self.url.as_ref().map(|u| redact_url(u.get_ref())))
+            .field(
+                "url",
+                &self
+                    .url
+                    .as_ref()
+                    .map(|u| store::Redis::redacted(u.get_ref())),
+            )
             .field("url_env", &self.url_env.as_ref().map(Spanned::get_ref))
             .field("prefix", &self.prefix.as_ref().map(Spanned::get_ref))
             .finish()
@@ -174,16 +180,11 @@ impl std::fmt::Debug for StoreSpec {
             StoreSpec::Embedded => f.write_str("Embedded"),
             StoreSpec::Redis { url, prefix } => f
                 .debug_struct("Redis")
-                .field("url", &redact_url(url))
+                .field("url", &store::Redis::redacted(url))
                 .field("prefix", prefix)
                 .finish(),
         }
     }
-}
-
-/// `url` with the password of its user part replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    store::Redis::redacted(url)
 }
 
 fn redacted_url<S: serde::Serializer>(
@@ -191,7 +192,7 @@ fn redacted_url<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match url {
-        Some(u) => s.serialize_some(&redact_url(u.get_ref())),
+        Some(u) => s.serialize_some(&store::Redis::redacted(u.get_ref())),
         None => s.serialize_none(),
     }
 }

@@ -109,9 +109,7 @@ impl Follower {
         if self.store.rule(key)?.is_some() {
             return Ok(());
         }
-        // `set/list/rule`: the rule is last and may hold a `/`.
-        let mut parts = key.splitn(3, '/');
-        let (Some(set), Some(list), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
+        let Some((set, list, text)) = store::RuntimeRule::split_key(key) else {
             return Ok(());
         };
         let (Some(l), Ok(rule)) = (List::parse(list), text.parse::<iprules::Rule>()) else {
@@ -149,7 +147,7 @@ impl Follower {
         if self.store.ban(key)?.is_some() {
             return Ok(());
         }
-        let Some((set, text)) = key.split_once('/') else {
+        let Some((set, text)) = store::Ban::split_key(key) else {
             return Ok(());
         };
         let Ok(rule) = text.parse::<iprules::Rule>() else {

@@ -23,6 +23,11 @@ impl Ban {
     pub fn key(&self) -> String {
         format!("{}/{}", self.set, self.network)
     }
+
+    /// A key split back into (set, network), as [`Ban::key`] made it.
+    pub fn split_key(key: &str) -> Option<(&str, &str)> {
+        key.split_once('/')
+    }
 }
 
 /// A rule added at run time to a named rule set.
@@ -42,6 +47,14 @@ impl RuntimeRule {
     /// The record's key: `set/list/rule`.
     pub fn key(&self) -> String {
         format!("{}/{}/{}", self.set, self.list, self.rule)
+    }
+
+    /// A key split back into (set, list, rule), as [`RuntimeRule::key`]
+    /// made it (the rule is last and may hold a `/`).
+    pub fn split_key(key: &str) -> Option<(&str, &str, &str)> {
+        let (set, rest) = key.split_once('/')?;
+        let (list, rule) = rest.split_once('/')?;
+        Some((set, list, rule))
     }
 }
 
@@ -137,6 +150,30 @@ impl HealthRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_split_back_into_their_parts() {
+        let r = RuntimeRule {
+            set: "clients".into(),
+            list: "deny".into(),
+            rule: "10.0.0.0/8".into(),
+            until_unix_ms: None,
+        };
+        assert_eq!(
+            RuntimeRule::split_key(&r.key()),
+            Some(("clients", "deny", "10.0.0.0/8"))
+        );
+        assert_eq!(RuntimeRule::split_key("clients/deny"), None);
+        let b = Ban {
+            set: "clients".into(),
+            network: "2001:db8::/64".into(),
+            until_unix_ms: 1,
+            times: 1,
+            reason: String::new(),
+        };
+        assert_eq!(Ban::split_key(&b.key()), Some(("clients", "2001:db8::/64")));
+        assert_eq!(Ban::split_key("nothing"), None);
+    }
 
     #[test]
     fn health_record_key_cooldown_and_json() {
