@@ -331,6 +331,15 @@ pub(crate) fn named_in(connection: &[&[u8]], name: &str) -> bool {
         .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
 }
 
+/// What a lean path does with a client connection after an exchange.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Read the next request.
+    KeepAlive,
+    /// Close it.
+    Close,
+}
+
 /// An answer of the proxy's own, as the hyper paths make it, into `out`
 /// (cleared first): `status`, `x-ippool-error: error` (a header-safe
 /// rendering of `body`), the `extra` header lines as given, `retry-after`

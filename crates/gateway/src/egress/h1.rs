@@ -40,7 +40,7 @@ use super::http::{Reject, header_text, session_for};
 use super::metrics::{Protocol, RequestResult};
 use super::upstream::{Key, KeyRef, Pooled};
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, NextHead, Parsed,
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead, Parsed,
     Rewrite, copy_body, header_line, hop_by_hop, is, named_in,
 };
 
@@ -329,13 +329,6 @@ fn write_reject(out: &mut Vec<u8>, r: &Reject, close: bool) {
         r.retry_after,
         close,
     );
-}
-
-/// After an exchange.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Next {
-    KeepAlive,
-    Close,
 }
 
 /// A client connection's buffers and timers.

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, NextHead, Parsed,
+    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead, Parsed,
     RespHead, Rewrite, copy_body, header_line, hop_by_hop, is, named_in, text,
 };
 
@@ -45,7 +45,7 @@ use super::balance::{Mask, key_of};
 use super::headers::push_param;
 use super::metrics::Refusal;
 use super::options::is_token;
-use super::proxy::{Reject, connect, header_text, removed, response_timeout};
+use super::proxy::{Reject, connect, header_text, rate_limited, removed, response_timeout};
 use super::routes::{RouteRt, request_host};
 use super::upstream::Registration;
 use super::{Balance, Conn, Ctx};
@@ -173,16 +173,8 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Parsed<Prep> {
 
     // The client's rate limit, per request (keep-alive does not escape it).
     if let Err(wait) = opts.guard.check_request(conn.peer.ip()) {
-        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-        return answer(
-            Reject::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                Refusal::BadRequest,
-                format!("too many requests from your address; retry after {secs}s"),
-            ),
-            Some(secs),
-            log,
-        );
+        let (reject, secs) = rate_limited(wait);
+        return answer(reject, Some(secs), log);
     }
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let host = request_host(host_raw);
@@ -429,13 +421,6 @@ where
             buf = BytesMut::with_capacity(CHUNK);
         }
     }
-}
-
-/// After an exchange.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Next {
-    KeepAlive,
-    Close,
 }
 
 /// A response the proxy makes itself.

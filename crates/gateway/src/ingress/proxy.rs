@@ -118,6 +118,18 @@ pub(crate) async fn handle(
     resp
 }
 
+/// The 429 for a client over its rate limit, and the whole seconds (at
+/// least 1) for its `Retry-After`.
+pub(crate) fn rate_limited(wait: std::time::Duration) -> (Reject, u64) {
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let reject = Reject::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        Refusal::BadRequest,
+        format!("too many requests from your address; retry after {secs}s"),
+    );
+    (reject, secs)
+}
+
 async fn handle_inner(
     conn: Arc<Conn>,
     req: Request<Incoming>,
@@ -126,13 +138,8 @@ async fn handle_inner(
     let http2 = req.version() == Version::HTTP_2;
     // The client's rate limit, per request (keep-alive does not escape it).
     if let Err(wait) = conn.ctx.opts.guard.check_request(conn.peer.ip()) {
-        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-        let mut resp = Reject::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            Refusal::BadRequest,
-            format!("too many requests from your address; retry after {secs}s"),
-        )
-        .response();
+        let (reject, secs) = rate_limited(wait);
+        let mut resp = reject.response();
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         conn.ctx.metrics.response(resp.status(), http2);
