@@ -322,7 +322,12 @@ pub(crate) fn length(v: &[u8]) -> Option<u64> {
 /// Whether `name` is listed in a `Connection` header (and so is
 /// hop-by-hop), `Content-Length` and `Host` excepted as on the hyper path.
 pub(crate) fn named_in(connection: &[&[u8]], name: &str) -> bool {
-    if is(name, "content-length") || is(name, "host") || is(name, "transfer-encoding") {
+    // Most messages have no Connection header: one length check.
+    if connection.is_empty()
+        || is(name, "content-length")
+        || is(name, "host")
+        || is(name, "transfer-encoding")
+    {
         return false;
     }
     connection
@@ -604,7 +609,7 @@ pub(crate) fn parse_response(
         if hop_by_hop(name)
             || is(name, "upgrade")
             || (encoded && is(name, "content-length"))
-            || (!connection.is_empty() && named_in(connection, name))
+            || named_in(connection, name)
             || (rw.drop)(name)
         {
             continue;

@@ -294,7 +294,7 @@ fn parse(
         if hop_by_hop(name)
             || is(name, "proxy-authenticate")
             || is(name, "host")
-            || (!connection.is_empty() && named_in(connection, name))
+            || named_in(connection, name)
         {
             continue;
         }

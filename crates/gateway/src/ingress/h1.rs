@@ -236,7 +236,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Parsed<Prep> {
     let (mut have_proto, mut have_host) = (false, false);
     for h in headers {
         let name = h.name;
-        if hop_by_hop(name) || (!connection.is_empty() && named_in(connection, name)) {
+        if hop_by_hop(name) || named_in(connection, name) {
             continue;
         }
         let x_for = is(name, "x-forwarded-for");
