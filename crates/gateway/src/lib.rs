@@ -19,6 +19,7 @@
 //!   at run time, per-route balancing, passive and active backend health.
 
 pub mod access;
+mod activity;
 pub mod egress;
 pub mod guard;
 pub mod ingress;

@@ -1,7 +1,6 @@
 //! Moving bytes both ways between a client and an upstream, for every
 //! proxy that ends in a byte pipe (CONNECT and SOCKS5 tunnels, the L4
-//! balancer): [`splice`] between two TCP sockets, and [`Activity`] for
-//! the idle timeout.
+//! balancer): [`splice`] between two TCP sockets.
 //!
 //! [`splice`] moves a bulk flow with splice(2) through a pipe per
 //! direction: the kernel hands socket buffer pages to the pipe and from
@@ -15,11 +14,11 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use crate::activity::Activity;
 
 /// Bytes a pipe holds (F_SETPIPE_SZ; the kernel's default is 64 KiB, and
 /// an unprivileged process may raise it to `/proc/sys/fs/pipe-max-size`,
@@ -46,48 +45,6 @@ pub(crate) trait Meter {
     /// `from` reached end of stream, or reading from it failed. Called at
     /// most once per side.
     fn ended(&self, from: Side);
-}
-
-/// Whether bytes moved: [`touch`](Activity::touch) on every read and
-/// write only sets a flag (no clock read); [`idle`](Activity::idle) checks
-/// it in quarters of the idle time.
-#[derive(Debug, Default)]
-pub(crate) struct Activity {
-    moved: AtomicBool,
-}
-
-impl Activity {
-    /// Records that bytes moved.
-    pub(crate) fn touch(&self) {
-        // Read first: most touches find the flag already set, and a load
-        // does not take the cache line from the other side's core.
-        if !self.moved.load(Ordering::Relaxed) {
-            self.moved.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Resolves once nothing moved for `idle` (counted from the call; at
-    /// most a quarter of `idle` late).
-    pub(crate) async fn idle(&self, idle: Duration) {
-        let step = (idle / 4).max(Duration::from_millis(1));
-        let mut quiet = Duration::ZERO;
-        self.moved.store(false, Ordering::Relaxed);
-        let sleep = tokio::time::sleep(step.min(idle));
-        tokio::pin!(sleep);
-        loop {
-            sleep.as_mut().await;
-            if self.moved.swap(false, Ordering::Relaxed) {
-                quiet = Duration::ZERO;
-            } else {
-                quiet += step.min(idle);
-                if quiet >= idle {
-                    return;
-                }
-            }
-            let next = sleep.deadline() + step.min(idle - quiet);
-            sleep.as_mut().reset(next);
-        }
-    }
 }
 
 /// Copies both ways between `client` and `upstream` until both have
@@ -290,6 +247,7 @@ impl Pipe {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;

@@ -23,11 +23,12 @@ use super::auth::{self, AuthError, Identity};
 use super::body::{Exchange, ProxyBody, UpBody};
 use super::dial::{self, DialError};
 use super::metrics::{Protocol, RequestResult};
-use super::tunnel::{self, Touched};
+use super::tunnel;
 use super::upstream::{Conn, Key, KeyRef};
 use super::{Ctx, SessionFrom};
+use crate::activity::{Activity, Touched};
 use crate::guard::Offense;
-use crate::relay::Activity;
+
 use crate::wire::Rewind;
 
 /// The response header that tells the client the source address used.

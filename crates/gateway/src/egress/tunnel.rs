@@ -1,71 +1,18 @@
 //! Byte tunnels (CONNECT, SOCKS5): spliced both ways with an idle
-//! timeout, byte counters and early-EOF detection; and [`Touched`], the
-//! activity wrapper of the HTTP connections they start from.
+//! timeout, byte counters and early-EOF detection.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use addrpool::{Outcome, PooledStream};
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::metrics::EgressMetrics;
-use crate::relay::{self, Activity, Meter, Side};
-
-/// An IO that records activity on every read and write that moved bytes
-/// (for the client connection's idle timeout).
-pub(crate) struct Touched<T> {
-    pub(crate) io: T,
-    act: Arc<Activity>,
-}
-
-impl<T> Touched<T> {
-    pub(crate) fn new(io: T, act: Arc<Activity>) -> Touched<T> {
-        Touched { io, act }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Touched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.act.touch();
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Touched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.act.touch();
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+use crate::activity::Activity;
+use crate::relay::{self, Meter, Side};
 
 /// Which side of a tunnel ended first.
 const NOBODY: u8 = 0;

@@ -136,7 +136,6 @@ mod body;
 mod check;
 mod h1;
 mod headers;
-mod io;
 mod metrics;
 mod options;
 mod proxy;
@@ -173,9 +172,9 @@ pub use routes::{
 };
 pub use tls::{CertPaths, CertStore, TlsError, rustls_server_config};
 
+use crate::activity::{Activity, Touched};
 use crate::wire::Rewind;
 use headers::{ClientInfo, ViaValues};
-use io::{Activity, Watched};
 use tasks::Tasks;
 
 /// Why an ingress listener could not start.
@@ -448,7 +447,7 @@ async fn serve_conn(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
             let h2 = ctx.opts.http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Conn::new(&ctx, peer, true, act.clone());
             if h2 {
-                run_conn(&ctx, &ctx.h2, Watched::new(tls, act.clone()), conn, act).await;
+                run_conn(&ctx, &ctx.h2, Touched::new(tls, act.clone()), conn, act).await;
                 return;
             }
             let (tls, pre) = if ctx.opts.fast_h1 {
@@ -460,7 +459,7 @@ async fn serve_conn(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
             } else {
                 (tls, bytes::Bytes::new())
             };
-            let io = Watched::new(Rewind::new(pre, tls), act.clone());
+            let io = Touched::new(Rewind::new(pre, tls), act.clone());
             run_conn(&ctx, &ctx.h1, io, conn, act).await;
         }
         None => {
@@ -482,7 +481,7 @@ async fn serve_conn(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
                 (stream, bytes::Bytes::new())
             };
             let builder = if ctx.opts.http2 { &ctx.auto } else { &ctx.h1 };
-            let io = Watched::new(Rewind::new(pre, stream), act.clone());
+            let io = Touched::new(Rewind::new(pre, stream), act.clone());
             run_conn(&ctx, builder, io, conn, act).await;
         }
     }

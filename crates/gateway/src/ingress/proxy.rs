@@ -20,11 +20,11 @@ use super::backend::{BackendRt, InFlight, inc};
 use super::balance::{Mask, request_key};
 use super::body::{ClientBody, Exchange, ProxyBody, TooLarge, UpBody, caused_by};
 use super::headers::{self, add_forwarding, strip_hop_by_hop};
-use super::io::{Activity, Watched};
 use super::metrics::Refusal;
 use super::routes::request_host;
 use super::upstream::Upstream;
 use super::{Conn, Ctx, ERROR_HEADER};
+use crate::activity::{Activity, Touched};
 
 /// A request the proxy answers itself.
 pub(crate) struct Reject {
@@ -683,8 +683,8 @@ async fn tunnel(
     };
     drop(sender);
     let act = Arc::new(Activity::default());
-    let mut c = Watched::new(TokioIo::new(c), act.clone());
-    let mut b = Watched::new(TokioIo::new(b), act.clone());
+    let mut c = Touched::new(TokioIo::new(c), act.clone());
+    let mut b = Touched::new(TokioIo::new(b), act.clone());
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut c, &mut b) => {
             if let Err(e) = r {

@@ -88,7 +88,8 @@ pub use options::{
     L4Options, L4OptionsError, MAX_WEIGHT, Strategy, TransitionSink, UnknownStrategy, Upstream,
 };
 
-use crate::relay::{self, Activity, Meter, Side};
+use crate::activity::Activity;
+use crate::relay::{self, Meter, Side};
 use balancer::{Balancer, Pick, inc};
 use metrics::Refused;
 
