@@ -386,6 +386,23 @@ pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A header value from any text: control and non-ASCII characters
+/// replaced by `?`, at most 1024 of them (error reasons, host names).
+pub(crate) fn header_text(s: &str) -> http::HeaderValue {
+    let clean: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(1024)
+        .collect();
+    http::HeaderValue::from_str(&clean).unwrap_or(http::HeaderValue::from_static("error"))
+}
+
 /// How a response body is framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Framing {

@@ -36,12 +36,12 @@ use tokio::time::Instant;
 use super::Ctx;
 use super::auth::{self, AuthError, Identity};
 use super::dial;
-use super::http::{Reject, header_text, session_for};
+use super::http::{Reject, session_for};
 use super::metrics::{Protocol, RequestResult};
 use super::upstream::{Key, KeyRef, Pooled};
 use crate::wire::{
     self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead, Parsed,
-    Rewrite, copy_body, header_line, hop_by_hop, is, named_in,
+    Rewrite, copy_body, header_line, header_text, hop_by_hop, is, named_in,
 };
 
 /// An upstream connection of the fast path, with its read buffer.

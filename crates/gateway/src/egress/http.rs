@@ -29,7 +29,7 @@ use super::{Ctx, SessionFrom};
 use crate::activity::{Activity, Touched};
 use crate::guard::Offense;
 
-use crate::wire::Rewind;
+use crate::wire::{Rewind, header_text};
 
 /// The response header that tells the client the source address used.
 pub const SOURCE_HEADER: &str = "x-ippool-source";
@@ -143,22 +143,6 @@ impl From<AuthError> for Reject {
             retry_after: None,
         }
     }
-}
-
-/// A header value from any text (control and non-ASCII bytes replaced).
-pub(crate) fn header_text(s: &str) -> HeaderValue {
-    let clean: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .take(1024)
-        .collect();
-    HeaderValue::from_str(&clean).unwrap_or(HeaderValue::from_static("error"))
 }
 
 fn error_response(r: &Reject) -> Response<ProxyBody> {

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::wire::{
     self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead, Parsed,
-    RespHead, Rewrite, copy_body, header_line, hop_by_hop, is, named_in, text,
+    RespHead, Rewrite, copy_body, header_line, header_text, hop_by_hop, is, named_in, text,
 };
 
 use super::backend::{BackendRt, inc};
@@ -45,7 +45,7 @@ use super::balance::{Mask, key_of};
 use super::headers::push_param;
 use super::metrics::Refusal;
 use super::options::is_token;
-use super::proxy::{Reject, connect, header_text, rate_limited, removed, response_timeout};
+use super::proxy::{Reject, connect, rate_limited, removed, response_timeout};
 use super::routes::{RouteRt, request_host};
 use super::upstream::Registration;
 use super::{Balance, Conn, Ctx};

@@ -25,6 +25,7 @@ use super::routes::request_host;
 use super::upstream::Upstream;
 use super::{Conn, Ctx, ERROR_HEADER};
 use crate::activity::{Activity, Touched};
+use crate::wire::header_text;
 
 /// A request the proxy answers itself.
 pub(crate) struct Reject {
@@ -57,23 +58,6 @@ impl Reject {
         h.insert(ERROR_HEADER, header_text(&self.reason));
         resp
     }
-}
-
-/// A header value from any text (control and non-ASCII characters
-/// replaced, at most 512 of them).
-pub(crate) fn header_text(s: &str) -> HeaderValue {
-    let clean: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .take(512)
-        .collect();
-    HeaderValue::from_str(&clean).unwrap_or(HeaderValue::from_static("error"))
 }
 
 /// The service of every client connection.
