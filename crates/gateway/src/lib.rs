@@ -25,4 +25,5 @@ pub mod guard;
 pub mod ingress;
 pub mod l4;
 mod relay;
+mod tasks;
 mod wire;

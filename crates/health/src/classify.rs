@@ -25,6 +25,29 @@ pub enum Outcome {
     Reported(Verdict),
 }
 
+impl Outcome {
+    /// The outcome of a failed connect: [`Outcome::ConnectError`] when the
+    /// error says something about the peer (refused, reset, unreachable,
+    /// ...), and a neutral report when it is this host's own trouble (out
+    /// of file descriptors, ephemeral ports, buffers or memory), which must
+    /// not bench a healthy peer.
+    pub fn of_connect_error(e: &io::Error) -> Outcome {
+        let local_kind = matches!(
+            e.kind(),
+            io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse | io::ErrorKind::OutOfMemory
+        );
+        let local_errno = matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        if local_kind || local_errno {
+            Outcome::Reported(Verdict::Neutral)
+        } else {
+            Outcome::ConnectError(e.kind())
+        }
+    }
+}
+
 /// What an [`Outcome`] means for the key's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -224,6 +247,37 @@ impl From<Verdict> for Observation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_connect_errors_are_neutral_and_the_peers_are_connect_errors() {
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert_eq!(
+                Outcome::of_connect_error(&e),
+                Outcome::ConnectError(e.kind()),
+                "{errno}"
+            );
+        }
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+            libc::EADDRINUSE,
+        ] {
+            assert_eq!(
+                Outcome::of_connect_error(&io::Error::from_raw_os_error(errno)),
+                Outcome::Reported(Verdict::Neutral),
+                "{errno}"
+            );
+        }
+    }
 
     #[test]
     fn default_classification() {

@@ -103,21 +103,17 @@ mod tests;
 mod tunnel;
 mod upstream;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use addrpool::Pool;
 use iprules::{Policy, Shared};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
-use tokio_util::task::TaskTracker;
+
+use crate::tasks::Tasks;
 
 pub use self::http::{ERROR_HEADER, SOURCE_HEADER};
 pub use metrics::{EgressMetrics, EgressMetricsSnapshot, Protocol, RequestResult};
@@ -153,141 +149,6 @@ pub enum EgressError {
     /// The listener socket is unusable.
     #[error("listener: {0}")]
     Listener(#[source] std::io::Error),
-}
-
-/// Locks of the abort registry of [`Tasks`] (tasks are spread over them).
-const TASK_SHARDS: usize = 8;
-
-/// The tasks of one listener: client connections, tunnels, upstream
-/// connections. Counted by a [`TaskTracker`] (a counter: no lock, nothing
-/// to reap); each can be aborted through its entry in a sharded registry
-/// that the task removes itself from when it ends.
-pub(crate) struct Tasks {
-    tracker: TaskTracker,
-    registry: Arc<Registry>,
-}
-
-type Handles = HashMap<u64, AbortHandle, BuildHasherDefault<IdHasher>>;
-
-#[derive(Default)]
-struct Registry {
-    next: AtomicU64,
-    shards: [Mutex<Handles>; TASK_SHARDS],
-}
-
-/// Hashes sequential ids (Fibonacci hashing: the high bits vary too).
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-impl Registry {
-    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, Handles> {
-        self.shards[id as usize % TASK_SHARDS]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Removes a task from the registry when it ends (or is aborted).
-struct Registered {
-    registry: Arc<Registry>,
-    id: u64,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.registry.shard(self.id).remove(&self.id);
-    }
-}
-
-impl Default for Tasks {
-    fn default() -> Tasks {
-        Tasks {
-            tracker: TaskTracker::new(),
-            registry: Arc::default(),
-        }
-    }
-}
-
-impl Tasks {
-    /// Spawns `f` (boxed: connection futures are large, and moving them by
-    /// value through the layers of a spawn costs more than one box).
-    pub(crate) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        self.spawn_boxed(Box::pin(f));
-    }
-
-    fn spawn_boxed(&self, f: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
-        let registered = Registered {
-            registry: self.registry.clone(),
-            id,
-        };
-        // Held across the spawn: the task cannot remove its entry before
-        // it is inserted.
-        let mut shard = self.registry.shard(id);
-        let handle = self.tracker.spawn(async move {
-            let _registered = registered;
-            f.await;
-        });
-        shard.insert(id, handle.abort_handle());
-    }
-
-    /// Aborts every task registered now.
-    fn abort_all(&self) {
-        let mut handles = Vec::new();
-        for shard in &self.registry.shards {
-            handles.extend(
-                shard
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .drain()
-                    .map(|(_, h)| h),
-            );
-        }
-        for h in handles {
-            h.abort();
-        }
-    }
-
-    /// Waits for every task (also those spawned meanwhile) until
-    /// `deadline`, then aborts what is left.
-    async fn drain(&self, timeout: Duration) {
-        self.tracker.close();
-        if tokio::time::timeout(timeout, self.tracker.wait())
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tracing::info!(
-            left = self.tracker.len(),
-            "drain timeout: aborting open connections"
-        );
-        // Aborted tasks may still spawn (an upstream connection) before
-        // they are next polled: abort until none is left.
-        loop {
-            self.abort_all();
-            if tokio::time::timeout(Duration::from_millis(100), self.tracker.wait())
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
-    }
 }
 
 /// What every connection of a listener shares.

@@ -140,7 +140,6 @@ mod metrics;
 mod options;
 mod proxy;
 mod routes;
-mod tasks;
 mod tls;
 mod upstream;
 
@@ -173,9 +172,9 @@ pub use routes::{
 pub use tls::{CertPaths, CertStore, TlsError, rustls_server_config};
 
 use crate::activity::{Activity, Touched};
+use crate::tasks::Tasks;
 use crate::wire::Rewind;
 use headers::{ClientInfo, ViaValues};
-use tasks::Tasks;
 
 /// Why an ingress listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -397,7 +396,6 @@ impl IngressProxy {
                 },
                 _ = sweep.tick() => {
                     ctx.opts.routes.sweep_idle(ctx.opts.keep_alive.idle_timeout);
-                    ctx.tasks.reap();
                     claim_checks(&mut background);
                 }
                 certs = async {

@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -533,21 +532,6 @@ fn handshake_failed(b: &BackendRt, e: &hyper::Error) -> (Outcome, Reject) {
     )
 }
 
-/// Whether a connect error says something about the backend rather than
-/// about this host (out of descriptors, ports, buffers).
-fn blames_backend(e: &io::Error) -> bool {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse | io::ErrorKind::OutOfMemory
-    ) {
-        return false;
-    }
-    !matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 /// A new TCP connection to `b` (`TCP_NODELAY`), within `connect_timeout`
 /// and the request's deadline.
 pub(crate) async fn connect(
@@ -567,11 +551,7 @@ pub(crate) async fn connect(
         }
         Ok(Err(e)) => {
             inc(&b.stats.connect_errors);
-            let outcome = if blames_backend(&e) {
-                Outcome::ConnectError(e.kind())
-            } else {
-                Outcome::Reported(Verdict::Neutral)
-            };
+            let outcome = Outcome::of_connect_error(&e);
             Err((
                 outcome,
                 Reject::new(

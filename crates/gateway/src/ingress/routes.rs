@@ -27,7 +27,7 @@ use iprules::Shared;
 use super::backend::{BackendRt, get};
 use super::balance::{Balance, Mask, fnv, schedule};
 use super::check::HealthCheck;
-use super::tasks::Tasks;
+use crate::tasks::Tasks;
 
 /// The largest weight a backend may have.
 pub const MAX_WEIGHT: u32 = 1_000_000;
@@ -1192,7 +1192,6 @@ impl RouteTable {
                 b.sweep_idle(ttl);
             }
         }
-        self.inner.tasks.reap();
     }
 
     /// Every route with its backends, their state and counters.

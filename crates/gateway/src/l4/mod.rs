@@ -72,15 +72,13 @@ mod metrics;
 mod options;
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use health::{NoneAvailable, Observation, Outcome, Verdict};
+use health::{NoneAvailable, Observation, Outcome};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 pub use metrics::{L4HealthSnapshot, L4Metrics, L4MetricsSnapshot, UpstreamMetrics};
@@ -90,6 +88,7 @@ pub use options::{
 
 use crate::activity::Activity;
 use crate::relay::{self, Meter, Side};
+use crate::tasks::Tasks;
 use balancer::{Balancer, Pick, inc};
 use metrics::Refused;
 
@@ -112,40 +111,6 @@ pub enum L4Error {
     /// The listener socket is unusable.
     #[error("listener: {0}")]
     Listener(#[source] std::io::Error),
-}
-
-/// The connection tasks of one listener; finished ones are reaped on each
-/// spawn.
-#[derive(Default)]
-struct Tasks {
-    set: Mutex<JoinSet<()>>,
-}
-
-impl Tasks {
-    fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        let mut set = self.set.lock().unwrap_or_else(PoisonError::into_inner);
-        while set.try_join_next().is_some() {}
-        set.spawn(f);
-    }
-
-    /// Waits for every task until `timeout`, then aborts what is left.
-    async fn drain(&self, timeout: Duration) {
-        let mut set = std::mem::take(&mut *self.set.lock().unwrap_or_else(PoisonError::into_inner));
-        let deadline = Instant::now() + timeout;
-        while !set.is_empty() {
-            if tokio::time::timeout_at(deadline, set.join_next())
-                .await
-                .is_err()
-            {
-                tracing::info!(
-                    left = set.len(),
-                    "drain timeout: closing open L4 connections"
-                );
-                set.shutdown().await;
-                return;
-            }
-        }
-    }
 }
 
 /// At most one warning a second about refused clients; the rest at debug.
@@ -303,22 +268,6 @@ impl L4Proxy {
     }
 }
 
-/// Whether a connect error says something about the upstream (refused,
-/// reset, unreachable, ...) rather than about this host (out of file
-/// descriptors, ephemeral ports, buffers or memory).
-fn blames_upstream(e: &io::Error) -> bool {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse | io::ErrorKind::OutOfMemory
-    ) {
-        return false;
-    }
-    !matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 /// Dials an upstream for one client (retrying on others), then splices.
 async fn serve_conn(
     ctx: Arc<Ctx>,
@@ -359,10 +308,9 @@ async fn serve_conn(
             tokio::time::timeout(ctx.opts.dial_timeout, TcpStream::connect(up.addr)).await;
         let outcome = match &dialled {
             Ok(Ok(_)) => Outcome::Connected,
-            Ok(Err(e)) if blames_upstream(e) => Outcome::ConnectError(e.kind()),
-            // Out of descriptors, ports or memory here: not the upstream's
-            // fault; kept in its history but neutral.
-            Ok(Err(_)) => Outcome::Reported(Verdict::Neutral),
+            // Out of descriptors, ports or memory here is not the
+            // upstream's fault: kept in its history but neutral.
+            Ok(Err(e)) => Outcome::of_connect_error(e),
             Err(_) => Outcome::Timeout,
         };
         ctx.balancer.finish(
@@ -375,7 +323,7 @@ async fn serve_conn(
             Ok(Ok(s)) => break (s, idx, active),
             Ok(Err(e)) => {
                 inc(&up.connect_failures);
-                if blames_upstream(&e) {
+                if matches!(outcome, Outcome::ConnectError(_)) {
                     tracing::debug!(%peer, upstream = %up.addr, error = %e, "dial failed");
                 } else if ctx.may_warn() {
                     tracing::warn!(%peer, upstream = %up.addr, error = %e, "dial failed for a local reason");
@@ -424,36 +372,4 @@ impl Meter for Counted<'_> {
     }
 
     fn ended(&self, _: Side) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_connect_errors_do_not_blame_the_upstream() {
-        for errno in [
-            libc::ECONNREFUSED,
-            libc::ECONNRESET,
-            libc::EHOSTUNREACH,
-            libc::ENETUNREACH,
-        ] {
-            assert!(
-                blames_upstream(&io::Error::from_raw_os_error(errno)),
-                "{errno}"
-            );
-        }
-        for errno in [
-            libc::EMFILE,
-            libc::ENFILE,
-            libc::ENOBUFS,
-            libc::ENOMEM,
-            libc::EADDRNOTAVAIL,
-        ] {
-            assert!(
-                !blames_upstream(&io::Error::from_raw_os_error(errno)),
-                "{errno}"
-            );
-        }
-    }
 }
