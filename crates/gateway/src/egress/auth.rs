@@ -1,6 +1,7 @@
 //! Proxy authentication: Basic credentials and constant-time comparison.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use addrpool::{Session, parse_username};
 
@@ -92,6 +93,36 @@ pub(crate) fn identify(
     check(users, creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
 }
 
+/// The last `Proxy-Authorization` a connection had accepted (`None`: none
+/// given) and who it names: a keep-alive client sends the same one with
+/// every request, so it is checked once per connection (the users do not
+/// change while the listener runs).
+#[derive(Default)]
+pub(crate) struct Remembered {
+    value: Option<Box<[u8]>>,
+    id: Option<Arc<Identity>>,
+}
+
+impl Remembered {
+    /// Who sent `value`: the remembered identity when it is the same
+    /// value, else [`identify`] (and remembered if accepted).
+    pub(crate) fn identify(
+        &mut self,
+        users: &HashMap<String, String>,
+        value: Option<&[u8]>,
+    ) -> Result<Arc<Identity>, AuthError> {
+        if let Some(id) = &self.id
+            && self.value.as_deref() == value
+        {
+            return Ok(id.clone());
+        }
+        let id = Arc::new(identify(users, value)?);
+        self.value = value.map(Box::from);
+        self.id = Some(id.clone());
+        Ok(id)
+    }
+}
+
 /// `Basic dXNlcjpwYXNz` → ("user", "pass").
 pub(crate) fn parse_basic(value: &[u8]) -> Result<(String, String), AuthError> {
     let value = std::str::from_utf8(value).map_err(|_| AuthError::Malformed)?;
@@ -136,6 +167,24 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_remembers_accepted_credentials_only() {
+        let users = HashMap::from([("alice".to_owned(), "secret".to_owned())]);
+        let good: &[u8] = b"Basic YWxpY2Utc2Vzc2lvbi14OnNlY3JldA=="; // alice-session-x:secret
+        let bad: &[u8] = b"Basic YWxpY2U6d3Jvbmc="; // alice:wrong
+        let mut r = Remembered::default();
+        assert_eq!(r.identify(&users, None).unwrap_err(), AuthError::Missing);
+        let first = r.identify(&users, Some(good)).unwrap();
+        assert_eq!(first.user.as_deref(), Some("alice"));
+        assert!(first.session.is_some());
+        // The same value again: the same identity, not checked anew.
+        assert!(Arc::ptr_eq(&first, &r.identify(&users, Some(good)).unwrap()));
+        // A different value is checked, and a refused one is not remembered.
+        assert_eq!(r.identify(&users, Some(bad)).unwrap_err(), AuthError::Invalid);
+        assert_eq!(r.identify(&users, None).unwrap_err(), AuthError::Missing);
+        assert!(Arc::ptr_eq(&first, &r.identify(&users, Some(good)).unwrap()));
+    }
 
     #[test]
     fn base64() {

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Ctx;
-use super::auth::{self, AuthError, Identity};
+use super::auth::{self, Identity};
 use super::dial;
 use super::http::{Reject, session_for};
 use super::metrics::{Protocol, RequestResult};
@@ -75,11 +75,6 @@ pub(crate) enum Served {
     /// consumed come first.
     Fallback(TcpStream, BytesMut),
 }
-
-/// The last `Proxy-Authorization` accepted on a connection (`None`: none
-/// given) and who it names: a keep-alive client sends the same one every
-/// time.
-type AuthCache = Option<(Option<Box<[u8]>>, Arc<Identity>)>;
 
 /// What a head the fast path takes asks for.
 enum Parse {
@@ -173,29 +168,12 @@ fn host_port(authority: &str, default_port: Option<u16>) -> Option<(Cow<'_, str>
     Some((host, port))
 }
 
-/// Who sent `value` (a `Proxy-Authorization`), through the connection's
-/// cache.
-fn authenticate(
-    ctx: &Ctx,
-    cache: &mut AuthCache,
-    value: Option<&[u8]>,
-) -> Result<Arc<Identity>, AuthError> {
-    if let Some((v, id)) = cache
-        && v.as_deref() == value
-    {
-        return Ok(id.clone());
-    }
-    let id = Arc::new(auth::identify(&ctx.opts.users, value)?);
-    *cache = Some((value.map(Box::from), id.clone()));
-    Ok(id)
-}
-
 /// Parses the head at the start of `buf` and, if the fast path takes it,
 /// writes the head for the destination into `out`.
 fn parse(
     ctx: &Ctx,
     peer: SocketAddr,
-    cache: &mut AuthCache,
+    cache: &mut auth::Remembered,
     buf: &[u8],
     out: &mut Vec<u8>,
 ) -> Parsed<Parse> {
@@ -253,7 +231,7 @@ fn parse(
             log,
         });
     }
-    let id = match authenticate(ctx, cache, authorization) {
+    let id = match cache.identify(&ctx.opts.users, authorization) {
         Ok(id) => id,
         Err(e) => {
             return Parsed::Ready(Parse::Answer {
@@ -353,7 +331,7 @@ pub(crate) async fn serve(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) -
     };
     let mut req_out: Vec<u8> = Vec::with_capacity(1024);
     let mut head_timer = Lazy::new();
-    let mut cache: AuthCache = None;
+    let mut cache: auth::Remembered = auth::Remembered::default();
     loop {
         if c.buf.is_empty() && *ctx.shutdown.borrow() {
             return Served::Done;

@@ -43,9 +43,8 @@ type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 struct ConnState {
     tunnel: Mutex<Option<Tunnel>>,
     peer: SocketAddr,
-    /// The last `Proxy-Authorization` accepted (`None`: none given) and
-    /// who it names: a keep-alive client sends the same one every time.
-    auth: Mutex<Option<(Option<HeaderValue>, Arc<Identity>)>>,
+    /// Who the connection's credentials name.
+    auth: Mutex<auth::Remembered>,
     /// The response timer, reset for each request (a later deadline only
     /// updates the registered one, instead of a new timer per request).
     timer: Mutex<Option<Pin<Box<Sleep>>>>,
@@ -178,7 +177,7 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr, pr
     let state = Arc::new(ConnState {
         tunnel: Mutex::new(None),
         peer,
-        auth: Mutex::new(None),
+        auth: Mutex::default(),
         timer: Mutex::new(None),
     });
     let svc = {
@@ -319,26 +318,20 @@ async fn handle_inner(
     }
 }
 
-/// Who sent `headers`; the connection's last accepted credentials are
-/// reused when they are sent again (the users do not change while the
-/// listener runs).
+/// Who sent `headers` (their `Proxy-Authorization`).
 fn authenticate(
     ctx: &Ctx,
     state: &ConnState,
     headers: &HeaderMap,
 ) -> Result<Arc<Identity>, AuthError> {
-    let value = headers.get(header::PROXY_AUTHORIZATION);
-    if let Some((v, id)) = &*state.auth.lock().unwrap_or_else(PoisonError::into_inner)
-        && v.as_ref() == value
-    {
-        return Ok(id.clone());
-    }
-    let id = Arc::new(auth::identify(
-        &ctx.opts.users,
-        value.map(HeaderValue::as_bytes),
-    )?);
-    *state.auth.lock().unwrap_or_else(PoisonError::into_inner) = Some((value.cloned(), id.clone()));
-    Ok(id)
+    let value = headers
+        .get(header::PROXY_AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    state
+        .auth
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .identify(&ctx.opts.users, value)
 }
 
 /// The sticky session of a request.
