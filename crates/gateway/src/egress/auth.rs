@@ -179,11 +179,20 @@ mod tests {
         assert_eq!(first.user.as_deref(), Some("alice"));
         assert!(first.session.is_some());
         // The same value again: the same identity, not checked anew.
-        assert!(Arc::ptr_eq(&first, &r.identify(&users, Some(good)).unwrap()));
+        assert!(Arc::ptr_eq(
+            &first,
+            &r.identify(&users, Some(good)).unwrap()
+        ));
         // A different value is checked, and a refused one is not remembered.
-        assert_eq!(r.identify(&users, Some(bad)).unwrap_err(), AuthError::Invalid);
+        assert_eq!(
+            r.identify(&users, Some(bad)).unwrap_err(),
+            AuthError::Invalid
+        );
         assert_eq!(r.identify(&users, None).unwrap_err(), AuthError::Missing);
-        assert!(Arc::ptr_eq(&first, &r.identify(&users, Some(good)).unwrap()));
+        assert!(Arc::ptr_eq(
+            &first,
+            &r.identify(&users, Some(good)).unwrap()
+        ));
     }
 
     #[test]

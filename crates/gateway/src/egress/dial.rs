@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::Ctx;
 use super::metrics::RequestResult;
 use super::policy::default_reason;
+use super::upstream::{IdlePool, KeyRef, Pooled};
 
 /// Addresses of one host tried in turn before giving up.
 const MAX_ATTEMPTS: usize = 3;
@@ -246,6 +247,61 @@ pub(crate) async fn connect(
         }
     }
     Err(last.unwrap_or_else(|| DialError::bad_gateway(0x01, "no address to connect to".into())))
+}
+
+/// A connection for one forwarded request, from [`checkout`].
+pub(crate) struct Checkout<C> {
+    pub(crate) conn: C,
+    pub(crate) lease: Lease,
+    /// Taken from the idle pool (the destination may have closed it since).
+    pub(crate) reused: bool,
+    /// The destination's allowed addresses, for a retry on a new connection.
+    pub(crate) addrs: Vec<IpAddr>,
+}
+
+/// Resolves and checks `host`, leases a source (for `session`), then takes
+/// an idle connection from that source to that destination that is still
+/// allowed and [ready](Pooled::ready) (where the pool keeps connections
+/// alive at all), or makes one with `fresh` (given the lease, the allowed
+/// addresses and the deadline; callers keep theirs for a retry, and pass
+/// a closure calling it: a borrowed async closure would make the
+/// connection's future not `Send`), all within the connect timeout.
+pub(crate) async fn checkout<C: Pooled, E: From<DialError>>(
+    ctx: &Ctx,
+    idle: &IdlePool<C>,
+    pool: &Pool,
+    session: Option<&Session>,
+    host: &str,
+    port: u16,
+    fresh: impl AsyncFnOnce(Option<Lease>, &[IpAddr], Instant) -> Result<(C, Lease), E>,
+) -> Result<Checkout<C>, E> {
+    let deadline = Instant::now() + ctx.opts.connect_timeout;
+    let addrs = resolve_checked(ctx, pool, host, port, deadline).await?;
+    let lease = lease(pool, session, deadline).await?;
+    if ctx.keep_alive(pool) {
+        let key = KeyRef {
+            src: lease.source(),
+            host,
+            port,
+        };
+        while let Some(mut conn) = idle.take(key, &addrs) {
+            if allowed(ctx, conn.dest()) && conn.ready().await {
+                return Ok(Checkout {
+                    conn,
+                    lease,
+                    reused: true,
+                    addrs,
+                });
+            }
+        }
+    }
+    let (conn, lease) = fresh(Some(lease), &addrs, deadline).await?;
+    Ok(Checkout {
+        conn,
+        lease,
+        reused: false,
+        addrs,
+    })
 }
 
 /// Resolve, check, lease and connect, for tunnels.

@@ -38,7 +38,7 @@ use super::auth::{self, Identity};
 use super::dial;
 use super::http::{Reject, session_for};
 use super::metrics::{Protocol, RequestResult};
-use super::upstream::{Key, KeyRef, Pooled};
+use super::upstream::{Key, Pooled};
 use crate::wire::{
     self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead, Parsed,
     Rewrite, copy_body, header_line, header_text, hop_by_hop, is, named_in,
@@ -530,40 +530,25 @@ async fn forward(
     let session = session_for(ctx, &req.id, &req.host);
     let session = session.as_deref();
     let pool = opts.pool.pick(req.id.user.as_deref());
-    let deadline = Instant::now() + opts.connect_timeout;
-    let addrs = dial::resolve_checked(ctx, pool, &req.host, req.port, deadline).await?;
     let reuse = ctx.keep_alive(pool);
-    let lease = dial::lease(pool, session, deadline).await?;
-    let mut idle = None;
-    if reuse {
-        let key = KeyRef {
-            src: lease.source(),
-            host: &req.host,
-            port: req.port,
-        };
-        while let Some(conn) = ctx.raw_idle.take(key, &addrs) {
-            if dial::allowed(ctx, conn.dest) {
-                idle = Some(conn);
-                break;
-            }
-        }
-    }
-    let (mut conn, mut lease, reused) = match idle {
-        Some(conn) => (conn, lease, true),
-        None => {
-            let (conn, lease) = fresh(
-                pool,
-                session,
-                Some(lease),
-                &addrs,
-                &req.host,
-                req.port,
-                deadline,
-            )
-            .await?;
-            (conn, lease, false)
-        }
+    let fresh_from = async |first, addrs: &[IpAddr], deadline| {
+        fresh(pool, session, first, addrs, &req.host, req.port, deadline).await
     };
+    let dial::Checkout {
+        mut conn,
+        mut lease,
+        reused,
+        addrs,
+    } = dial::checkout(
+        ctx,
+        &ctx.raw_idle,
+        pool,
+        session,
+        &req.host,
+        req.port,
+        async |lease, addrs, deadline| fresh_from(lease, addrs, deadline).await,
+    )
+    .await?;
     let close_client = req.close || *ctx.shutdown.borrow();
     let mut sent = send(
         ctx,
@@ -584,7 +569,7 @@ async fn forward(
         drop(lease);
         tracing::debug!(%src, "kept-alive connection closed by the destination; retrying on a new one");
         let deadline = Instant::now() + opts.connect_timeout;
-        (conn, lease) = fresh(pool, session, None, &addrs, &req.host, req.port, deadline).await?;
+        (conn, lease) = fresh_from(None, &addrs, deadline).await?;
         sent = send(ctx, c, &mut conn, false, req_bytes, req, rest, close_client).await;
     }
     let head = match sent {

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -24,7 +23,7 @@ use super::body::{Exchange, ProxyBody, UpBody};
 use super::dial::{self, DialError};
 use super::metrics::{Protocol, RequestResult};
 use super::tunnel;
-use super::upstream::{Conn, Key, KeyRef};
+use super::upstream::{Conn, Key};
 use super::{Ctx, SessionFrom};
 use crate::activity::{Activity, Touched};
 use crate::guard::Offense;
@@ -490,17 +489,6 @@ fn upstream_request(
     req
 }
 
-/// Whether a kept-alive connection can take a request now (without a
-/// timer when it already can).
-async fn usable(sender: &mut SendRequest<UpBody>) -> bool {
-    if sender.is_ready() {
-        return true;
-    }
-    tokio::time::timeout(Duration::from_secs(1), sender.ready())
-        .await
-        .is_ok_and(|r| r.is_ok())
-}
-
 async fn forward(
     ctx: &Arc<Ctx>,
     state: &ConnState,
@@ -537,41 +525,25 @@ async fn forward(
         UpBody::Client(body, ctx.metrics.clone())
     };
 
-    let deadline = Instant::now() + ctx.opts.connect_timeout;
-    let addrs = dial::resolve_checked(ctx, pool, &host, port, deadline).await?;
     let reuse = ctx.keep_alive(pool);
-    let lease = dial::lease(pool, session, deadline).await?;
-    let mut idle = None;
-    if reuse {
-        let key = KeyRef {
-            src: lease.source(),
-            host: &host,
-            port,
-        };
-        while let Some(mut c) = ctx.idle.take(key, &addrs) {
-            if dial::allowed(ctx, c.dest) && usable(&mut c.sender).await {
-                idle = Some(c);
-                break;
-            }
-        }
-    }
-    let (mut conn, lease, reused) = match idle {
-        Some(c) => (c, lease, true),
-        None => {
-            let (c, lease) = fresh(
-                ctx,
-                pool,
-                session,
-                Some(lease),
-                &addrs,
-                &host,
-                port,
-                deadline,
-            )
-            .await?;
-            (c, lease, false)
-        }
+    let fresh_from = async |first, addrs: &[IpAddr], deadline| {
+        fresh(ctx, pool, session, first, addrs, &host, port, deadline).await
     };
+    let dial::Checkout {
+        mut conn,
+        lease,
+        reused,
+        addrs,
+    } = dial::checkout(
+        ctx,
+        &ctx.idle,
+        pool,
+        session,
+        &host,
+        port,
+        async |lease, addrs, deadline| fresh_from(lease, addrs, deadline).await,
+    )
+    .await?;
     // A request without body on a kept-alive connection may be sent again
     // (below): keep its headers.
     let again = (reused && retryable).then(|| headers.clone());
@@ -596,17 +568,8 @@ async fn forward(
             let src = lease.source();
             drop(lease);
             tracing::debug!(%src, error = %e, "kept-alive connection failed; retrying on a new one");
-            let (mut c, lease) = fresh(
-                ctx,
-                pool,
-                session,
-                None,
-                &addrs,
-                &host,
-                port,
-                Instant::now() + ctx.opts.connect_timeout,
-            )
-            .await?;
+            let (mut c, lease) =
+                fresh_from(None, &addrs, Instant::now() + ctx.opts.connect_timeout).await?;
             let again = upstream_request(
                 &parts.method,
                 &parts.uri,

@@ -76,6 +76,10 @@ pub(crate) trait Pooled {
     fn dest(&self) -> IpAddr;
     /// Known to be closed (or unusable).
     fn closed(&self) -> bool;
+    /// Whether, taken from the pool, it can take a request now.
+    async fn ready(&mut self) -> bool {
+        true
+    }
 }
 
 impl Pooled for Conn {
@@ -87,6 +91,16 @@ impl Pooled for Conn {
     }
     fn closed(&self) -> bool {
         self.sender.is_closed()
+    }
+    /// Ready to send (without a timer when it already is; at most a
+    /// second otherwise).
+    async fn ready(&mut self) -> bool {
+        if self.sender.is_ready() {
+            return true;
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(1), self.sender.ready())
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
