@@ -56,7 +56,7 @@ pub use embedded::Embedded;
 pub use error::StoreError;
 pub use memory::Memory;
 pub use records::{Ban, HealthRecord, Hold, KeyRecord, LogOffset, RuntimeRule};
-pub use redis::{Change, Changes, Redis};
+pub use redis::{Change, Changes, Redis, RedisTls};
 
 /// The store's format version. A store written with a higher version is
 /// refused ([`StoreError::NewerFormat`]).

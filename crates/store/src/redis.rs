@@ -13,6 +13,11 @@
 //! one of the embedded store; with Redis's defaults up to a second of
 //! writes can be lost on a crash of the Redis host.
 //!
+//! `rediss://` URLs speak TLS (rustls): the server's certificate is
+//! checked against the system's CA bundle or the CA file of [`RedisTls`],
+//! and a client certificate is presented when one is given (Redis asks for
+//! one unless `tls-auth-clients` is `no`).
+//!
 //! The client is a small synchronous RESP2 client over one TCP connection
 //! (the commands used are HGET, HGETALL, HSET, HDEL, MULTI/EXEC, PUBLISH,
 //! SUBSCRIBE, AUTH and SELECT): it keeps the store crate free of an async
@@ -21,10 +26,15 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 use crate::{Backend, FORMAT_VERSION, Op, StoreError, Table};
 
@@ -44,6 +54,8 @@ const MAX_BULK: usize = 64 * 1024 * 1024;
 /// Where the Redis server is, from a `redis://` URL.
 #[derive(Clone, PartialEq, Eq)]
 struct Target {
+    /// `rediss://`.
+    tls: bool,
     host: String,
     port: u16,
     username: Option<String>,
@@ -58,13 +70,20 @@ impl std::fmt::Debug for Target {
 }
 
 impl Target {
-    /// `redis://[[user]:password@]host[:port][/db]`.
+    /// `redis://[[user]:password@]host[:port][/db]`, or `rediss://…` for
+    /// TLS.
     fn parse(url: &str) -> Result<Target, String> {
         // Messages name the URL without its password.
         let shown = Target::redact(url);
-        let rest = url.strip_prefix("redis://").ok_or_else(|| {
-            format!("{shown:?}: a Redis URL starts with redis:// (rediss:// is not supported)")
-        })?;
+        let (tls, rest) = match (url.strip_prefix("redis://"), url.strip_prefix("rediss://")) {
+            (Some(rest), _) => (false, rest),
+            (None, Some(rest)) => (true, rest),
+            (None, None) => {
+                return Err(format!(
+                    "{shown:?}: a Redis URL starts with redis:// (or rediss:// for TLS)"
+                ));
+            }
+        };
         let (auth, hostpart) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
@@ -109,6 +128,7 @@ impl Target {
             },
         };
         Ok(Target {
+            tls,
             host,
             port,
             username,
@@ -145,7 +165,8 @@ impl Target {
         } else {
             self.host.clone()
         };
-        format!("redis://{user}{host}:{}/{}", self.port, self.db)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{user}{host}:{}/{}", self.port, self.db)
     }
 }
 
@@ -181,14 +202,138 @@ enum Reply {
     Array(Option<Vec<Reply>>),
 }
 
+/// TLS for `rediss://` URLs: whom to trust, and what to show the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisTls {
+    /// A PEM file of the CA certificates that sign the server's
+    /// certificate. Default: the system's bundle (`SSL_CERT_FILE`, else
+    /// the usual places of Debian, Red Hat, Alpine and the BSDs).
+    pub ca_file: Option<PathBuf>,
+    /// A PEM certificate chain and its PEM private key, presented to the
+    /// server (Redis asks for one unless `tls-auth-clients no`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Where systems keep their CA bundle.
+const SYSTEM_CA_FILES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+impl RedisTls {
+    /// The client configuration; errors name the file and what is wrong.
+    fn config(&self) -> Result<Arc<ClientConfig>, String> {
+        let mut roots = RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                for cert in pem_certs(path)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                }
+            }
+            None => {
+                let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+                let path = from_env
+                    .into_iter()
+                    .chain(SYSTEM_CA_FILES.iter().map(PathBuf::from))
+                    .find(|p| p.is_file())
+                    .ok_or_else(|| {
+                        format!(
+                            "no CA bundle found (SSL_CERT_FILE, {}): give a CA file",
+                            SYSTEM_CA_FILES.join(", ")
+                        )
+                    })?;
+                // A system bundle may hold a certificate webpki cannot
+                // use; the others still count.
+                let (added, _) = roots.add_parsable_certificates(pem_certs(&path)?);
+                if added == 0 {
+                    return Err(format!("{}: no usable CA certificate", path.display()));
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = pem_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("client key {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("client certificate {}: {e}", cert.display()))?
+            }
+        };
+        Ok(Arc::new(config))
+    }
+}
+
+/// The certificates of a PEM file (at least one).
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no CERTIFICATE in the file", path.display()));
+    }
+    Ok(certs)
+}
+
+/// A connection's bytes: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
 /// One connection to the server.
 struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads are buffered; writes go to the stream underneath.
+    reader: BufReader<Stream>,
 }
 
 impl Conn {
-    fn open(t: &Target) -> io::Result<Conn> {
+    fn open(t: &Target, tls: Option<&Arc<ClientConfig>>) -> io::Result<Conn> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host resolves to no address");
         for addr in (t.host.as_str(), t.port).to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, IO_TIMEOUT) {
@@ -196,9 +341,12 @@ impl Conn {
                     s.set_nodelay(true)?;
                     s.set_read_timeout(Some(IO_TIMEOUT))?;
                     s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    let stream = match tls {
+                        None => Stream::Plain(s),
+                        Some(config) => Stream::Tls(Box::new(handshake(t, config, s)?)),
+                    };
                     let mut c = Conn {
-                        reader: BufReader::new(s.try_clone()?),
-                        writer: s,
+                        reader: BufReader::new(stream),
                     };
                     c.hello(t)?;
                     return Ok(c);
@@ -207,6 +355,10 @@ impl Conn {
             }
         }
         Err(last)
+    }
+
+    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.reader.get_ref().tcp().set_read_timeout(Some(timeout))
     }
 
     /// AUTH and SELECT as the URL asks.
@@ -230,12 +382,49 @@ impl Conn {
         for args in commands {
             encode(&mut out, args);
         }
-        self.writer.write_all(&out)
+        let stream = self.reader.get_mut();
+        stream.write_all(&out)?;
+        stream.flush()
     }
 
     fn call(&mut self, args: &[&[u8]]) -> io::Result<Reply> {
         self.send(&[args.to_vec()])?;
         read_reply(&mut self.reader)
+    }
+}
+
+/// TLS over `tcp` to the server of `t`, handshake done (so that a refused
+/// certificate is reported as such, not as a failed command).
+fn handshake(
+    t: &Target,
+    config: &Arc<ClientConfig>,
+    mut tcp: TcpStream,
+) -> io::Result<StreamOwned<ClientConnection, TcpStream>> {
+    let tls_error = |e: &dyn std::fmt::Display| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("TLS handshake: {e}"))
+    };
+    let name = ServerName::try_from(t.host.clone()).map_err(|e| tls_error(&e))?;
+    let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| tls_error(&e))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| tls_error(&e))?;
+    }
+    Ok(StreamOwned::new(conn, tcp))
+}
+
+/// What to do about a connection error that has a usual cause.
+fn hint(e: &io::Error, t: &Target) -> &'static str {
+    let text = e.to_string();
+    if text.contains("CertificateRequired") {
+        " (the server asks for a client certificate: give one, with its key)"
+    } else if !t.tls
+        && matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+        )
+    {
+        " (if that port speaks TLS, the URL is rediss://)"
+    } else {
+        ""
     }
 }
 
@@ -373,6 +562,8 @@ impl Drop for Changes {
 /// The Redis backend (see the module docs).
 pub struct Redis {
     target: Target,
+    /// With a `rediss://` URL.
+    tls: Option<Arc<ClientConfig>>,
     prefix: String,
     /// Names this instance in what it publishes, so it can skip its own.
     origin: String,
@@ -398,16 +589,37 @@ impl Redis {
         Target::parse(url).map(drop)
     }
 
-    /// Connects to the server of `url` (`redis://[[user]:password@]host[:port][/db]`)
-    /// and checks the format of the state under `prefix` (keys
-    /// `PREFIX:…`). Refuses a state written by a newer ippool, as the
-    /// embedded store does.
+    /// Connects to the server of `url` (`redis://[[user]:password@]host[:port][/db]`,
+    /// or `rediss://…` for TLS trusting the system's CA bundle) and checks
+    /// the format of the state under `prefix` (keys `PREFIX:…`). Refuses a
+    /// state written by a newer ippool, as the embedded store does.
     pub fn connect(url: &str, prefix: &str) -> Result<Redis, StoreError> {
+        Redis::connect_with(url, prefix, &RedisTls::default())
+    }
+
+    /// [`connect`](Redis::connect), with the TLS settings of a `rediss://`
+    /// URL (an error for a `redis://` one if any is set).
+    pub fn connect_with(url: &str, prefix: &str, tls: &RedisTls) -> Result<Redis, StoreError> {
         let target = Target::parse(url).map_err(|reason| StoreError::Remote {
             target: Target::redact(url),
             operation: "parse the URL",
             reason,
         })?;
+        let tls = match (target.tls, tls == &RedisTls::default()) {
+            (true, _) => Some(tls.config().map_err(|reason| StoreError::Remote {
+                target: target.describe(),
+                operation: "set up TLS",
+                reason,
+            })?),
+            (false, true) => None,
+            (false, false) => {
+                return Err(StoreError::Remote {
+                    target: target.describe(),
+                    operation: "set up TLS",
+                    reason: "TLS settings are given, but the URL is redis://: use rediss://".into(),
+                });
+            }
+        };
         if prefix.is_empty() || prefix.contains(char::is_whitespace) {
             return Err(StoreError::Remote {
                 target: target.describe(),
@@ -423,6 +635,7 @@ impl Redis {
             prefix: prefix.to_owned(),
             conn: Mutex::new(None),
             target,
+            tls,
         };
         let meta = format!("{}:meta", r.prefix);
         let found = r.run("read the format", |c| {
@@ -498,7 +711,7 @@ impl Redis {
         for _ in 0..2 {
             let conn = match slot.as_mut() {
                 Some(c) => c,
-                None => match Conn::open(&self.target) {
+                None => match Conn::open(&self.target, self.tls.as_ref()) {
                     Ok(c) => slot.insert(c),
                     Err(e) => {
                         last = Some(e);
@@ -523,7 +736,10 @@ impl Redis {
         Err(StoreError::Remote {
             target: self.describe(),
             operation,
-            reason: last.map_or_else(|| "unknown error".into(), |e| e.to_string()),
+            reason: last.map_or_else(
+                || "unknown error".into(),
+                |e| format!("{e}{}", hint(&e, &self.target)),
+            ),
         })
     }
 
@@ -537,11 +753,12 @@ impl Redis {
             reason: e.to_string(),
         };
         let channel = self.channel();
-        let conn = subscribe(&self.target, &channel).map_err(fail)?;
+        let conn = subscribe(&self.target, self.tls.as_ref(), &channel).map_err(fail)?;
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let follower = Follower {
             target: self.target.clone(),
+            tls: self.tls.clone(),
             channel,
             origin: self.origin.clone(),
             tx,
@@ -557,21 +774,22 @@ impl Redis {
 
 /// Opens a connection subscribed to `channel`, reading with a short
 /// timeout so the follower can notice it should stop.
-fn subscribe(t: &Target, channel: &str) -> io::Result<Conn> {
-    let mut c = Conn::open(t)?;
+fn subscribe(t: &Target, tls: Option<&Arc<ClientConfig>>, channel: &str) -> io::Result<Conn> {
+    let mut c = Conn::open(t, tls)?;
     let reply = ok(c.call(&[b"SUBSCRIBE", channel.as_bytes()])?, "SUBSCRIBE")?;
     match reply {
         Reply::Array(Some(items))
             if items.first() == Some(&Reply::Bulk(Some(b"subscribe".to_vec()))) => {}
         other => return Err(protocol(format!("SUBSCRIBE answered {other:?}"))),
     }
-    c.writer.set_read_timeout(Some(Duration::from_secs(1)))?;
+    c.set_read_timeout(Duration::from_secs(1))?;
     Ok(c)
 }
 
 /// The thread behind [`Changes`].
 struct Follower {
     target: Target,
+    tls: Option<Arc<ClientConfig>>,
     channel: String,
     origin: String,
     tx: mpsc::Sender<Change>,
@@ -590,7 +808,7 @@ impl Follower {
         while !self.stop.load(Ordering::Relaxed) {
             let Some(c) = conn.as_mut() else {
                 std::thread::sleep(backoff);
-                match subscribe(&self.target, &self.channel) {
+                match subscribe(&self.target, self.tls.as_ref(), &self.channel) {
                     Ok(c) => {
                         conn = Some(c);
                         backoff = Duration::from_millis(100);
@@ -811,7 +1029,10 @@ mod tests {
         assert_eq!(Target::redact("redis://h:1/0"), "redis://h:1/0");
         let e = Target::parse("redis://:hunter2@h:99999").unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
-        let e = Target::parse("rediss://:hunter2@h").unwrap_err();
+        let t = Target::parse("rediss://:hunter2@h").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.describe(), "rediss://***@h:6379/0");
+        let e = Target::parse("rediss://:hunter2@h:0x").unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
         let t = Target::parse("redis://127.0.0.1:7000/").unwrap();
         assert_eq!((t.port, t.db, t.password), (7000, 0, None));

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use store::{Backend, Ban, Change, Op, Redis, RuntimeRule, Store, StoreError, Table};
+use store::{Backend, Ban, Change, Op, Redis, RedisTls, RuntimeRule, Store, StoreError, Table};
 use testbed::redis::RedisServer as Server;
 
 fn ban(network: &str) -> Ban {
@@ -204,4 +204,121 @@ fn passwords_and_acl_users_authenticate_and_wrong_ones_are_refused() {
         "1",
         "written to database 3"
     );
+}
+
+/// A fresh directory for certificates, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ippool-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tls(ca: &std::path::Path, client: Option<(&std::path::Path, &std::path::Path)>) -> RedisTls {
+    let mut t = RedisTls::default();
+    t.ca_file = Some(ca.to_owned());
+    t.client_cert = client.map(|(c, k)| (c.to_owned(), k.to_owned()));
+    t
+}
+
+#[test]
+fn rediss_with_a_client_certificate_shares_records_and_changes() {
+    let dir = TempDir::new("tls");
+    let (srv, f) = Server::with_tls(&dir.0, true);
+    let url = format!("rediss://127.0.0.1:{}/0", srv.port());
+    let settings = tls(&f.ca, Some((&f.client_cert, &f.client_key)));
+    let a = Redis::connect_with(&url, "tls", &settings).expect("TLS with a client certificate");
+    let b = Redis::connect_with(&url, "tls", &settings).expect("a second instance");
+    assert!(format!("{a:?}").contains("rediss://127.0.0.1:"), "{a:?}");
+    let feed = b.changes().expect("the feed over TLS");
+    let a = Store::new(a);
+    a.put_ban(&ban("192.0.2.60")).unwrap();
+    assert_eq!(
+        next(&feed),
+        Change::Put(Table::Bans, "clients/192.0.2.60".into())
+    );
+    assert_eq!(Store::new(b).bans().unwrap(), vec![ban("192.0.2.60")]);
+
+    // Without a client certificate the server closes the channel.
+    let e = Redis::connect_with(&url, "tls", &tls(&f.ca, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("127.0.0.1:{}", srv.port())) && e.contains("client certificate"),
+        "{e}"
+    );
+    // A server certificate from a CA we do not trust is refused by us.
+    let e = Redis::connect_with(
+        &url,
+        "tls",
+        &tls(&f.other_ca, Some((&f.client_cert, &f.client_key))),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("TLS handshake") && e.contains("certificate"),
+        "{e}"
+    );
+    // Plain RESP to a TLS port fails, and says where.
+    let e = Redis::connect(&format!("redis://127.0.0.1:{}/0", srv.port()), "tls")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("redis://127.0.0.1:{}", srv.port())),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_tls_settings_are_refused_naming_the_file() {
+    let dir = TempDir::new("tls-bad");
+    let (srv, f) = Server::with_tls(&dir.0, false);
+    let url = format!("rediss://127.0.0.1:{}/0", srv.port());
+    // Server-only TLS (tls-auth-clients no): the CA alone is enough.
+    let s =
+        Store::new(Redis::connect_with(&url, "tls", &tls(&f.ca, None)).expect("server-only TLS"));
+    s.put_ban(&ban("192.0.2.61")).unwrap();
+    assert_eq!(s.bans().unwrap(), vec![ban("192.0.2.61")]);
+
+    let missing = dir.0.join("missing.pem");
+    let e = Redis::connect_with(&url, "tls", &tls(&missing, None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.pem"), "{e}");
+    let empty = dir.0.join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let e = Redis::connect_with(&url, "tls", &tls(&empty, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("empty.pem") && e.contains("no CERTIFICATE"),
+        "{e}"
+    );
+    // A key that is not the certificate's.
+    let e = Redis::connect_with(
+        &url,
+        "tls",
+        &tls(&f.ca, Some((&f.client_cert, &f.server_key))),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("client.pem"), "{e}");
+    // TLS settings for a plain URL are a mistake, not ignored.
+    let e = Redis::connect_with(
+        &format!("redis://127.0.0.1:{}/0", srv.port()),
+        "tls",
+        &tls(&f.ca, None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("use rediss://"), "{e}");
 }

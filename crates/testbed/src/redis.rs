@@ -1,7 +1,9 @@
 //! A real `redis-server` for tests (installed by `.ci/run`): started on a
-//! free loopback port without persistence, killed when dropped.
+//! free loopback port without persistence, killed when dropped; plain, or
+//! TLS only with certificates from a test CA.
 
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,11 +30,38 @@ impl RedisServer {
     ///
     /// As [`RedisServer::start`].
     pub fn with_args(args: &[&str]) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         RedisServer::spawn(port, args)
+    }
+
+    /// Starts one that speaks TLS only (`rediss://127.0.0.1:PORT`), with a
+    /// server certificate for 127.0.0.1 from a CA made here; the PEM files
+    /// go to `dir`. With `auth_clients`, it asks clients for a certificate
+    /// from that CA (Redis's default).
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisServer::start`], or when `dir` cannot be written.
+    pub fn with_tls(dir: &Path, auth_clients: bool) -> (RedisServer, TlsFiles) {
+        let files = TlsFiles::write(dir);
+        let port = free_port();
+        let s = |p: &Path| p.to_str().expect("a UTF-8 path").to_owned();
+        let args = [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            s(&files.server_cert),
+            "--tls-key-file".to_owned(),
+            s(&files.server_key),
+            "--tls-ca-cert-file".to_owned(),
+            s(&files.ca),
+            "--tls-auth-clients".to_owned(),
+            if auth_clients { "yes" } else { "no" }.to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (RedisServer::spawn(port, &args), files)
     }
 
     /// Starts one on `port` (again, after a drop: a restart, empty).
@@ -45,6 +74,7 @@ impl RedisServer {
     }
 
     fn spawn(port: u16, args: &[&str]) -> RedisServer {
+        // A later --port (a TLS server's `--port 0`) overrides this one.
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -93,5 +123,69 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The PEM files of [`RedisServer::with_tls`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that issued the server's and the client's certificates.
+    pub ca: PathBuf,
+    /// The server's certificate (for 127.0.0.1 and localhost) and key.
+    pub server_cert: PathBuf,
+    /// The server's key.
+    pub server_key: PathBuf,
+    /// A client certificate from the CA.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    /// Another CA, which issued nothing the server shows.
+    pub other_ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn write(dir: &Path) -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        std::fs::create_dir_all(dir).expect("the certificate directory");
+        let put = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("a certificate file");
+            path
+        };
+        let ca = |name: &str| {
+            let key = KeyPair::generate().expect("a key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.self_signed(&key).expect("a CA certificate");
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let leaf = |issuer: &Issuer<'_, KeyPair>, names: &[&str]| {
+            let key = KeyPair::generate().expect("a key");
+            let params =
+                CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                    .expect("leaf params");
+            let cert = params.signed_by(&key, issuer).expect("a leaf certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (ca_pem, issuer) = ca("ippool test Redis CA");
+        let (other_pem, _) = ca("some other CA");
+        let (server_cert, server_key) = leaf(&issuer, &["127.0.0.1", "localhost"]);
+        let (client_cert, client_key) = leaf(&issuer, &["ippool-client"]);
+        TlsFiles {
+            ca: put("ca.pem", ca_pem),
+            server_cert: put("server.pem", server_cert),
+            server_key: put("server.key", server_key),
+            client_cert: put("client.pem", client_cert),
+            client_key: put("client.key", client_key),
+            other_ca: put("other-ca.pem", other_pem),
+        }
     }
 }
