@@ -5,7 +5,7 @@
 //! is an error, not a silently ignored line. Every error names the file, the
 //! line and column, and the key path (`rules.clients.deny[1]`).
 //!
-//! Paths in the file (`state_dir`, `admin.token_file`,
+//! Paths in the file (`state_dir`, `admin.token_file`, `store.tls_*`,
 //! `rules.<name>.allow_files`, `rules.<name>.deny_files`,
 //! `monitor.<name>.access_log`, `.nginx_conf`, `.format_from`) are relative
 //! to the directory of the config file.
@@ -115,6 +115,18 @@ pub struct StoreConfig {
     /// default); instances that share state use the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<Spanned<String>>,
+    /// With a `rediss://` URL: a PEM file of the CA certificates that sign
+    /// the server's certificate (default: the system's CA bundle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<Spanned<PathBuf>>,
+    /// With a `rediss://` URL: a PEM client certificate (chain) shown to
+    /// the server, which Redis asks for unless `tls-auth-clients no`.
+    /// With `tls_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<Spanned<PathBuf>>,
+    /// The PEM private key of `tls_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<Spanned<PathBuf>>,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -130,6 +142,9 @@ impl std::fmt::Debug for StoreConfig {
             )
             .field("url_env", &self.url_env.as_ref().map(Spanned::get_ref))
             .field("prefix", &self.prefix.as_ref().map(Spanned::get_ref))
+            .field("tls_ca", &self.tls_ca.as_ref().map(Spanned::get_ref))
+            .field("tls_cert", &self.tls_cert.as_ref().map(Spanned::get_ref))
+            .field("tls_key", &self.tls_key.as_ref().map(Spanned::get_ref))
             .finish()
     }
 }
@@ -141,6 +156,9 @@ impl Default for StoreConfig {
             url: None,
             url_env: None,
             prefix: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -171,6 +189,8 @@ pub enum StoreSpec {
         url: String,
         /// The key prefix.
         prefix: String,
+        /// TLS settings of a `rediss://` URL (paths resolved).
+        tls: store::RedisTls,
     },
 }
 
@@ -178,10 +198,11 @@ impl std::fmt::Debug for StoreSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreSpec::Embedded => f.write_str("Embedded"),
-            StoreSpec::Redis { url, prefix } => f
+            StoreSpec::Redis { url, prefix, tls } => f
                 .debug_struct("Redis")
                 .field("url", &store::Redis::redacted(url))
                 .field("prefix", prefix)
+                .field("tls", tls)
                 .finish(),
         }
     }
@@ -641,7 +662,12 @@ impl ConfigError {
 }
 
 /// Checks `[store]`; reads `store.url_env` unless offline.
-fn store_spec(c: &StoreConfig, scope: Scope, src: &Source<'_>) -> Result<StoreSpec, ConfigError> {
+fn store_spec(
+    c: &StoreConfig,
+    scope: Scope,
+    src: &Source<'_>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<StoreSpec, ConfigError> {
     // No source line under these errors: `store.url` may hold a password.
     let at = |span: Range<usize>, key: &str, m: String| ConfigError {
         snippet: None,
@@ -652,6 +678,9 @@ fn store_spec(c: &StoreConfig, scope: Scope, src: &Source<'_>) -> Result<StoreSp
             (c.url.as_ref().map(Spanned::span), "store.url"),
             (c.url_env.as_ref().map(Spanned::span), "store.url_env"),
             (c.prefix.as_ref().map(Spanned::span), "store.prefix"),
+            (c.tls_ca.as_ref().map(Spanned::span), "store.tls_ca"),
+            (c.tls_cert.as_ref().map(Spanned::span), "store.tls_cert"),
+            (c.tls_key.as_ref().map(Spanned::span), "store.tls_key"),
         ] {
             if let Some(span) = set {
                 return Err(at(
@@ -723,7 +752,53 @@ fn store_spec(c: &StoreConfig, scope: Scope, src: &Source<'_>) -> Result<StoreSp
             }
         }
     };
-    Ok(StoreSpec::Redis { url, prefix })
+    let tls = store_tls(c, &url, &at, resolve)?;
+    Ok(StoreSpec::Redis { url, prefix, tls })
+}
+
+/// `store.tls_*`: files that exist, a key with its certificate, and a
+/// `rediss://` URL (when the URL is known here).
+fn store_tls(
+    c: &StoreConfig,
+    url: &str,
+    at: &dyn Fn(Range<usize>, &str, String) -> ConfigError,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<store::RedisTls, ConfigError> {
+    let file = |v: &Option<Spanned<PathBuf>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let path = resolve(v.get_ref());
+        if !path.is_file() {
+            return Err(at(
+                v.span(),
+                key,
+                format!("{}: no such file", path.display()),
+            ));
+        }
+        if !url.is_empty() && !url.starts_with("rediss://") {
+            return Err(at(
+                v.span(),
+                key,
+                "TLS settings need a rediss:// URL (store.url is redis://)".into(),
+            ));
+        }
+        Ok(Some(path))
+    };
+    let mut tls = store::RedisTls::default();
+    tls.ca_file = file(&c.tls_ca, "store.tls_ca")?;
+    let cert = file(&c.tls_cert, "store.tls_cert")?;
+    let key = file(&c.tls_key, "store.tls_key")?;
+    tls.client_cert = match (cert, key, &c.tls_cert, &c.tls_key) {
+        (Some(cert), Some(key), _, _) => Some((cert, key)),
+        (None, None, _, _) => None,
+        (Some(_), None, Some(v), _) => {
+            return Err(at(v.span(), "store.tls_cert", "needs store.tls_key".into()));
+        }
+        (_, _, _, Some(v)) => {
+            return Err(at(v.span(), "store.tls_key", "needs store.tls_cert".into()));
+        }
+        _ => None,
+    };
+    Ok(tls)
 }
 
 /// Turns spans into line/column and snippets for one source text.
@@ -864,7 +939,7 @@ pub fn load_str(path: &Path, text: &str, scope: Scope) -> Result<Loaded, ConfigE
         ));
     }
 
-    let store = store_spec(&config.store, scope, &src)?;
+    let store = store_spec(&config.store, scope, &src, &resolve)?;
 
     // admin token
     let admin = &config.admin;

@@ -128,10 +128,11 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         crate::config::StoreSpec::Embedded => store::Store::open_dir(&dir)
             .map(|s| (s, None))
             .map_err(ServeError::Store),
-        crate::config::StoreSpec::Redis { url, prefix } => {
+        crate::config::StoreSpec::Redis { url, prefix, tls } => {
             let local =
                 store::Embedded::open(&dir.join(store::FILE_NAME)).map_err(ServeError::Store)?;
-            let shared = store::Redis::connect(&url, &prefix).map_err(ServeError::SharedStore)?;
+            let shared =
+                store::Redis::connect_with(&url, &prefix, &tls).map_err(ServeError::SharedStore)?;
             let changes = shared.changes().map_err(ServeError::SharedStore)?;
             Ok((
                 store::Store::new(store::Split { shared, local }),

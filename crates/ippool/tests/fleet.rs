@@ -1,7 +1,8 @@
 //! Two daemons sharing one real `redis-server` (`[store] backend =
 //! "redis"`, installed by `.ci/run`): a rule added or removed on one
 //! applies on the other, a ban written by any instance applies on all and
-//! is lifted on all, a restarted instance reads the fleet's state, and bad
+//! is lifted on all, a restarted instance reads the fleet's state, the
+//! same over TLS (`rediss://` with a client certificate), and bad
 //! `[store]` settings or an unreachable Redis stop start-up with the key or
 //! the server named.
 
@@ -17,12 +18,17 @@ use testbed::redis::RedisServer as Redis;
 const TOKEN: &str = "fleet-admin-token-0123456789";
 
 fn config(redis: &Redis) -> String {
+    config_with(&format!("url = \"redis://127.0.0.1:{}/0\"", redis.port()))
+}
+
+/// The daemon's config with `store` lines (the URL and more) of its own.
+fn config_with(store: &str) -> String {
     format!(
         r#"
 shutdown_timeout = "5s"
 [store]
 backend = "redis"
-url = "redis://127.0.0.1:{}/0"
+{store}
 prefix = "fleet-test"
 [admin]
 listen = "127.0.0.1:0"
@@ -44,8 +50,7 @@ pool = "loop"
 rules = "clients"
 users_file = "users"
 allow = ["127.0.0.0/8"]
-"#,
-        redis.port()
+"#
     )
 }
 
@@ -309,8 +314,48 @@ fn a_redis_restart_removes_nothing_here_and_the_feed_comes_back() {
 }
 
 #[test]
+fn a_fleet_over_tls_shares_rules() {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    // Redis asks for a client certificate (its default with TLS).
+    let (redis, files) = Redis::with_tls(&da.0.join("tls"), true);
+    let port = redis.port();
+    let url = format!("url = \"rediss://127.0.0.1:{port}/0\"");
+    // a names the files relative to its config, b by absolute path.
+    let a_store = format!(
+        "{url}\ntls_ca = \"tls/ca.pem\"\ntls_cert = \"tls/client.pem\"\ntls_key = \"tls/client.key\""
+    );
+    let b_store = format!(
+        "{url}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}",
+        files.ca, files.client_cert, files.client_key
+    );
+    da.write("users", "alice:secret\n");
+    db.write("users", "alice:secret\n");
+    let mut a = start(&da.write("ippool.toml", &config_with(&a_store)));
+    let mut b = start(&db.write("ippool.toml", &config_with(&b_store)));
+    deny(&a, "198.51.100.0/24");
+    eventually("b denies 198.51.100.9", || {
+        verdict(&b, "clients", "198.51.100.9") == "deny"
+    });
+    a.stop();
+    b.stop();
+
+    // Without the client certificate the server refuses us, and start-up
+    // says so and what to do.
+    let c_store = format!("{url}\ntls_ca = {:?}", files.ca);
+    let err = serve_fails(
+        &db.write("no-cert.toml", &config_with(&c_store)),
+        &[("IPPOOL_TEST_TOKEN", TOKEN)],
+    );
+    assert!(
+        err.contains(&format!("rediss://127.0.0.1:{port}")) && err.contains("client certificate"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_store_settings_and_an_unreachable_redis_stop_start_up() {
     let dir = TempDir::new();
+    dir.write("ca.pem", "exists\n");
     for (text, says) in [
         ("[store]\nbackend = \"redis\"\n", "store.backend"),
         ("[store]\nurl = \"redis://127.0.0.1/0\"\n", "store.url"),
@@ -327,6 +372,23 @@ fn bad_store_settings_and_an_unreachable_redis_stop_start_up() {
             "[store]\nbackend = \"redis\"\nurl_env = \"IPPOOL_TEST_NO_SUCH_VAR\"\n",
             "store.url_env",
         ),
+        (
+            "[store]\nbackend = \"redis\"\nurl = \"rediss://h\"\ntls_ca = \"nowhere.pem\"\n",
+            "store.tls_ca",
+        ),
+        (
+            "[store]\nbackend = \"redis\"\nurl = \"redis://h\"\ntls_ca = \"ca.pem\"\n",
+            "store.tls_ca",
+        ),
+        (
+            "[store]\nbackend = \"redis\"\nurl = \"rediss://h\"\ntls_cert = \"ca.pem\"\n",
+            "store.tls_cert",
+        ),
+        (
+            "[store]\nbackend = \"redis\"\nurl = \"rediss://h\"\ntls_key = \"ca.pem\"\n",
+            "store.tls_key",
+        ),
+        ("[store]\ntls_ca = \"ca.pem\"\n", "store.tls_ca"),
     ] {
         let cfg = dir.write("bad.toml", text);
         let err = serve_fails(&cfg, &[]);
