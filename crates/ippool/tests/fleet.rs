@@ -330,8 +330,8 @@ fn a_fleet_over_tls_shares_rules() {
     );
     da.write("users", "alice:secret\n");
     db.write("users", "alice:secret\n");
-    let mut a = start(&da.write("ippool.toml", &config_with(&a_store)));
-    let mut b = start(&db.write("ippool.toml", &config_with(&b_store)));
+    let a = start(&da.write("ippool.toml", &config_with(&a_store)));
+    let b = start(&db.write("ippool.toml", &config_with(&b_store)));
     deny(&a, "198.51.100.0/24");
     eventually("b denies 198.51.100.9", || {
         verdict(&b, "clients", "198.51.100.9") == "deny"
