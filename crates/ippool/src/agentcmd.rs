@@ -26,8 +26,10 @@ pub struct KeygenArgs {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The proxy's registration channel: `ws://HOST:3042` or `wss://…`.
-    #[arg(long, value_name = "URL")]
-    pub proxy: String,
+    /// Repeat for every instance of a fleet: the backend registers with
+    /// each, independently (one proxy down does not touch the others).
+    #[arg(long, value_name = "URL", required = true)]
+    pub proxy: Vec<String>,
     /// The agent id (its public key must be in the proxy's key store).
     #[arg(long, value_name = "ID")]
     pub id: String,
@@ -87,26 +89,41 @@ fn split_route(r: &str) -> Result<(String, String), String> {
     Ok((host.to_owned(), path.to_owned()))
 }
 
-/// Runs the sidecar until SIGINT or SIGTERM, then drains and deregisters.
+/// Runs the sidecar until SIGINT or SIGTERM, then drains and deregisters
+/// (with every proxy at once).
 pub fn agent(a: &AgentArgs) -> ExitCode {
+    let mut routes = Vec::with_capacity(a.routes.len());
+    for r in &a.routes {
+        match split_route(r) {
+            Ok(route) => routes.push(route),
+            Err(e) => return crate::fail(2, e),
+        }
+    }
+    for (i, url) in a.proxy.iter().enumerate() {
+        if a.proxy[..i].contains(url) {
+            return crate::fail(2, format_args!("--proxy {url} is given twice"));
+        }
+    }
     let key = match registry::load_signing_key(Path::new(&a.key)) {
         Ok(k) => k,
         Err(e) => return crate::fail(2, format_args!("--key {}: {e}", a.key.display())),
     };
-    let mut b = registry::Agent::builder(a.proxy.as_str(), a.id.as_str(), key)
-        .service(a.service)
-        .weight(a.weight);
-    if let Some(n) = &a.name {
-        b = b.name(n.as_str());
-    }
-    for r in &a.routes {
-        match split_route(r) {
-            Ok((host, path)) => b = b.route(host.as_str(), path.as_str()),
-            Err(e) => return crate::fail(2, e),
+    let mut builders = Vec::with_capacity(a.proxy.len());
+    for url in &a.proxy {
+        // Each channel signs its own challenges (nonce, id and channel).
+        let mut b = registry::Agent::builder(url.as_str(), a.id.as_str(), key.clone())
+            .service(a.service)
+            .weight(a.weight);
+        if let Some(n) = &a.name {
+            b = b.name(n.as_str());
         }
-    }
-    if let Some(ca) = &a.ca {
-        b = b.ca_file(ca);
+        for (host, path) in &routes {
+            b = b.route(host.as_str(), path.as_str());
+        }
+        if let Some(ca) = &a.ca {
+            b = b.ca_file(ca);
+        }
+        builders.push((url.clone(), b));
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -116,29 +133,34 @@ pub fn agent(a: &AgentArgs) -> ExitCode {
         Err(e) => return crate::fail(1, format_args!("cannot start the runtime: {e}")),
     };
     rt.block_on(async {
-        let agent = match b.start() {
-            Ok(a) => a,
-            Err(e) => return crate::fail(2, e),
-        };
-        let mut states = agent.watch();
+        let mut agents = Vec::with_capacity(builders.len());
+        for (url, b) in builders {
+            match b.start() {
+                Ok(agent) => {
+                    let mut states = agent.watch();
+                    let proxy = url.clone();
+                    tokio::spawn(async move {
+                        while states.changed().await.is_ok() {
+                            let s = states.borrow_and_update().clone();
+                            tracing::info!(%proxy, state = ?s, "agent state");
+                        }
+                    });
+                    agents.push(agent);
+                }
+                Err(e) => return crate::fail(2, format_args!("--proxy {url}: {e}")),
+            }
+        }
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
                 Err(e) => return crate::fail(1, format_args!("signals: {e}")),
             };
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-                changed = states.changed() => {
-                    if changed.is_err() { break; }
-                    let s = states.borrow_and_update().clone();
-                    tracing::info!(state = ?s, "agent state");
-                }
-            }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
         tracing::info!("stopping: draining and deregistering");
-        agent.shutdown().await;
+        futures_util::future::join_all(agents.into_iter().map(registry::Agent::shutdown)).await;
         ExitCode::SUCCESS
     })
 }

@@ -317,3 +317,81 @@ fn registry_tls_config_errors_name_the_key() {
         assert!(err.contains(want), "want {want}: {err}");
     }
 }
+
+#[test]
+fn one_agent_registers_with_every_proxy_of_a_fleet() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
+    support::keygen(&dir.0.join("keys"), "web001");
+    let config = r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[registry]
+listen = "127.0.0.1:0"
+keys_dir = "keys"
+heartbeat_interval = "200ms"
+heartbeat_timeout = "800ms"
+drain_timeout = "200ms"
+"#;
+    let a_dir = TempDir::new();
+    std::fs::create_dir_all(a_dir.0.join("keys")).expect("mkdir");
+    std::fs::copy(
+        dir.0.join("keys/web001.pub"),
+        a_dir.0.join("keys/web001.pub"),
+    )
+    .expect("copy");
+    let mut a = Daemon::start(&a_dir.write("ippool.toml", config), &[]);
+    let mut b = Daemon::start(&dir.write("ippool.toml", config), &[]);
+    let key = dir.0.join("keys/web001.key");
+    let sidecar = |proxies: &[std::net::SocketAddr]| {
+        let mut cmd = Command::new(support::BIN);
+        cmd.arg("agent");
+        for p in proxies {
+            cmd.args(["--proxy", &format!("ws://{p}")]);
+        }
+        cmd.args(["--id", "web001", "--key"])
+            .arg(&key)
+            .args(["--service", "127.0.0.1:8081", "--route", "example.com/api"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+
+    // The same proxy twice is a mistake.
+    let out = sidecar(&[a.registry(), a.registry()])
+        .output()
+        .expect("agent");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("twice"));
+
+    let mut child = Agent(
+        sidecar(&[a.registry(), b.registry()])
+            .spawn()
+            .expect("agent"),
+    );
+    for (name, d) in [("a", &a), ("b", &b)] {
+        wait_for(&format!("registered with {name}"), d, |s| {
+            s.to_string().contains("127.0.0.1:8081")
+        });
+    }
+    // One proxy going away leaves the registration with the other alone.
+    assert!(a.terminate().success());
+    std::thread::sleep(Duration::from_millis(1200)); // > heartbeat_timeout
+    assert!(
+        services(&b).to_string().contains("127.0.0.1:8081"),
+        "{}",
+        services(&b)
+    );
+    // SIGTERM: deregistered from the one that is left.
+    let pid = child.0.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = child.0.wait().expect("agent exits");
+    assert!(status.success(), "{status:?}");
+    wait_for("gone from b", &b, |s| !s.to_string().contains("web001"));
+    assert!(b.terminate().success());
+}
