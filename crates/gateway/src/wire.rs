@@ -236,6 +236,55 @@ pub(crate) enum Parsed<T> {
     Ready(T),
 }
 
+/// An HTTP/1.1 request head the lean paths may take.
+pub(crate) struct Head<'b, 'h> {
+    /// Its length in the buffer.
+    pub(crate) len: usize,
+    pub(crate) method: &'b str,
+    /// The request target, ASCII.
+    pub(crate) target: &'b str,
+    pub(crate) headers: &'h [httparse::Header<'b>],
+}
+
+/// Room for the headers of one [`Head`].
+pub(crate) type HeaderSlots<'b> = [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS];
+
+/// Parses the request head at the start of `buf`: [`Parsed::Partial`]
+/// until it is complete, [`Parsed::Fallback`] (hyper answers) when it is
+/// malformed, over `max_bytes`, over [`MAX_HEADERS`] headers, not
+/// HTTP/1.1, or its target is not ASCII.
+#[inline]
+pub(crate) fn parse_head<'b, 'h>(
+    buf: &'b [u8],
+    slots: &'h mut HeaderSlots<'b>,
+    max_bytes: usize,
+) -> Parsed<Head<'b, 'h>> {
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, slots) {
+        Ok(httparse::Status::Complete(n)) if n <= max_bytes => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Ok(httparse::Status::Complete(_)) | Err(_) => return Parsed::Fallback,
+    };
+    let httparse::Request {
+        method: Some(method),
+        path: Some(target),
+        version: Some(1),
+        headers,
+    } = req
+    else {
+        return Parsed::Fallback;
+    };
+    if !target.is_ascii() {
+        return Parsed::Fallback;
+    }
+    Parsed::Ready(Head {
+        len,
+        method,
+        target,
+        headers,
+    })
+}
+
 /// How the wait for the next request head ended.
 pub(crate) enum NextHead<T> {
     Ready(T),

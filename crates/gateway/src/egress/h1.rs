@@ -40,8 +40,8 @@ use super::http::{Reject, session_for};
 use super::metrics::{Protocol, RequestResult};
 use super::upstream::{Key, Pooled};
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead, Parsed,
-    Rewrite, copy_body, header_line, header_text, hop_by_hop, is, named_in,
+    self, BodyError, CHUNK, Framing, Head, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead,
+    Parsed, Rewrite, copy_body, header_line, header_text, hop_by_hop, is, named_in,
 };
 
 /// An upstream connection of the fast path, with its read buffer.
@@ -177,23 +177,17 @@ fn parse(
     buf: &[u8],
     out: &mut Vec<u8>,
 ) -> Parsed<Parse> {
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
-        // Over the limit: hyper answers.
-        Ok(httparse::Status::Complete(n)) if n > ctx.opts.max_header_bytes => {
-            return Parsed::Fallback;
-        }
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Fallback,
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let Head {
+        len: head_len,
+        method,
+        target,
+        headers,
+    } = match wire::parse_head(buf, &mut slots, ctx.opts.max_header_bytes) {
+        Parsed::Ready(h) => h,
+        Parsed::Partial => return Parsed::Partial,
+        Parsed::Fallback => return Parsed::Fallback,
     };
-    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::Fallback;
-    };
-    if !target.is_ascii() {
-        return Parsed::Fallback;
-    }
     let tunnel = method == "CONNECT";
     let parsed = if tunnel {
         host_port(target, None).map(|(h, p)| (h, p, ""))
@@ -203,7 +197,6 @@ fn parse(
     let Some((host, port, path)) = parsed else {
         return Parsed::Fallback;
     };
-    let headers: &[httparse::Header<'_>] = req.headers;
     let Some(frame) = wire::request_frame(headers, "proxy-authorization") else {
         return Parsed::Fallback;
     };

@@ -36,8 +36,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::wire::{
-    self, BodyError, CHUNK, Framing, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead, Parsed,
-    RespHead, Rewrite, copy_body, header_line, header_text, hop_by_hop, is, named_in, text,
+    self, BodyError, CHUNK, Framing, Head, HeadError, Lazy, LogInfo, MAX_HEADERS, Next, NextHead,
+    Parsed, RespHead, Rewrite, copy_body, header_line, header_text, hop_by_hop, is, named_in, text,
 };
 
 use super::backend::{BackendRt, inc};
@@ -131,22 +131,21 @@ fn join(list: &mut Vec<u8>, value: &[u8]) {
 fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Parsed<Prep> {
     let ctx = &*conn.ctx;
     let opts = &ctx.opts;
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
-        // Over the limit: hyper answers 431.
-        Ok(httparse::Status::Complete(n)) if n > opts.max_header_bytes => return Parsed::Fallback,
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Fallback,
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    // Over max_header_bytes or malformed: hyper answers (431, 400).
+    let Head {
+        len: head_len,
+        method,
+        target,
+        headers,
+    } = match wire::parse_head(buf, &mut slots, opts.max_header_bytes) {
+        Parsed::Ready(h) => h,
+        Parsed::Partial => return Parsed::Partial,
+        Parsed::Fallback => return Parsed::Fallback,
     };
-    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::Fallback;
-    };
-    if method == "CONNECT" || !target.starts_with('/') || !target.is_ascii() {
+    if method == "CONNECT" || !target.starts_with('/') {
         return Parsed::Fallback;
     }
-    let headers: &[httparse::Header<'_>] = req.headers;
 
     // One pass for what decides the request's fate.
     let Some(frame) = wire::request_frame(headers, "host") else {
