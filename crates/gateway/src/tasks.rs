@@ -1,13 +1,15 @@
 //! The tasks of a listener (client connections and what they start), so
 //! that shutting the listener down can drain them: wait for them up to a
-//! deadline, then abort what is left; dropping the owner aborts them too.
-//! Every proxy (egress, ingress, L4) keeps its connections here, and the
-//! ingress route table its upstream connections.
+//! deadline, then abort what is left. Every proxy (egress, ingress, L4)
+//! keeps its connections here (and aborts them if its `serve` future is
+//! dropped mid-drain, through [`Tasks::abort_on_drop`]), and the ingress
+//! route table its upstream connections (aborted when the table drops).
 //!
 //! Spawning costs one counter increment and one entry in a sharded lock
 //! (no set to reap, no single lock for every connection of the listener).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::hash::BuildHasherDefault;
 use std::pin::Pin;
@@ -22,7 +24,7 @@ use tokio_util::task::TaskTracker;
 const TASK_SHARDS: usize = 8;
 
 /// The tasks of one listener: client connections, tunnels, upstream
-/// connections, health checks. Counted by a [`TaskTracker`] (a counter: no lock, nothing
+/// connections. Counted by a [`TaskTracker`] (a counter: no lock, nothing
 /// to reap); each can be aborted through its entry in a sharded registry
 /// that the task removes itself from when it ends.
 pub(crate) struct Tasks {
@@ -30,7 +32,12 @@ pub(crate) struct Tasks {
     registry: Arc<Registry>,
 }
 
-type Handles = HashMap<u64, AbortHandle, BuildHasherDefault<IdHasher>>;
+/// Abort handles by task id. The spawner inserts a task's handle after the
+/// spawn and the task removes it when it ends, whichever comes first
+/// leaving `None` (a tombstone) for the other to remove: no lock is held
+/// across a spawn (a runtime shutting down drops the future inside
+/// `spawn`, and with it the task's [`Registered`]).
+type Handles = HashMap<u64, Option<AbortHandle>, BuildHasherDefault<IdHasher>>;
 
 #[derive(Default)]
 struct Registry {
@@ -62,6 +69,41 @@ impl Registry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The spawner (`Some`: the handle) or the ended task (`None`) for
+    /// task `id`: the first leaves its value, the second removes it.
+    fn meet(&self, id: u64, handle: Option<AbortHandle>) {
+        match self.shard(id).entry(id) {
+            Entry::Occupied(e) => {
+                e.remove();
+            }
+            Entry::Vacant(e) => {
+                e.insert(handle);
+            }
+        }
+    }
+
+    /// Aborts every task registered now (outside the locks: an abort may
+    /// drop a task, which takes its shard's lock).
+    fn abort_all(&self) {
+        let mut handles = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            handles.extend(shard.values().flatten().cloned());
+        }
+        for h in handles {
+            h.abort();
+        }
+    }
+}
+
+/// Aborts the tasks of a [`Tasks`] when dropped ([`Tasks::abort_on_drop`]).
+pub(crate) struct AbortOnDrop(Arc<Registry>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort_all();
+    }
 }
 
 /// Removes a task from the registry when it ends (or is aborted).
@@ -72,7 +114,7 @@ struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.registry.shard(self.id).remove(&self.id);
+        self.registry.meet(self.id, None);
     }
 }
 
@@ -98,31 +140,23 @@ impl Tasks {
             registry: self.registry.clone(),
             id,
         };
-        // Held across the spawn: the task cannot remove its entry before
-        // it is inserted.
-        let mut shard = self.registry.shard(id);
         let handle = self.tracker.spawn(async move {
             let _registered = registered;
             f.await;
         });
-        shard.insert(id, handle.abort_handle());
+        self.registry.meet(id, Some(handle.abort_handle()));
     }
 
     /// Aborts every task registered now.
     fn abort_all(&self) {
-        let mut handles = Vec::new();
-        for shard in &self.registry.shards {
-            handles.extend(
-                shard
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .drain()
-                    .map(|(_, h)| h),
-            );
-        }
-        for h in handles {
-            h.abort();
-        }
+        self.registry.abort_all();
+    }
+
+    /// A guard that aborts every task of this set when it drops (a
+    /// listener's `serve` holds one: its connections hold the set, so it
+    /// would never drop while they run).
+    pub(crate) fn abort_on_drop(&self) -> AbortOnDrop {
+        AbortOnDrop(Arc::clone(&self.registry))
     }
 
     /// Waits for every task (also those spawned meanwhile) until
@@ -220,14 +254,7 @@ mod tests {
         });
         // The finished task removed itself; the pending one is registered.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while tasks
-            .registry
-            .shards
-            .iter()
-            .map(|s| s.lock().unwrap().len())
-            .sum::<usize>()
-            != 1
-        {
+        while entries(&tasks) != 1 {
             assert!(
                 Instant::now() < deadline,
                 "finished task never left the registry"
@@ -235,6 +262,57 @@ mod tests {
             tokio::task::yield_now().await;
         }
         drop(tasks);
+        let r = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        assert!(matches!(r, Ok(Err(_))), "the task was aborted: {r:?}");
+    }
+
+    /// Entries in the registry (handles and tombstones).
+    fn entries(tasks: &Tasks) -> usize {
+        tasks
+            .registry
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn spawning_on_a_runtime_that_is_shut_down_returns_and_leaves_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt.handle().clone();
+        drop(rt);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _in = handle.enter();
+            let tasks = Tasks::default();
+            // Tokio drops the future inside spawn: its Registered too.
+            tasks.spawn(async {});
+            tx.send(entries(&tasks)).unwrap();
+        });
+        let left = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("spawn returned (no lock held across it)");
+        assert_eq!(left, 0, "no entry left behind");
+    }
+
+    #[tokio::test]
+    async fn the_abort_guard_aborts_tasks_that_hold_their_own_set() {
+        // As a listener's connections hold its context, and with it the set.
+        let tasks = Arc::new(Tasks::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let held = tasks.clone();
+        tasks.spawn(async move {
+            let _set = held;
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        let guard = tasks.abort_on_drop();
+        drop(tasks); // not the last reference: nothing happens
+        tokio::task::yield_now().await;
+        drop(guard);
         let r = tokio::time::timeout(Duration::from_secs(5), rx).await;
         assert!(matches!(r, Ok(Err(_))), "the task was aborted: {r:?}");
     }

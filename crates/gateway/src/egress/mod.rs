@@ -268,6 +268,8 @@ impl EgressProxy {
             ctx,
             stop,
         } = self;
+        // Dropped mid-drain (the daemon's shutdown timeout): abort the rest.
+        let _abort = ctx.tasks.abort_on_drop();
         tokio::pin!(shutdown);
         let sweep_every =
             (ctx.opts.idle_timeout / 2).clamp(Duration::from_millis(500), Duration::from_secs(10));

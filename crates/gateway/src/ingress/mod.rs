@@ -354,6 +354,8 @@ impl IngressProxy {
             ctx,
             stop,
         } = self;
+        // Dropped mid-drain (the daemon's shutdown timeout): abort the rest.
+        let _abort = ctx.tasks.abort_on_drop();
         tokio::pin!(shutdown);
         let mut background = JoinSet::new();
         // One listener of those sharing a table runs its active checks;

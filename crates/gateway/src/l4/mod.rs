@@ -244,6 +244,8 @@ impl L4Proxy {
     /// left.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let L4Proxy { listener, ctx } = self;
+        // Dropped mid-drain (the daemon's shutdown timeout): abort the rest.
+        let _abort = ctx.tasks.abort_on_drop();
         let guard = Arc::clone(&ctx.opts.guard);
         tokio::pin!(shutdown);
         loop {
