@@ -209,15 +209,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reads_that_move_nothing_do_not_count() {
+    async fn reads_and_writes_that_move_nothing_do_not_count() {
         let act = Arc::new(Activity::default());
         let (a, b) = tokio::io::duplex(64);
-        drop(b);
         let mut a = Touched::new(a, act.clone());
+        assert_eq!(a.write(b"").await.unwrap(), 0);
+        assert!(!act.moved.load(Ordering::Relaxed));
+        drop(b);
         let mut buf = [0u8; 8];
         assert_eq!(a.read(&mut buf).await.unwrap(), 0); // end of stream
         assert!(!act.moved.load(Ordering::Relaxed));
-        a.write_all(b"").await.unwrap();
-        assert!(!act.moved.load(Ordering::Relaxed));
+        // ...while one that moves a byte does.
+        let (c, mut d) = tokio::io::duplex(64);
+        let mut c = Touched::new(c, act.clone());
+        d.write_all(b"x").await.unwrap();
+        assert_eq!(c.read(&mut buf).await.unwrap(), 1);
+        assert!(act.moved.load(Ordering::Relaxed));
     }
 }

@@ -134,16 +134,19 @@ pub fn agent(a: &AgentArgs) -> ExitCode {
     };
     rt.block_on(async {
         let mut agents = Vec::with_capacity(builders.len());
+        // An agent whose state channel closes has stopped on its own.
+        let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
         for (url, b) in builders {
             match b.start() {
                 Ok(agent) => {
                     let mut states = agent.watch();
-                    let proxy = url.clone();
+                    let ended_tx = ended_tx.clone();
                     tokio::spawn(async move {
                         while states.changed().await.is_ok() {
                             let s = states.borrow_and_update().clone();
-                            tracing::info!(%proxy, state = ?s, "agent state");
+                            tracing::info!(proxy = %url, state = ?s, "agent state");
                         }
+                        let _ = ended_tx.send(url);
                     });
                     agents.push(agent);
                 }
@@ -155,13 +158,17 @@ pub fn agent(a: &AgentArgs) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return crate::fail(1, format_args!("signals: {e}")),
             };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let code = tokio::select! {
+            _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+            _ = term.recv() => ExitCode::SUCCESS,
+            Some(url) = ended.recv() => {
+                tracing::error!(proxy = %url, "agent stopped unexpectedly");
+                ExitCode::FAILURE
+            }
+        };
         tracing::info!("stopping: draining and deregistering");
         futures_util::future::join_all(agents.into_iter().map(registry::Agent::shutdown)).await;
-        ExitCode::SUCCESS
+        code
     })
 }
 

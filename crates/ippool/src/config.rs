@@ -98,7 +98,8 @@ pub struct StoreConfig {
     /// ban taken on one instance applies on all).
     #[serde(default = "default_store_kind")]
     pub backend: Spanned<StoreKind>,
-    /// With `backend = "redis"`: `redis://[[user]:password@]host[:port][/db]`.
+    /// With `backend = "redis"`: `redis://[[user]:password@]host[:port][/db]`,
+    /// or `rediss://…` for TLS (see `tls_ca`, `tls_cert`, `tls_key`).
     /// Printed (`/config`, `ippool check`) without its password. Exclusive
     /// with `url_env`.
     #[serde(
@@ -752,22 +753,30 @@ fn store_spec(
             }
         }
     };
-    let tls = store_tls(c, &url, &at, resolve)?;
+    let url_key = if c.url.is_some() {
+        "store.url"
+    } else {
+        "store.url_env"
+    };
+    let tls = store_tls(c, scope, (&url, url_key), &at, resolve)?;
     Ok(StoreSpec::Redis { url, prefix, tls })
 }
 
-/// `store.tls_*`: files that exist, a key with its certificate, and a
-/// `rediss://` URL (when the URL is known here).
+/// `store.tls_*`: files that exist (unless offline: `rules check` may run
+/// where the keys are not), a key with its certificate, and a `rediss://`
+/// URL (when the URL is known here; `url` is the URL and the key it came
+/// from).
 fn store_tls(
     c: &StoreConfig,
-    url: &str,
+    scope: Scope,
+    (url, url_key): (&str, &str),
     at: &dyn Fn(Range<usize>, &str, String) -> ConfigError,
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<store::RedisTls, ConfigError> {
     let file = |v: &Option<Spanned<PathBuf>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
         let Some(v) = v else { return Ok(None) };
         let path = resolve(v.get_ref());
-        if !path.is_file() {
+        if scope == Scope::Full && !path.is_file() {
             return Err(at(
                 v.span(),
                 key,
@@ -778,7 +787,7 @@ fn store_tls(
             return Err(at(
                 v.span(),
                 key,
-                "TLS settings need a rediss:// URL (store.url is redis://)".into(),
+                format!("TLS settings need a rediss:// URL ({url_key} gives redis://)"),
             ));
         }
         Ok(Some(path))

@@ -236,17 +236,21 @@ impl RedisTls {
                 }
             }
             None => {
-                let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-                let path = from_env
-                    .into_iter()
-                    .chain(SYSTEM_CA_FILES.iter().map(PathBuf::from))
-                    .find(|p| p.is_file())
-                    .ok_or_else(|| {
-                        format!(
-                            "no CA bundle found (SSL_CERT_FILE, {}): give a CA file",
-                            SYSTEM_CA_FILES.join(", ")
-                        )
-                    })?;
+                // SSL_CERT_FILE, when set, is the bundle (as for OpenSSL):
+                // a wrong one is an error, not a reason to trust another.
+                let path = match std::env::var_os("SSL_CERT_FILE") {
+                    Some(p) => PathBuf::from(p),
+                    None => SYSTEM_CA_FILES
+                        .iter()
+                        .map(PathBuf::from)
+                        .find(|p| p.is_file())
+                        .ok_or_else(|| {
+                            format!(
+                                "no CA bundle found (SSL_CERT_FILE, {}): give a CA file",
+                                SYSTEM_CA_FILES.join(", ")
+                            )
+                        })?,
+                };
                 // A system bundle may hold a certificate webpki cannot
                 // use; the others still count.
                 let (added, _) = roots.add_parsable_certificates(pem_certs(&path)?);
@@ -750,7 +754,7 @@ impl Redis {
         let fail = |e: io::Error| StoreError::Remote {
             target: self.describe(),
             operation: "subscribe to changes",
-            reason: e.to_string(),
+            reason: format!("{e}{}", hint(&e, &self.target)),
         };
         let channel = self.channel();
         let conn = subscribe(&self.target, self.tls.as_ref(), &channel).map_err(fail)?;

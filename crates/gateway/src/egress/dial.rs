@@ -285,7 +285,11 @@ pub(crate) async fn checkout<C: Pooled, E: From<DialError>>(
             port,
         };
         while let Some(mut conn) = idle.take(key, &addrs) {
-            if allowed(ctx, conn.dest()) && conn.ready().await {
+            if allowed(ctx, conn.dest())
+                && tokio::time::timeout_at(deadline, conn.ready())
+                    .await
+                    .unwrap_or(false)
+            {
                 return Ok(Checkout {
                     conn,
                     lease,

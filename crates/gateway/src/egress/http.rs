@@ -27,7 +27,6 @@ use super::upstream::{Conn, Key};
 use super::{Ctx, SessionFrom};
 use crate::activity::{Activity, Touched};
 use crate::guard::Offense;
-
 use crate::wire::{Rewind, header_text};
 
 /// The response header that tells the client the source address used.
@@ -41,6 +40,9 @@ type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// and what its requests (one at a time) reuse.
 struct ConnState {
     tunnel: Mutex<Option<Tunnel>>,
+    /// The connection's activity: a request waiting for its answer keeps
+    /// it from the idle timeout (the answer has its own).
+    act: Arc<Activity>,
     peer: SocketAddr,
     /// Who the connection's credentials name.
     auth: Mutex<auth::Remembered>,
@@ -175,6 +177,7 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr, pr
     let io = Touched::new(Rewind::new(pre, stream), act.clone());
     let state = Arc::new(ConnState {
         tunnel: Mutex::new(None),
+        act: act.clone(),
         peer,
         auth: Mutex::default(),
         timer: Mutex::new(None),
@@ -242,6 +245,7 @@ pub(crate) fn rate_limit_reject(wait: Duration) -> Reject {
 }
 
 async fn handle(ctx: &Arc<Ctx>, state: &ConnState, req: Request<Incoming>) -> Response<ProxyBody> {
+    let _busy = state.act.busy();
     let entry = ctx
         .opts
         .access_log
