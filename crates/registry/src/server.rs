@@ -694,6 +694,7 @@ impl Registry {
             metadata: p.metadata,
         };
         let mut st = self.lock();
+        current(&st, &key.id, session)?;
         if !st.services.contains_key(&id) {
             let prefix = format!("{}/", key.id);
             let count = st
@@ -727,9 +728,15 @@ impl Registry {
     }
 
     /// `service/drain`: returns the deadline.
-    pub(crate) fn drain(&self, agent: &KeyId, name: &str) -> Result<Instant, Refusal> {
+    pub(crate) fn drain(
+        &self,
+        session: u64,
+        agent: &KeyId,
+        name: &str,
+    ) -> Result<Instant, Refusal> {
         let id = format!("{agent}/{name}");
         let mut st = self.lock();
+        current(&st, agent, session)?;
         let e = st.services.get_mut(&id).ok_or_else(|| not_found(&id))?;
         if let Some(d) = e.draining {
             return Ok(d);
@@ -747,9 +754,15 @@ impl Registry {
     }
 
     /// `service/deregister`: removes at once.
-    pub(crate) fn deregister(&self, agent: &KeyId, name: &str) -> Result<(), Refusal> {
+    pub(crate) fn deregister(
+        &self,
+        session: u64,
+        agent: &KeyId,
+        name: &str,
+    ) -> Result<(), Refusal> {
         let id = format!("{agent}/{name}");
         let mut st = self.lock();
+        current(&st, agent, session)?;
         st.services.remove(&id).ok_or_else(|| not_found(&id))?;
         self.emit(Event::Deregistered {
             service: id,
@@ -759,7 +772,13 @@ impl Registry {
     }
 
     /// `service/set_weight`.
-    pub(crate) fn set_weight(&self, agent: &KeyId, name: &str, weight: u32) -> Result<(), Refusal> {
+    pub(crate) fn set_weight(
+        &self,
+        session: u64,
+        agent: &KeyId,
+        name: &str,
+        weight: u32,
+    ) -> Result<(), Refusal> {
         if weight > proto::MAX_WEIGHT {
             return Err((
                 Code::Invalid,
@@ -768,6 +787,7 @@ impl Registry {
         }
         let id = format!("{agent}/{name}");
         let mut st = self.lock();
+        current(&st, agent, session)?;
         let e = st.services.get_mut(&id).ok_or_else(|| not_found(&id))?;
         if e.service.weight != weight {
             e.service.weight = weight;
@@ -839,6 +859,21 @@ pub struct RegistryServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     registry: Registry,
+}
+
+/// Refuses a service change from a connection a newer one of the same id
+/// has superseded: its services were handed over to the newer one, and a
+/// message still queued on the old connection must not take them back or
+/// change them (the old connection's end does not clean up after it).
+fn current(st: &State, agent: &KeyId, session: u64) -> Result<(), Refusal> {
+    if st.sessions.get(agent).is_some_and(|s| s.session == session) {
+        Ok(())
+    } else {
+        Err((
+            Code::Superseded,
+            "a newer connection of this id took over".into(),
+        ))
+    }
 }
 
 impl RegistryServer {
@@ -995,5 +1030,85 @@ impl RegistryServer {
         {
             tasks.shutdown().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        std::fs::create_dir_all(dir).unwrap();
+        Registry {
+            inner: Arc::new(Inner {
+                opts: RegistryOptions::default(),
+                keys: RwLock::new(KeyStore::open(dir).unwrap()),
+                state: Mutex::new(State::default()),
+                events: broadcast::channel(64).0,
+                counters: Counters::default(),
+                reaper: Notify::new(),
+            }),
+        }
+    }
+
+    fn payload(name: &str, weight: u32) -> RegisterPayload {
+        RegisterPayload {
+            name: name.into(),
+            addr: "127.0.0.1:8081".into(),
+            routes: vec![Route {
+                host: "example.com".into(),
+                path_prefix: "/".into(),
+            }],
+            weight,
+            version: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_superseded_connection_can_no_longer_change_the_services_it_handed_over() {
+        let dir = std::env::temp_dir().join(format!("ippool-registry-sup-{}", std::process::id()));
+        let r = registry(&dir);
+        let id: KeyId = "web001".parse().unwrap();
+        let key = KeyEntry {
+            id: id.clone(),
+            public_key: ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
+            role: Role::Agent,
+            allow: Vec::new(),
+        };
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let (old_tx, mut old_rx) = mpsc::channel(4);
+        let old = r.open_session(&id, Role::Agent, peer, old_tx);
+        r.register(old, &key, peer, payload("svc", 1)).unwrap();
+        let (new_tx, _new_rx) = mpsc::channel(4);
+        let new = r.open_session(&id, Role::Agent, peer, new_tx);
+        assert!(
+            matches!(old_rx.try_recv(), Ok(Ctl::Close(Code::Superseded, _))),
+            "the old connection is told to close"
+        );
+        // Messages still queued on the old connection are refused...
+        let refused = |res: Result<(), Refusal>| matches!(res, Err((Code::Superseded, _)));
+        assert!(refused(
+            r.register(old, &key, peer, payload("svc", 9)).map(drop)
+        ));
+        assert!(refused(
+            r.register(old, &key, peer, payload("other", 1)).map(drop)
+        ));
+        assert!(refused(r.set_weight(old, &id, "svc", 5)));
+        assert!(refused(r.drain(old, &id, "svc").map(drop)));
+        assert!(refused(r.deregister(old, &id, "svc")));
+        // ...and the service is the newer connection's, unchanged.
+        {
+            let st = r.lock();
+            assert_eq!(st.services.len(), 1);
+            let e = &st.services["web001/svc"];
+            assert_eq!((e.session, e.service.weight, e.draining), (new, 1, None));
+        }
+        // The old connection's end leaves it alone; the newer one may change it.
+        r.close_session(old, &id, peer, End::Superseded, Code::Superseded);
+        r.set_weight(new, &id, "svc", 4).unwrap();
+        r.close_session(new, &id, peer, End::Abrupt(Code::Normal), Code::Normal);
+        assert!(r.lock().services.is_empty(), "removed with its connection");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

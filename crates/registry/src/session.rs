@@ -489,12 +489,13 @@ impl Conn<'_> {
                     }
                     "deregister" => {
                         let p: proto::NamePayload = parse(kind, action, payload)?;
-                        self.registry.deregister(&self.key_id, &p.name)?;
+                        self.registry
+                            .deregister(self.session, &self.key_id, &p.name)?;
                         Ok(serde_json::json!({ "service": format!("{}/{}", self.key_id, p.name) }))
                     }
                     "drain" => {
                         let p: proto::NamePayload = parse(kind, action, payload)?;
-                        let deadline = self.registry.drain(&self.key_id, &p.name)?;
+                        let deadline = self.registry.drain(self.session, &self.key_id, &p.name)?;
                         let left = deadline.saturating_duration_since(std::time::Instant::now());
                         Ok(serde_json::json!({
                             "service": format!("{}/{}", self.key_id, p.name),
@@ -503,7 +504,8 @@ impl Conn<'_> {
                     }
                     _ => {
                         let p: proto::WeightPayload = parse(kind, action, payload)?;
-                        self.registry.set_weight(&self.key_id, &p.name, p.weight)?;
+                        self.registry
+                            .set_weight(self.session, &self.key_id, &p.name, p.weight)?;
                         Ok(serde_json::json!({ "service": format!("{}/{}", self.key_id, p.name) }))
                     }
                 }
