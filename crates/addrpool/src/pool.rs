@@ -1016,7 +1016,7 @@ impl Inner {
                 && st
                     .slots
                     .get(&ip)
-                    .is_some_and(|s| s.state == SlotState::Ready)
+                    .is_some_and(|s| s.state == SlotState::Ready && !s.retire)
             {
                 let permit = match st.health.as_ref().map(|t| t.acquire(&ip, hnow)) {
                     None => Ok(None),

@@ -307,6 +307,19 @@ async fn sticky_sessions_keep_their_source_for_the_ttl() {
         s1,
         "TTL expired: new source"
     );
+    // A retired address (a bind failed on it, say) ends the session on it
+    // at once, TTL or not, and is not handed out again.
+    let l = pool.lease_with(Some(&a)).await.unwrap();
+    assert_eq!(l.source(), first);
+    l.retire();
+    let moved = pool.lease_with(Some(&a)).await.unwrap();
+    assert_ne!(moved.source(), first, "the session moved off the retired address");
+    drop((l, moved));
+    assert!(
+        !pool.held().contains(&first),
+        "retired once its last lease ended: {:?}",
+        pool.held()
+    );
 }
 
 #[tokio::test]
