@@ -478,7 +478,9 @@ impl AddrStream {
         }
     }
 
-    /// The next address, or None once exhausted (never for `Cycle`).
+    /// The next address, or None once exhausted (never for `Cycle`; for an
+    /// iterator, also after [`OTHER_FAMILY_MAX`] addresses in a row of the
+    /// other family).
     pub(crate) fn next_addr(&mut self) -> Option<IpAddr> {
         match &mut self.kind {
             Kind::Indexed {
@@ -506,16 +508,31 @@ impl AddrStream {
                 let start = ends[j] - (seg.last - seg.first + 1);
                 Some(from_u128(seg.family, seg.first + (i - start)))
             }
-            Kind::Iter { pending, it } => loop {
-                let ip = pending.take().or_else(|| it.next())?;
-                if Some(Family::of(ip)) == self.family {
-                    return Some(ip);
+            Kind::Iter { pending, it } => {
+                // Bounded: draws run under the pool's lock, and an endless
+                // iterator of the other family must not hang every lease.
+                for skipped in 0..OTHER_FAMILY_MAX {
+                    let ip = pending.take().or_else(|| it.next())?;
+                    if Some(Family::of(ip)) == self.family {
+                        return Some(ip);
+                    }
+                    if skipped == 0 {
+                        tracing::warn!(%ip, "address source yielded an address of the other family; skipped");
+                    }
                 }
-                tracing::warn!(%ip, "address source yielded an address of the other family; skipped");
-            },
+                tracing::error!(
+                    skipped = OTHER_FAMILY_MAX,
+                    "address source yields only addresses of the other family; taken as exhausted"
+                );
+                None
+            }
         }
     }
 }
+
+/// How many addresses of the other family in a row an iterator source may
+/// yield before it is taken as exhausted.
+const OTHER_FAMILY_MAX: usize = 4096;
 
 /// A keyed pseudo-random permutation of `0..n` (cycle-walking over a
 /// bijection of the enclosing power of two).
@@ -737,5 +754,14 @@ mod tests {
         assert_eq!(st.next_addr(), Some("10.0.0.1".parse().unwrap()));
         assert_eq!(st.next_addr(), Some("10.0.0.2".parse().unwrap()));
         assert_eq!(st.next_addr(), None);
+    }
+
+    #[test]
+    fn an_endless_iterator_of_the_other_family_ends_instead_of_hanging() {
+        let v6 = |i: u128| IpAddr::from(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | i));
+        let it = std::iter::once("10.0.0.1".parse().unwrap()).chain((1..).map(v6));
+        let mut st = Source::iter(it).into_stream(Order::Random, false).unwrap();
+        assert_eq!(st.next_addr(), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(st.next_addr(), None, "bounded, not an endless loop");
     }
 }

@@ -313,7 +313,11 @@ async fn sticky_sessions_keep_their_source_for_the_ttl() {
     assert_eq!(l.source(), first);
     l.retire();
     let moved = pool.lease_with(Some(&a)).await.unwrap();
-    assert_ne!(moved.source(), first, "the session moved off the retired address");
+    assert_ne!(
+        moved.source(),
+        first,
+        "the session moved off the retired address"
+    );
     drop((l, moved));
     assert!(
         !pool.held().contains(&first),
