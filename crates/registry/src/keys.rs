@@ -465,10 +465,12 @@ impl KeyStore {
     /// active key (revoke it first); a revoked id may be added again.
     pub fn add(&mut self, entry: KeyEntry) -> Result<(), KeyError> {
         let path = self.dir.join(format!("{}.{PUB_EXT}", entry.id));
-        if self.keys.contains_key(&entry.id) || path.exists() {
+        if self.keys.contains_key(&entry.id) {
             return Err(KeyError::Exists { path });
         }
-        write_atomic(&path, entry.to_file_string().as_bytes(), 0o644, false)?;
+        // No replace: a file that appeared meanwhile (copied in by hand)
+        // is refused by the link itself, not overwritten.
+        write_atomic(&path, entry.to_file_string().as_bytes(), 0o644, true)?;
         self.keys.insert(entry.id.clone(), entry);
         Ok(())
     }
