@@ -638,6 +638,26 @@ mod tests {
     }
 
     #[test]
+    fn add_refuses_a_file_copied_in_meanwhile_and_leaves_it_alone() {
+        let dir = TempDir::new();
+        let mut store = KeyStore::open(&dir.0).unwrap();
+        let id = KeyId::new("web009").unwrap();
+        let path = dir.0.join("web009.pub");
+        fs::write(&path, "copied in by hand\n").unwrap();
+        let entry = KeyEntry {
+            id: id.clone(),
+            public_key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key(),
+            role: Role::Agent,
+            allow: Vec::new(),
+        };
+        assert!(matches!(store.add(entry), Err(KeyError::Exists { .. })));
+        assert_eq!(fs::read_to_string(&path).unwrap(), "copied in by hand\n");
+        assert!(store.get(&id).is_none());
+        let left: Vec<_> = fs::read_dir(&dir.0).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+    }
+
+    #[test]
     fn ids_are_validated() {
         for good in ["a", "web001", "web-1.prod_2", "0", &"a".repeat(64)] {
             assert!(KeyId::new(good).is_ok(), "{good}");
