@@ -351,6 +351,18 @@ pub(crate) enum End {
     Shutdown,
 }
 
+impl End {
+    /// The close code the channel ends with.
+    pub(crate) fn code(self) -> Code {
+        match self {
+            End::Clean => Code::Normal,
+            End::Abrupt(code) => code,
+            End::Superseded => Code::Superseded,
+            End::Shutdown => Code::GoingAway,
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub opts: RegistryOptions,
     pub keys: RwLock<KeyStore>,
@@ -556,14 +568,7 @@ impl Registry {
     }
 
     /// Ends a session: drains or removes what it owns.
-    pub(crate) fn close_session(
-        &self,
-        session: u64,
-        agent: &KeyId,
-        peer: SocketAddr,
-        end: End,
-        code: Code,
-    ) {
+    pub(crate) fn close_session(&self, session: u64, agent: &KeyId, peer: SocketAddr, end: End) {
         let mut st = self.lock();
         if st.sessions.get(agent).is_some_and(|s| s.session == session) {
             st.sessions.remove(agent);
@@ -610,7 +615,7 @@ impl Registry {
         self.emit(Event::AgentDisconnected {
             agent: agent.clone(),
             peer,
-            code,
+            code: end.code(),
         });
     }
 
@@ -1105,9 +1110,9 @@ mod tests {
             assert_eq!((e.session, e.service.weight, e.draining), (new, 1, None));
         }
         // The old connection's end leaves it alone; the newer one may change it.
-        r.close_session(old, &id, peer, End::Superseded, Code::Superseded);
+        r.close_session(old, &id, peer, End::Superseded);
         r.set_weight(new, &id, "svc", 4).unwrap();
-        r.close_session(new, &id, peer, End::Abrupt(Code::Normal), Code::Normal);
+        r.close_session(new, &id, peer, End::Abrupt(Code::Normal));
         assert!(r.lock().services.is_empty(), "removed with its connection");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -219,7 +219,7 @@ pub(crate) async fn run(
             "heartbeat_timeout_ms": opts.heartbeat_timeout.as_millis() as u64,
         }),
     );
-    let (end, code) = if send_text(&mut ws, ok.to_text(), opts.heartbeat_timeout).await {
+    let end = if send_text(&mut ws, ok.to_text(), opts.heartbeat_timeout).await {
         let mut conn = Conn {
             registry: &registry,
             ws,
@@ -229,16 +229,16 @@ pub(crate) async fn run(
             session,
             errors: 0,
         };
-        let (end, code) = conn.serve(ctl_rx, stop).await;
+        let end = conn.serve(ctl_rx, stop).await;
         ws = conn.ws;
-        (end, code)
+        end
     } else {
-        (End::Abrupt(Code::ProtocolError), Code::ProtocolError)
+        End::Abrupt(Code::ProtocolError)
     };
     // State first, so removal is not delayed by a slow close handshake.
-    registry.close_session(session, &key.id, peer, end, code);
+    registry.close_session(session, &key.id, peer, end);
     if !matches!(end, End::Clean) {
-        close(&mut ws, code, code.name()).await;
+        close(&mut ws, end.code(), end.code().name()).await;
     }
 }
 
@@ -325,7 +325,7 @@ impl Conn<'_> {
         &mut self,
         mut ctl: mpsc::Receiver<Ctl>,
         mut stop: watch::Receiver<bool>,
-    ) -> (End, Code) {
+    ) -> End {
         let opts = &self.registry.inner.opts;
         let hb_timeout = opts.heartbeat_timeout;
         let mut ping = tokio::time::interval_at(
@@ -340,17 +340,17 @@ impl Conn<'_> {
                 msg = self.ws.next() => {
                     dead.as_mut().reset(Instant::now() + hb_timeout);
                     match msg {
-                        None => return (End::Abrupt(Code::ProtocolError), Code::ProtocolError),
+                        None => return End::Abrupt(Code::ProtocolError),
                         Some(Err(tungstenite::Error::Capacity(e))) => {
                             self.registry.inner.counters.error(Code::TooBig);
                             tracing::info!(peer = %self.peer, agent = %self.key_id, "registry: {e}");
-                            return (End::Abrupt(Code::TooBig), Code::TooBig);
+                            return End::Abrupt(Code::TooBig);
                         }
-                        Some(Err(_)) => return (End::Abrupt(Code::ProtocolError), Code::ProtocolError),
+                        Some(Err(_)) => return End::Abrupt(Code::ProtocolError),
                         Some(Ok(Message::Close(_))) => {
                             // tungstenite queued the reply; push it out.
                             let _ = tokio::time::timeout(CLOSE_WAIT, self.ws.flush()).await;
-                            return (End::Clean, Code::Normal);
+                            return End::Clean;
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                         Some(Ok(Message::Binary(_))) => {
@@ -363,7 +363,7 @@ impl Conn<'_> {
                             let (reply, failed) = self.handle(&text);
                             let limit = hb_timeout;
                             if !send_text(&mut self.ws, reply, limit).await {
-                                return (End::Abrupt(Code::ProtocolError), Code::ProtocolError);
+                                return End::Abrupt(Code::ProtocolError);
                             }
                             if let Some(code) = failed {
                                 self.registry.inner.counters.error(code);
@@ -377,25 +377,24 @@ impl Conn<'_> {
                 _ = ping.tick() => {
                     let sent = tokio::time::timeout(hb_timeout, self.ws.send(Message::Ping(Default::default()))).await;
                     if !matches!(sent, Ok(Ok(()))) {
-                        return (End::Abrupt(Code::HeartbeatTimeout), Code::HeartbeatTimeout);
+                        return End::Abrupt(Code::HeartbeatTimeout);
                     }
                 }
                 _ = &mut dead => {
                     Counters::inc(&self.registry.inner.counters.heartbeat_timeouts);
                     tracing::info!(peer = %self.peer, agent = %self.key_id, "registry: heartbeat timeout");
-                    return (End::Abrupt(Code::HeartbeatTimeout), Code::HeartbeatTimeout);
+                    return End::Abrupt(Code::HeartbeatTimeout);
                 }
                 Some(Ctl::Close(code, why)) = ctl.recv() => {
                     tracing::info!(peer = %self.peer, agent = %self.key_id, "registry: closing: {code}: {why}");
-                    let end = if code == Code::Superseded { End::Superseded } else { End::Abrupt(code) };
-                    return (end, code);
+                    return if code == Code::Superseded { End::Superseded } else { End::Abrupt(code) };
                 }
-                _ = stop.changed() => return (End::Shutdown, Code::GoingAway),
+                _ = stop.changed() => return End::Shutdown,
             }
         }
     }
 
-    async fn reply_error(&mut self, reply: String, code: Code) -> Option<(End, Code)> {
+    async fn reply_error(&mut self, reply: String, code: Code) -> Option<End> {
         if !send_text(
             &mut self.ws,
             reply,
@@ -403,15 +402,15 @@ impl Conn<'_> {
         )
         .await
         {
-            return Some((End::Abrupt(Code::ProtocolError), Code::ProtocolError));
+            return Some(End::Abrupt(Code::ProtocolError));
         }
         self.registry.inner.counters.error(code);
         self.count_error()
     }
 
-    fn count_error(&mut self) -> Option<(End, Code)> {
+    fn count_error(&mut self) -> Option<End> {
         self.errors += 1;
-        (self.errors > MAX_ERRORS).then_some((End::Abrupt(Code::Limit), Code::Limit))
+        (self.errors > MAX_ERRORS).then_some(End::Abrupt(Code::Limit))
     }
 
     /// Handles one text message; returns the reply frame and, for an error
