@@ -337,6 +337,39 @@ struct State {
     next_session: u64,
 }
 
+impl State {
+    /// Starts draining service `id` (no new requests; removed at
+    /// `deadline`): its event, or `None` if it is unknown or drains
+    /// already.
+    fn start_drain(&mut self, id: &str, deadline: Instant) -> Option<Event> {
+        let e = self.services.get_mut(id)?;
+        if e.draining.is_some() {
+            return None;
+        }
+        e.draining = Some(deadline);
+        e.confirm_by = None;
+        Some(Event::Draining {
+            service: id.to_owned(),
+            agent: e.service.agent.clone(),
+            deadline,
+        })
+    }
+
+    /// Removes service `id`: its event, or `None` if it is unknown.
+    fn remove_service(&mut self, id: &str) -> Option<Event> {
+        let e = self.services.remove(id)?;
+        Some(Event::Deregistered {
+            service: id.to_owned(),
+            agent: e.service.agent,
+        })
+    }
+}
+
+/// A service's id: `AGENT/NAME`.
+pub(crate) fn service_id(agent: &KeyId, name: &str) -> String {
+    format!("{agent}/{name}")
+}
+
 /// How an authenticated session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum End {
@@ -587,27 +620,17 @@ impl Registry {
             End::Clean => {
                 let deadline = Instant::now() + self.inner.opts.drain_timeout;
                 for id in owned {
-                    if let Some(e) = st.services.get_mut(&id)
-                        && e.draining.is_none()
-                    {
-                        e.draining = Some(deadline);
-                        e.confirm_by = None;
-                        self.emit(Event::Draining {
-                            service: id,
-                            agent: agent.clone(),
-                            deadline,
-                        });
+                    if let Some(ev) = st.start_drain(&id, deadline) {
+                        self.emit(ev);
                     }
                 }
                 self.inner.reaper.notify_one();
             }
             End::Abrupt(_) => {
                 for id in owned {
-                    st.services.remove(&id);
-                    self.emit(Event::Deregistered {
-                        service: id,
-                        agent: agent.clone(),
-                    });
+                    if let Some(ev) = st.remove_service(&id) {
+                        self.emit(ev);
+                    }
                 }
             }
             End::Superseded | End::Shutdown => {}
@@ -687,7 +710,7 @@ impl Registry {
                 proto::MAX_METADATA
             )));
         }
-        let id = format!("{}/{}", key.id, p.name);
+        let id = service_id(&key.id, &p.name);
         let service = Service {
             id: id.clone(),
             agent: key.id.clone(),
@@ -739,21 +762,17 @@ impl Registry {
         agent: &KeyId,
         name: &str,
     ) -> Result<Instant, Refusal> {
-        let id = format!("{agent}/{name}");
+        let id = service_id(agent, name);
         let mut st = self.lock();
         current(&st, agent, session)?;
-        let e = st.services.get_mut(&id).ok_or_else(|| not_found(&id))?;
+        let e = st.services.get(&id).ok_or_else(|| not_found(&id))?;
         if let Some(d) = e.draining {
             return Ok(d);
         }
         let deadline = Instant::now() + self.inner.opts.drain_timeout;
-        e.draining = Some(deadline);
-        e.confirm_by = None;
-        self.emit(Event::Draining {
-            service: id,
-            agent: agent.clone(),
-            deadline,
-        });
+        if let Some(ev) = st.start_drain(&id, deadline) {
+            self.emit(ev);
+        }
         self.inner.reaper.notify_one();
         Ok(deadline)
     }
@@ -765,14 +784,11 @@ impl Registry {
         agent: &KeyId,
         name: &str,
     ) -> Result<(), Refusal> {
-        let id = format!("{agent}/{name}");
+        let id = service_id(agent, name);
         let mut st = self.lock();
         current(&st, agent, session)?;
-        st.services.remove(&id).ok_or_else(|| not_found(&id))?;
-        self.emit(Event::Deregistered {
-            service: id,
-            agent: agent.clone(),
-        });
+        let ev = st.remove_service(&id).ok_or_else(|| not_found(&id))?;
+        self.emit(ev);
         Ok(())
     }
 
@@ -790,7 +806,7 @@ impl Registry {
                 format!("weight {weight}: at most {}", proto::MAX_WEIGHT),
             ));
         }
-        let id = format!("{agent}/{name}");
+        let id = service_id(agent, name);
         let mut st = self.lock();
         current(&st, agent, session)?;
         let e = st.services.get_mut(&id).ok_or_else(|| not_found(&id))?;
@@ -839,11 +855,8 @@ impl Registry {
             .map(|(k, _)| k.clone())
             .collect();
         for id in due {
-            if let Some(e) = st.services.remove(&id) {
-                self.emit(Event::Deregistered {
-                    service: id,
-                    agent: e.service.agent,
-                });
+            if let Some(ev) = st.remove_service(&id) {
+                self.emit(ev);
             }
         }
         st.services

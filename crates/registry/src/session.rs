@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::keys::{KeyEntry, KeyId, Role};
 use crate::proto::{self, Code, Envelope};
-use crate::server::{Counters, Ctl, End, Refusal, Registry};
+use crate::server::{Counters, Ctl, End, Refusal, Registry, service_id};
 
 /// A byte stream the channel runs over (TCP or TLS over TCP).
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -490,14 +490,14 @@ impl Conn<'_> {
                         let p: proto::NamePayload = parse(kind, action, payload)?;
                         self.registry
                             .deregister(self.session, &self.key_id, &p.name)?;
-                        Ok(serde_json::json!({ "service": format!("{}/{}", self.key_id, p.name) }))
+                        Ok(serde_json::json!({ "service": service_id(&self.key_id, &p.name) }))
                     }
                     "drain" => {
                         let p: proto::NamePayload = parse(kind, action, payload)?;
                         let deadline = self.registry.drain(self.session, &self.key_id, &p.name)?;
                         let left = deadline.saturating_duration_since(std::time::Instant::now());
                         Ok(serde_json::json!({
-                            "service": format!("{}/{}", self.key_id, p.name),
+                            "service": service_id(&self.key_id, &p.name),
                             "drain_ms": left.as_millis() as u64,
                         }))
                     }
@@ -505,7 +505,7 @@ impl Conn<'_> {
                         let p: proto::WeightPayload = parse(kind, action, payload)?;
                         self.registry
                             .set_weight(self.session, &self.key_id, &p.name, p.weight)?;
-                        Ok(serde_json::json!({ "service": format!("{}/{}", self.key_id, p.name) }))
+                        Ok(serde_json::json!({ "service": service_id(&self.key_id, &p.name) }))
                     }
                 }
             }
