@@ -135,6 +135,32 @@ pub(crate) enum Mode {
     },
 }
 
+/// Removes `ip` from interface `index` (`ifname` in logs) within the
+/// pool's `remove_timeout`; `false`, logged, when that failed.
+async fn remove_address(
+    handle: &rtnetlink::Handle,
+    (index, ifname): (u32, &str),
+    opts: &NetlinkOptions,
+    ip: IpAddr,
+) -> bool {
+    match tokio::time::timeout(
+        opts.remove_timeout,
+        netlink::remove(handle, index, ip, opts.prefix_len),
+    )
+    .await
+    {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(%ip, iface = %ifname, error = %e, "cannot remove address");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(%ip, iface = %ifname, "removing address timed out");
+            false
+        }
+    }
+}
+
 impl Mode {
     fn instant(&self) -> bool {
         !matches!(self, Mode::Netlink { .. })
@@ -805,10 +831,8 @@ impl Pool {
                 };
                 if opts.remove_on_exit {
                     let removals = owned.iter().map(|ip| async move {
-                        match tokio::time::timeout(opts.remove_timeout, netlink::remove(handle, *index, *ip, opts.prefix_len)).await {
-                            Ok(Ok(())) => inc(&inner.metrics.removed),
-                            Ok(Err(e)) => tracing::warn!(%ip, iface = %ifname, error = %e, "cannot remove address"),
-                            Err(_) => tracing::warn!(%ip, iface = %ifname, "removing address timed out"),
+                        if remove_address(handle, (*index, ifname), opts, *ip).await {
+                            inc(&inner.metrics.removed);
                         }
                     });
                     futures::future::join_all(removals).await;
@@ -920,30 +944,22 @@ impl Inner {
         self.opts.exclude.as_ref().is_some_and(|x| x.contains(ip))
     }
 
+    /// Held addresses the strategy can hand out now: any available one
+    /// (`fresh` and `sticky`: one never used), not benched.
     fn spare(&self, st: &State) -> usize {
-        if st.health.is_some() {
-            let now = addr_health::now();
-            let any = self.opts.strategy == Strategy::LeastUsed
-                || self.opts.strategy == Strategy::Random
-                || self.opts.strategy == Strategy::RoundRobin;
-            return st
-                .available
-                .iter()
-                .filter(|ip| any || st.slots.get(ip).is_some_and(|s| s.uses == 0))
-                .filter(|ip| !st.benched(ip, now))
-                .count();
+        let any = matches!(
+            self.opts.strategy,
+            Strategy::LeastUsed | Strategy::Random | Strategy::RoundRobin
+        );
+        if any && st.health.is_none() {
+            return st.available.len();
         }
-        if self.opts.strategy == Strategy::LeastUsed
-            || self.opts.strategy == Strategy::Random
-            || self.opts.strategy == Strategy::RoundRobin
-        {
-            st.available.len()
-        } else {
-            st.available
-                .iter()
-                .filter(|ip| st.slots.get(ip).is_some_and(|s| s.uses == 0))
-                .count()
-        }
+        let now = addr_health::now();
+        st.available
+            .iter()
+            .filter(|ip| any || st.slots.get(ip).is_some_and(|s| s.uses == 0))
+            .filter(|ip| !st.benched(ip, now))
+            .count()
     }
 
     /// Draws the next address that is not excluded and not held.
@@ -991,9 +1007,13 @@ impl Inner {
     /// Static and freebind: take addresses into the working set on demand.
     fn top_up_instant(&self, st: &mut State) {
         let target = self.opts.keep_assigned.max(1);
-        while self.spare(st) < target && st.slots.len() < self.opts.max_assigned {
+        // Counted once: each address taken in is spare (unused, and pull
+        // skips benched ones).
+        let mut spare = self.spare(st);
+        while spare < target && st.slots.len() < self.opts.max_assigned {
             let Some(ip) = self.pull(st) else { break };
             self.insert_ready(st, ip, false);
+            spare += 1;
             self.metrics.assign_done(Duration::ZERO);
         }
     }
@@ -1295,27 +1315,14 @@ impl Inner {
         let removals = std::mem::take(&mut self.lock().to_remove);
         if !removals.is_empty() {
             let results = futures::future::join_all(removals.iter().map(|ip| async move {
-                let r = tokio::time::timeout(
-                    opts.remove_timeout,
-                    netlink::remove(handle, *index, *ip, opts.prefix_len),
+                (
+                    *ip,
+                    remove_address(handle, (*index, ifname), opts, *ip).await,
                 )
-                .await;
-                (*ip, r)
             }))
             .await;
             let mut st = self.lock();
-            for (ip, r) in results {
-                let ok = match r {
-                    Ok(Ok(())) => true,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%ip, iface = %ifname, error = %e, "cannot remove address");
-                        false
-                    }
-                    Err(_) => {
-                        tracing::warn!(%ip, iface = %ifname, "removing address timed out");
-                        false
-                    }
-                };
+            for (ip, ok) in results {
                 let Some(slot) = st.slots.get_mut(&ip) else {
                     continue;
                 };
