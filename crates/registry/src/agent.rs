@@ -759,20 +759,20 @@ async fn connection(
             }
         }
     };
-    loop {
+    // Whatever ends the connection, requests still waiting fail with it.
+    let outcome = loop {
         tokio::select! {
             msg = ws.next() => {
                 dead.as_mut().reset(Instant::now() + hb_timeout);
                 let text = match msg {
-                    None => { fail_all(&mut pending); return lost(true, None, "the server closed the connection"); }
-                    Some(Err(e)) => { fail_all(&mut pending); return lost(true, None, format!("receive: {e}")); }
+                    None => break lost(true, None, "the server closed the connection"),
+                    Some(Err(e)) => break lost(true, None, format!("receive: {e}")),
                     Some(Ok(Message::Close(frame))) => {
-                        fail_all(&mut pending);
                         let _ = ws.flush().await;
                         let (code, reason) = frame
                             .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
                             .unwrap_or((None, String::new()));
-                        return lost(true, code, format!("closed by the registry: {}", describe(code, &reason)));
+                        break lost(true, code, format!("closed by the registry: {}", describe(code, &reason)));
                     }
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(_)) => continue,
@@ -823,28 +823,24 @@ async fn connection(
                     let env = Envelope::new(&kind, &action, Some(next_id), payload);
                     if let Err(e) = ws.send(Message::text(env.to_text())).await {
                         let _ = reply.send(Err(AgentError::Disconnected));
-                        fail_all(&mut pending);
-                        return lost(true, None, format!("send: {e}"));
+                        break lost(true, None, format!("send: {e}"));
                     }
                     pending.insert(next_id, Pending::User(reply, weight));
                 }
-                None => {
-                    fail_all(&mut pending);
-                    return Outcome::Shutdown;
-                }
+                None => break Outcome::Shutdown,
                 Some(Cmd::Shutdown { reply }) => {
+                    // Failed first: the drain below reads the channel.
                     fail_all(&mut pending);
                     shutdown(cfg, &mut ws, &mut next_id).await;
                     let _ = reply.send(());
-                    return Outcome::Shutdown;
+                    break Outcome::Shutdown;
                 }
             },
-            _ = &mut dead => {
-                fail_all(&mut pending);
-                return lost(true, None, "no heartbeat from the registry");
-            }
+            _ = &mut dead => break lost(true, None, "no heartbeat from the registry"),
         }
-    }
+    };
+    fail_all(&mut pending);
+    outcome
 }
 
 /// Drains every service, waits for the acks, closes the channel.
