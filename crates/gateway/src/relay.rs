@@ -396,43 +396,14 @@ mod tests {
 
     #[tokio::test]
     async fn moves_every_byte_both_ways_and_passes_half_close_on() {
-        // client_app <-> [client | relay | upstream] <-> server_app
-        let (mut client_app, client) = pair().await;
-        let (upstream, mut server_app) = pair().await;
-        let log = Log::default();
-        let act = Activity::default();
-        let down: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let up: Vec<u8> = (0..100_000u32).map(|i| (i % 13) as u8).collect();
-        let relay = splice(&client, &upstream, &act, &log);
-        let server = async {
-            let mut got = Vec::new();
-            // The client's FIN arrives as end of stream after its bytes...
-            server_app.read_to_end(&mut got).await.unwrap();
-            // ...and this side can still send.
-            server_app.write_all(&down).await.unwrap();
-            server_app.shutdown().await.unwrap();
-            got
-        };
-        let app = async {
-            client_app.write_all(&up).await.unwrap();
-            client_app.shutdown().await.unwrap();
-            let mut got = Vec::new();
-            client_app.read_to_end(&mut got).await.unwrap();
-            got
-        };
-        let (r, got_up, got_down) = tokio::join!(relay, server, app);
-        r.unwrap();
-        assert_eq!(got_up, up);
-        assert_eq!(got_down, down);
-        assert_eq!(*log.up.lock().unwrap(), up.len());
-        assert_eq!(*log.down.lock().unwrap(), down.len());
-        assert_eq!(
-            *log.ended.lock().unwrap(),
-            vec![Side::Client, Side::Upstream]
-        );
+        relay_through(&BIG_HELD).await;
     }
 
-    /// Relays 3 MB down and 100 kB up through `budget`, checking every byte.
+    /// Relays 100 kB up, then (after the client's FIN reached the server,
+    /// which can still send) 3 MB down through `budget`, checking every
+    /// byte, the counts and the order the ends were seen in.
+    ///
+    /// client_app <-> [client | relay | upstream] <-> server_app
     async fn relay_through(budget: &Budget) {
         let (mut client_app, client) = pair().await;
         let (upstream, mut server_app) = pair().await;
@@ -459,6 +430,12 @@ mod tests {
         r.unwrap();
         assert_eq!(got_up, up);
         assert_eq!(got_down, down);
+        assert_eq!(*log.up.lock().unwrap(), up.len());
+        assert_eq!(*log.down.lock().unwrap(), down.len());
+        assert_eq!(
+            *log.ended.lock().unwrap(),
+            vec![Side::Client, Side::Upstream]
+        );
     }
 
     #[tokio::test]
