@@ -404,13 +404,20 @@ fn handshake(
     config: &Arc<ClientConfig>,
     mut tcp: TcpStream,
 ) -> io::Result<StreamOwned<ClientConnection, TcpStream>> {
-    let tls_error = |e: &dyn std::fmt::Display| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("TLS handshake: {e}"))
-    };
+    // Not retried by `Redis::run` (kind Other): a refused certificate or
+    // a server that does not speak TLS fails the same way again.
+    let tls_error = |e: &dyn std::fmt::Display| io::Error::other(format!("TLS handshake: {e}"));
     let name = ServerName::try_from(t.host.clone()).map_err(|e| tls_error(&e))?;
     let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| tls_error(&e))?;
     while conn.is_handshaking() {
-        conn.complete_io(&mut tcp).map_err(|e| tls_error(&e))?;
+        conn.complete_io(&mut tcp).map_err(|e| match e.kind() {
+            // A plain Redis waits for the rest of what it takes for a
+            // command: no answer at all.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => tls_error(&format!(
+                "no answer within {IO_TIMEOUT:?} (if that port speaks plain RESP, the URL is redis://)"
+            )),
+            _ => tls_error(&e),
+        })?;
     }
     Ok(StreamOwned::new(conn, tcp))
 }

@@ -312,6 +312,16 @@ fn bad_tls_settings_are_refused_naming_the_file() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("client.pem"), "{e}");
+    // rediss:// to a plain server: the handshake fails, and says what to check.
+    let plain = Server::start();
+    let e = Redis::connect_with(
+        &format!("rediss://127.0.0.1:{}/0", plain.port()),
+        "tls",
+        &tls(&f.ca, None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("TLS handshake") && e.contains("redis://"), "{e}");
     // TLS settings for a plain URL are a mistake, not ignored.
     let e = Redis::connect_with(
         &format!("redis://127.0.0.1:{}/0", srv.port()),
