@@ -725,8 +725,14 @@ impl Redis {
                 None => match Conn::open(&self.target, self.tls.as_ref()) {
                     Ok(c) => slot.insert(c),
                     Err(e) => {
+                        // An error reply (AUTH refused) or a failed TLS
+                        // handshake fails the same way again.
+                        let again = e.kind() != io::ErrorKind::Other;
                         last = Some(e);
-                        continue;
+                        if again {
+                            continue;
+                        }
+                        break;
                     }
                 },
             };
