@@ -192,6 +192,21 @@ struct Slot {
     remove_attempts: u32,
 }
 
+impl Slot {
+    fn new(state: SlotState, owned: bool) -> Slot {
+        Slot {
+            state,
+            uses: 0,
+            leases: 0,
+            sessions: 0,
+            last_used: Instant::now(),
+            owned,
+            retire: false,
+            remove_attempts: 0,
+        }
+    }
+}
+
 struct SessionEntry {
     ip: IpAddr,
     expires: Instant,
@@ -216,6 +231,33 @@ struct State {
 }
 
 impl State {
+    /// Takes `ip` into the working set, ready to lease: available, and
+    /// known to the health tracker.
+    fn insert_ready(&mut self, ip: IpAddr, owned: bool) {
+        self.slots.insert(ip, Slot::new(SlotState::Ready, owned));
+        self.make_available(ip);
+    }
+
+    /// An address being assigned is ready now; `false` if its slot went
+    /// meanwhile (the pool is stopping), and then nothing changes.
+    fn mark_ready(&mut self, ip: IpAddr, owned: bool) -> bool {
+        let Some(slot) = self.slots.get_mut(&ip) else {
+            return false;
+        };
+        slot.state = SlotState::Ready;
+        slot.owned = owned;
+        slot.last_used = Instant::now();
+        self.make_available(ip);
+        true
+    }
+
+    fn make_available(&mut self, ip: IpAddr) {
+        self.available.push_back(ip);
+        if let Some(t) = self.health.as_mut() {
+            t.insert(ip);
+        }
+    }
+
     fn leased_now(&self) -> usize {
         self.slots.values().map(|s| s.leases as usize).sum()
     }
@@ -392,7 +434,7 @@ impl Pool {
         if opts.sweep_interval.is_zero() {
             return Err(PoolError::Options("sweep_interval must be positive".into()));
         }
-        let mut tracker = match &opts.health {
+        let tracker = match &opts.health {
             Some(h) => Some(Tracker::with_classifier(
                 h.clone(),
                 opts.classifier.clone(),
@@ -471,7 +513,6 @@ impl Pool {
                 }
             }
         };
-        let now = Instant::now();
         let mut state = State {
             stream,
             exhausted: false,
@@ -485,28 +526,12 @@ impl Pool {
             journal: None,
         };
         let metrics = Metrics::default();
+        state.health = tracker;
         for (ip, ours) in adopted {
             tracing::debug!(%ip, ours, "adopted address already on the interface");
-            state.slots.insert(
-                ip,
-                Slot {
-                    state: SlotState::Ready,
-                    uses: 0,
-                    leases: 0,
-                    sessions: 0,
-                    last_used: now,
-                    owned: ours,
-                    retire: false,
-                    remove_attempts: 0,
-                },
-            );
-            state.available.push_back(ip);
-            if let Some(t) = tracker.as_mut() {
-                t.insert(ip);
-            }
+            state.insert_ready(ip, ours);
             metrics.assign_done(Duration::ZERO);
         }
-        state.health = tracker;
         let wake = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             opts,
@@ -984,26 +1009,6 @@ impl Inner {
         None
     }
 
-    fn insert_ready(&self, st: &mut State, ip: IpAddr, owned: bool) {
-        st.slots.insert(
-            ip,
-            Slot {
-                state: SlotState::Ready,
-                uses: 0,
-                leases: 0,
-                sessions: 0,
-                last_used: Instant::now(),
-                owned,
-                retire: false,
-                remove_attempts: 0,
-            },
-        );
-        st.available.push_back(ip);
-        if let Some(t) = st.health.as_mut() {
-            t.insert(ip);
-        }
-    }
-
     /// Static and freebind: take addresses into the working set on demand.
     fn top_up_instant(&self, st: &mut State) {
         let target = self.opts.keep_assigned.max(1);
@@ -1012,7 +1017,7 @@ impl Inner {
         let mut spare = self.spare(st);
         while spare < target && st.slots.len() < self.opts.max_assigned {
             let Some(ip) = self.pull(st) else { break };
-            self.insert_ready(st, ip, false);
+            st.insert_ready(ip, false);
             spare += 1;
             self.metrics.assign_done(Duration::ZERO);
         }
@@ -1282,19 +1287,7 @@ impl Inner {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let Some(ip) = self.pull(st) else { break };
-            st.slots.insert(
-                ip,
-                Slot {
-                    state: SlotState::Assigning,
-                    uses: 0,
-                    leases: 0,
-                    sessions: 0,
-                    last_used: Instant::now(),
-                    owned: false,
-                    retire: false,
-                    remove_attempts: 0,
-                },
-            );
+            st.slots.insert(ip, Slot::new(SlotState::Assigning, false));
             st.assigning += 1;
             out.push(ip);
         }
@@ -1379,14 +1372,8 @@ impl Inner {
                     Ok(added) => {
                         any_ok = true;
                         self.metrics.assign_done(took);
-                        if let Some(slot) = st.slots.get_mut(&ip) {
-                            slot.state = SlotState::Ready;
-                            slot.owned = matches!(added, Added::New);
-                            slot.last_used = Instant::now();
-                        }
-                        st.available.push_back(ip);
-                        if let Some(t) = st.health.as_mut() {
-                            t.insert(ip);
+                        if !st.mark_ready(ip, matches!(added, Added::New)) {
+                            tracing::debug!(%ip, "assigned after its slot was dropped");
                         }
                     }
                     Err(e) => {
