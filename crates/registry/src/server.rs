@@ -398,6 +398,8 @@ impl End {
 
 pub(crate) struct Inner {
     pub opts: RegistryOptions,
+    /// `opts.advertised`, normalized once (as agents sign them).
+    pub advertised: Vec<String>,
     pub keys: RwLock<KeyStore>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
@@ -914,6 +916,7 @@ impl RegistryServer {
                 "handshake_timeout and max_connections must not be zero; max_message_bytes at least 1024".into(),
             ));
         }
+        let mut advertised = Vec::with_capacity(opts.advertised.len());
         for url in &opts.advertised {
             let norm = proto::normalize_channel(url)
                 .map_err(|e| RegistryError::Options(format!("advertised: {e}")))?;
@@ -922,6 +925,7 @@ impl RegistryServer {
                     "advertised `{url}`: the scheme must be wss:// with TLS and ws:// without"
                 )));
             }
+            advertised.push(norm);
         }
         let listener =
             TcpListener::bind(opts.listen)
@@ -940,6 +944,7 @@ impl RegistryServer {
         let registry = Registry {
             inner: Arc::new(Inner {
                 opts,
+                advertised,
                 keys: RwLock::new(keys),
                 state: Mutex::new(State::default()),
                 events,
@@ -1060,6 +1065,7 @@ mod tests {
         Registry {
             inner: Arc::new(Inner {
                 opts: RegistryOptions::default(),
+                advertised: Vec::new(),
                 keys: RwLock::new(KeyStore::open(dir).unwrap()),
                 state: Mutex::new(State::default()),
                 events: broadcast::channel(64).0,

@@ -172,11 +172,7 @@ pub(crate) async fn run(
     }
     let accepted_channels = {
         let mut v = vec![proto::channel_for_addr(tls, local)];
-        v.extend(
-            opts.advertised
-                .iter()
-                .filter_map(|u| proto::normalize_channel(u).ok()),
-        );
+        v.extend(registry.inner.advertised.iter().cloned());
         v
     };
     let verdict = match tokio::time::timeout_at(deadline, read_answer(&mut ws)).await {
