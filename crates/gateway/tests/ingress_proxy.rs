@@ -713,6 +713,15 @@ async fn upstream_connections_are_kept_alive() {
     }
     assert_eq!(a.hits(), 20);
     assert!(a.conns() <= 2, "{} upstream connections", a.conns());
+    // The client can read the last response before the proxy has put the
+    // connection back in the pool: wait for that, then check.
+    let routes = p.routes.clone();
+    wait_for("the upstream connection back in the pool", || {
+        let snap = routes.snapshot();
+        let b = snap.backend("a").unwrap();
+        b.in_flight == 0 && b.idle_connections >= 1
+    })
+    .await;
     let snap = p.routes.snapshot();
     let b = snap.backend("a").unwrap();
     assert!(b.connections_total <= 2 && b.idle_connections >= 1, "{b:?}");
