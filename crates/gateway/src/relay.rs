@@ -176,9 +176,12 @@ async fn one_way<M: Meter>(
     loop {
         if big.is_some() {
             // One timer per wait only for flows that move a lot per read.
-            if tokio::time::timeout(QUIET, src.readable()).await.is_err() {
-                big = None;
-                src.readable().await?;
+            match tokio::time::timeout(QUIET, src.readable()).await {
+                Ok(ready) => ready?,
+                Err(_) => {
+                    big = None;
+                    src.readable().await?;
+                }
             }
         } else {
             src.readable().await?;

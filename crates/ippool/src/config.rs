@@ -792,21 +792,19 @@ fn store_tls(
         }
         Ok(Some(path))
     };
+    match (&c.tls_cert, &c.tls_key) {
+        (Some(v), None) => {
+            return Err(at(v.span(), "store.tls_cert", "needs store.tls_key".into()));
+        }
+        (None, Some(v)) => {
+            return Err(at(v.span(), "store.tls_key", "needs store.tls_cert".into()));
+        }
+        _ => {}
+    }
     let mut tls = store::RedisTls::default();
     tls.ca_file = file(&c.tls_ca, "store.tls_ca")?;
     let cert = file(&c.tls_cert, "store.tls_cert")?;
-    let key = file(&c.tls_key, "store.tls_key")?;
-    tls.client_cert = match (cert, key, &c.tls_cert, &c.tls_key) {
-        (Some(cert), Some(key), _, _) => Some((cert, key)),
-        (None, None, _, _) => None,
-        (Some(_), None, Some(v), _) => {
-            return Err(at(v.span(), "store.tls_cert", "needs store.tls_key".into()));
-        }
-        (_, _, _, Some(v)) => {
-            return Err(at(v.span(), "store.tls_key", "needs store.tls_cert".into()));
-        }
-        _ => None,
-    };
+    tls.client_cert = cert.zip(file(&c.tls_key, "store.tls_key")?);
     Ok(tls)
 }
 
