@@ -26,13 +26,20 @@
 #   per run after a 1 s warm-up per target; INGRESS_BENCH_ROUNDS (3) rounds,
 #   each running the four targets back to back in an order rotating between
 #   rounds; medians of req/s, p50 and p99 (wrk --latency) over the rounds.
-# CPU: 2 cores are shared by wrk (2 threads), the proxy (2 workers) and the
-#   backend (1 worker), unpinned, alike for every proxy: a proxy's req/s is
-#   bounded by how much CPU it takes per request from the same two cores
-#   (hence the CPU µs/req column: the proxy's processes' user+system time per
-#   request, from /proc). Direct gives wrk and the backend both cores to
-#   themselves. INGRESS_BENCH_PIN=1 puts wrk on CPU 0 and the backend and
-#   the proxy on CPU 1. The machine may be shared: other load shows up as
+# CPU layouts, both measured in one run (INGRESS_BENCH_LAYOUTS, default
+#   "apart shared"); the same running processes are re-pinned between them:
+#   apart   wrk alone on CPU 0; the backend and the proxy on CPU 1 (direct:
+#           the backend alone there). The load generator does not take CPU
+#           from the system under test, as in any proxy benchmark worth
+#           its numbers (wrk's own advice); the proxy and the backend, on
+#           one core, bound the req/s by the CPU each proxy takes per
+#           request. The targets are judged here and RESULT comes from it.
+#   shared  wrk (2 threads), the proxy (2 workers) and the backend (1
+#           worker) unpinned on both cores: a proxy's req/s is also bounded
+#           by how much CPU wrk gets, which dilutes the difference between
+#           proxies (direct gives wrk and the backend both cores).
+#   The cpu_us/req column is the proxy's processes' user+system time per
+#   request, from /proc. The machine may be shared: other load shows up as
 #   spread between rounds (printed).
 # Registration (a fresh daemon holding only the static route): 1,000 agent
 #   keys generated before it starts; 200 agents started one after another,
@@ -42,10 +49,10 @@
 #   last 50 timed again with the table near full; all stay connected; VmRSS
 #   of the daemon once /api/services counts 1,000 services (and before the
 #   first agent).
-# Targets (issue), at c=256: ippool >= 1.1x nginx req/s with p99 <= nginx's,
-#   ippool >= HAProxy req/s; registration p99 <= 50 ms.
-# Env: INGRESS_BENCH_SECS (5), INGRESS_BENCH_ROUNDS (3), INGRESS_BENCH_PIN (0),
-#   INGRESS_BENCH_AGENTS (1000).
+# Targets (issue), at c=256 (layout apart): ippool >= 1.1x nginx req/s with
+#   p99 <= nginx's, ippool >= HAProxy req/s; registration p99 <= 50 ms.
+# Env: INGRESS_BENCH_SECS (5), INGRESS_BENCH_ROUNDS (3),
+#   INGRESS_BENCH_LAYOUTS ("apart shared"), INGRESS_BENCH_AGENTS (1000).
 # Ends with: RESULT name=ingress ratio_vs_nginx=… ratio_vs_haproxy=… ratio_vs_direct=…
 #   p99_ms=… nginx_p99_ms=… register_p99_ms=… rss_1000_agents_mb=…
 set -euo pipefail
@@ -81,7 +88,14 @@ regbench=$tdir/examples/regbench
 
 secs=${INGRESS_BENCH_SECS:-5}
 rounds=${INGRESS_BENCH_ROUNDS:-3}
-pin=${INGRESS_BENCH_PIN:-0}
+read -r -a layouts <<<"${INGRESS_BENCH_LAYOUTS:-apart shared}"
+for l in "${layouts[@]}"; do
+  case "$l" in apart|shared) ;; *) echo "ingress bench: INGRESS_BENCH_LAYOUTS: unknown layout '$l' (apart, shared)" >&2; exit 1 ;; esac
+done
+[ ${#layouts[@]} -gt 0 ] || { echo "ingress bench: INGRESS_BENCH_LAYOUTS is empty" >&2; exit 1; }
+main=${layouts[0]}
+[[ " ${layouts[*]} " == *" apart "* ]] && main=apart
+[ "$(nproc)" -ge 2 ] || { echo "ingress bench: needs 2 CPUs (wrk on one, the proxy on another)" >&2; exit 1; }
 nagents=${INGRESS_BENCH_AGENTS:-1000}
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -126,7 +140,18 @@ wait_port() { # port what pid
   done
   echo "ingress bench: $2 does not listen on $1" >&2; exit 1
 }
-if [ "$pin" = 1 ]; then on_wrk=(taskset -c 0); on_srv=(taskset -c 1); else on_wrk=(); on_srv=(); fi
+# layout NAME: pins every running server (and its worker processes) and
+# sets how wrk is started.
+on_wrk=()
+layout() {
+  local p q cpus=0-$(( $(nproc) - 1 ))
+  on_wrk=()
+  [ "$1" = apart ] && { cpus=1; on_wrk=(taskset -c 0); }
+  for p in "${pids[@]}"; do
+    kill -0 "$p" 2>/dev/null || continue
+    for q in "$p" $(pgrep -P "$p" || true); do taskset -a -pc "$cpus" "$q" >/dev/null; done
+  done
+}
 
 bport=$(free_port); nport=$(free_port); hport=$(free_port); iport=$(free_port); rport=$(free_port)
 
@@ -231,13 +256,13 @@ EOF
 }
 ippool_conf "$work/ippool" "$iport" "$rport"
 
-"${on_srv[@]}" nginx -p "$work/backend" -c "$work/backend/nginx.conf" -e "$work/backend/error.log" 2>"$work/backend.err" &
+nginx -p "$work/backend" -c "$work/backend/nginx.conf" -e "$work/backend/error.log" 2>"$work/backend.err" &
 backend_pid=$!; pids+=("$backend_pid"); wait_port "$bport" backend "$backend_pid"
-"${on_srv[@]}" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx.err" &
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx.err" &
 nginx_pid=$!; pids+=("$nginx_pid"); wait_port "$nport" nginx "$nginx_pid"
-"${on_srv[@]}" haproxy -db -f "$work/haproxy.cfg" 2>"$work/haproxy.err" &
+haproxy -db -f "$work/haproxy.cfg" 2>"$work/haproxy.err" &
 haproxy_pid=$!; pids+=("$haproxy_pid"); wait_port "$hport" haproxy "$haproxy_pid"
-"${on_srv[@]}" "$ippool" serve -c "$work/ippool/ippool.toml" 2>"$work/ippool.err" &
+"$ippool" serve -c "$work/ippool/ippool.toml" 2>"$work/ippool.err" &
 ippool_pid=$!; pids+=("$ippool_pid"); wait_port "$iport" ippool "$ippool_pid"
 
 declare -A PORT=([direct]=$bport [ippool]=$iport [nginx]=$nport [haproxy]=$hport)
@@ -284,21 +309,24 @@ run_wrk() { # target conns secs -> parsed line + cpu us/req of the target's proc
 
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END{if (NR % 2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 
-echo "ingress bench: wrk -t2, keep-alive, ${secs}s x $rounds rounds, c=32 and c=256; pin=$pin; $(nproc) CPUs; $(nginx -v 2>&1 | sed 's/.*\///'), haproxy $(haproxy -v | sed -n '1s/HAProxy version \([^ ]*\).*/\1/p'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
+echo "ingress bench: wrk -t2, keep-alive, ${secs}s x $rounds rounds, c=32 and c=256; layouts ${layouts[*]}; $(nproc) CPUs; $(nginx -v 2>&1 | sed 's/.*\///'), haproxy $(haproxy -v | sed -n '1s/HAProxy version \([^ ]*\).*/\1/p'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
 declare -A RPS P50 P99 CPU ERR
-for c in 32 256; do
-  for t in "${targets[@]}"; do run_wrk "$t" "$c" 1 >/dev/null; done   # warm-up: connections, pools
-done
-for r in $(seq 0 $((rounds - 1))); do
-  order=("${targets[@]:r%4}" "${targets[@]:0:r%4}")
+for lay in "${layouts[@]}"; do
+  layout "$lay"
   for c in 32 256; do
-    for t in "${order[@]}"; do
-      read -r rps p50 p99 n err cpu <<<"$(run_wrk "$t" "$c" "$secs")"
-      k="$t/$c"
-      RPS[$k]+="$rps "; P50[$k]+="$p50 "; P99[$k]+="$p99 "; CPU[$k]+="$cpu "; ERR[$k]=$(( ${ERR[$k]:-0} + err ))
-    done
+    for t in "${targets[@]}"; do run_wrk "$t" "$c" 1 >/dev/null; done   # warm-up: connections, pools
   done
-  echo "  round $((r + 1))/$rounds done ($(( $(date +%s) - start )) s; order ${order[*]})"
+  for r in $(seq 0 $((rounds - 1))); do
+    order=("${targets[@]:r%4}" "${targets[@]:0:r%4}")
+    for c in 32 256; do
+      for t in "${order[@]}"; do
+        read -r rps p50 p99 n err cpu <<<"$(run_wrk "$t" "$c" "$secs")"
+        k="$lay/$t/$c"
+        RPS[$k]+="$rps "; P50[$k]+="$p50 "; P99[$k]+="$p99 "; CPU[$k]+="$cpu "; ERR[$k]=$(( ${ERR[$k]:-0} + err ))
+      done
+    done
+    echo "  $lay: round $((r + 1))/$rounds done ($(( $(date +%s) - start )) s; order ${order[*]})"
+  done
 done
 ippool_rss_http=$(awk '/^VmRSS/{printf "%.1f", $2/1024}' "/proc/$ippool_pid/status")
 
@@ -310,14 +338,20 @@ done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b ? a / b : 0}'; }
 verdict() { awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN{ok = (op == ">=") ? v >= l : v <= l; print (ok ? "ok" : "MISSED")}'; }
 
-echo
-printf '%-8s %5s | %9s %8s %8s %9s | %9s %9s | %s\n' target conns req/s p50_ms p99_ms cpu_us/req ippool/x x/direct "req/s per round"
-for c in 32 256; do
-  for t in "${targets[@]}"; do
-    k="$t/$c"
-    rel=-; [ "$t" != ippool ] && rel=$(ratio "${M[rps/ippool/$c]}" "${M[rps/$k]}")
-    printf '%-8s %5s | %9s %8.2f %8.2f %9s | %9s %9s | %s\n' "$t" "$c" "${M[rps/$k]}" "${M[p50/$k]}" "${M[p99/$k]}" \
-      "${M[cpu/$k]}" "$rel" "$(ratio "${M[rps/$k]}" "${M[rps/direct/$c]}")" "${RPS[$k]% }"
+for lay in "${layouts[@]}"; do
+  echo
+  case "$lay" in
+    apart) echo "layout apart: wrk on CPU 0; backend and proxy on CPU 1" ;;
+    shared) echo "layout shared: wrk, backend and proxy unpinned on both CPUs" ;;
+  esac
+  printf '%-8s %5s | %9s %8s %8s %9s | %9s %9s | %s\n' target conns req/s p50_ms p99_ms cpu_us/req ippool/x x/direct "req/s per round"
+  for c in 32 256; do
+    for t in "${targets[@]}"; do
+      k="$lay/$t/$c"
+      rel=-; [ "$t" != ippool ] && rel=$(ratio "${M[rps/$lay/ippool/$c]}" "${M[rps/$k]}")
+      printf '%-8s %5s | %9s %8.2f %8.2f %9s | %9s %9s | %s\n' "$t" "$c" "${M[rps/$k]}" "${M[p50/$k]}" "${M[p99/$k]}" \
+        "${M[cpu/$k]}" "$rel" "$(ratio "${M[rps/$k]}" "${M[rps/$lay/direct/$c]}")" "${RPS[$k]% }"
+    done
   done
 done
 echo "(medians over $rounds rounds; ippool/x = ippool req/s / x req/s; cpu_us/req: CPU time of the target's own processes (direct: the backend) per request)"
@@ -332,8 +366,9 @@ ippool_conf "$work/reg" "$iport2" "$rport2"
 kstart=$(date +%s.%N)
 "$regbench" keygen "$work/reg/keys" "$nagents"
 keygen_s=$(awk -v a="$kstart" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
-"${on_srv[@]}" "$ippool" serve -c "$work/reg/ippool.toml" 2>"$work/reg.err" &
+"$ippool" serve -c "$work/reg/ippool.toml" 2>"$work/reg.err" &
 reg_pid=$!; pids+=("$reg_pid"); wait_port "$iport2" reg "$reg_pid"; wait_port "$rport2" reg "$reg_pid"
+layout "$main"
 admin=""
 for _ in $(seq 1 100); do
   admin=$(sed -n 's/.*admin API listening on \(http:\/\/[0-9.:]*\).*/\1/p' "$work/reg.err" | head -1)
@@ -365,11 +400,18 @@ printf 'memory: daemon VmRSS %s MB with %s agents connected (%s services), %s MB
   "$(get rss_mb "$reg")" "$(get registered "$reg")" "$(get services "$reg")" "$(get rss_before_mb "$reg")" "$(get rss_per_agent_kb "$reg")" "$ippool_rss_http"
 
 echo
-r_n=$(ratio "${M[rps/ippool/256]}" "${M[rps/nginx/256]}")
-r_h=$(ratio "${M[rps/ippool/256]}" "${M[rps/haproxy/256]}")
-r_d=$(ratio "${M[rps/ippool/256]}" "${M[rps/direct/256]}")
-p99=$(printf '%.2f' "${M[p99/ippool/256]}"); np99=$(printf '%.2f' "${M[p99/nginx/256]}")
-echo "targets at c=256: req/s >= 1.1x nginx: $r_n $(verdict "$r_n" ">=" 1.1); p99 <= nginx's: $p99 vs $np99 ms $(verdict "$p99" "<=" "$np99");" \
-  ">= HAProxy: $r_h $(verdict "$r_h" ">=" 1); registration p99 <= 50 ms: $reg_p99 $(verdict "$reg_p99" "<=" 50)"
+# at c=256 in LAYOUT -> "r_nginx r_haproxy r_direct p99 nginx_p99"
+figures() {
+  printf '%s %s %s %.2f %.2f\n' "$(ratio "${M[rps/$1/ippool/256]}" "${M[rps/$1/nginx/256]}")" \
+    "$(ratio "${M[rps/$1/ippool/256]}" "${M[rps/$1/haproxy/256]}")" "$(ratio "${M[rps/$1/ippool/256]}" "${M[rps/$1/direct/256]}")" \
+    "${M[p99/$1/ippool/256]}" "${M[p99/$1/nginx/256]}"
+}
+for lay in "${layouts[@]}"; do
+  read -r r_n r_h r_d p99 np99 <<<"$(figures "$lay")"
+  echo "$lay at c=256: req/s >= 1.1x nginx: $r_n $(verdict "$r_n" ">=" 1.1); p99 <= nginx's: $p99 vs $np99 ms $(verdict "$p99" "<=" "$np99");" \
+    ">= HAProxy: $r_h $(verdict "$r_h" ">=" 1)$([ "$lay" = "$main" ] || echo " (for information: targets are judged in $main)")"
+done
+read -r r_n r_h r_d p99 np99 <<<"$(figures "$main")"
+echo "registration p99 <= 50 ms: $reg_p99 $(verdict "$reg_p99" "<=" 50)"
 echo "($(( $(date +%s) - start )) s after the build; load average before/after: $load0 / $(cut -d' ' -f1-3 /proc/loadavg))"
 echo "RESULT name=ingress ratio_vs_nginx=$r_n ratio_vs_haproxy=$r_h ratio_vs_direct=$r_d p99_ms=$p99 nginx_p99_ms=$np99 register_p99_ms=$reg_p99 rss_1000_agents_mb=$(get rss_mb "$reg")"
