@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use gateway::guard::{
     AutoBlock, AutoBlockOptions, BpfError, BpfLimits, BpfProgram, FilterState, Guard, KernelFilter,
-    NftError, NftOptions, Offense, RateLimit, RateLimitOptions, RetryAfter, nft_script,
+    NftError, NftOptions, Offense, RateLimit, RateLimitOptions, Recorded, RetryAfter, nft_script,
 };
 use iprules::{Policy, Rule, Shared, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -622,6 +622,92 @@ fn autoblock_fires_at_exactly_the_threshold_and_ends_with_the_ban() {
     assert_eq!(ab.record(ip("192.0.2.1"), Offense::AuthFailed, at), None);
     assert_eq!(ab.tracked(), 0);
     assert_eq!(ab.bans(ban.until), vec![]);
+}
+
+#[test]
+fn autoblock_tells_counted_from_not_counted_and_bans_on_a_count_kept_elsewhere() {
+    let mut ignore = iprules::RuleSet::new();
+    ignore.add(rule("192.0.2.99"));
+    let (policy, ab) = autoblock(AutoBlockOptions {
+        threshold: 3,
+        ban: Duration::from_secs(10),
+        ignore,
+        ..Default::default()
+    });
+    let t = Instant::now();
+    assert_eq!(
+        ab.count(ip("2001:db8:7:7::1"), Offense::AuthFailed, t),
+        Recorded::Counted(rule("2001:db8:7:7::/64")),
+        "counted against the client's key"
+    );
+    assert_eq!(
+        ab.count(ip("192.0.2.99"), Offense::AuthFailed, t),
+        Recorded::NotCounted,
+        "ignored"
+    );
+    // A count kept elsewhere (a fleet's) reached the threshold: banned now,
+    // whatever the count here (1 of 3).
+    let ban = ab
+        .ban(rule("2001:db8:7:7::/64"), Offense::AuthFailed, t)
+        .expect("banned");
+    assert_eq!((ban.times, ban.duration), (1, Duration::from_secs(10)));
+    assert_eq!(ban.offense, Some(Offense::AuthFailed));
+    assert!(denied(&policy, "2001:db8:7:7::2", t));
+    assert_eq!(ab.tracked(), 0, "its pending offenses are spent");
+    assert_eq!(
+        ab.ban(rule("2001:db8:7:7::/64"), Offense::AuthFailed, t),
+        None
+    );
+    assert_eq!(
+        ab.count(ip("2001:db8:7:7::1"), Offense::AuthFailed, t),
+        Recorded::NotCounted,
+        "banned: not counted"
+    );
+    // Back after its ban: a second one, twice as long, as for any repeat
+    // offender.
+    let later = ban.until + Duration::from_secs(1);
+    let again = ab
+        .ban(rule("2001:db8:7:7::/64"), Offense::Malformed, later)
+        .expect("banned again");
+    assert_eq!((again.times, again.duration), (2, Duration::from_secs(20)));
+    // The third local offense still bans here on its own.
+    for n in 0..2 {
+        assert!(
+            matches!(
+                ab.count(ip("192.0.2.5"), Offense::Malformed, t),
+                Recorded::Counted(_)
+            ),
+            "offense {n}"
+        );
+    }
+    assert!(matches!(
+        ab.count(ip("192.0.2.5"), Offense::Malformed, t),
+        Recorded::Banned(b) if b.rule == rule("192.0.2.5")
+    ));
+}
+
+#[test]
+fn a_guard_feeds_counted_offenses_only() {
+    let (_, ab) = autoblock(AutoBlockOptions {
+        threshold: 2,
+        ..Default::default()
+    });
+    let fed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bans = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (f, b) = (fed.clone(), bans.clone());
+    let guard = Guard::new(ab.policy().clone())
+        .with_autoblock(Arc::new(ab))
+        .with_ban_hook(Arc::new(move |ban| b.lock().unwrap().push(ban.rule)))
+        .with_offense_feed(Arc::new(move |key, o| f.lock().unwrap().push((key, o))));
+    assert_eq!(guard.offense(ip("192.0.2.7"), Offense::AuthFailed), None);
+    assert!(guard.offense(ip("192.0.2.7"), Offense::Malformed).is_some());
+    assert_eq!(guard.offense(ip("192.0.2.7"), Offense::Malformed), None);
+    assert_eq!(
+        *fed.lock().unwrap(),
+        vec![(rule("192.0.2.7"), Offense::AuthFailed)],
+        "the banning offense and those of a banned client are not fed"
+    );
+    assert_eq!(*bans.lock().unwrap(), vec![rule("192.0.2.7")]);
 }
 
 #[test]

@@ -190,3 +190,148 @@ impl Follower {
         }
     }
 }
+
+/// Offenses waiting to be added to the fleet's counts; beyond this many
+/// they are dropped from the fleet's count (each instance's own count
+/// still sees every one).
+pub const OFFENSE_QUEUE: usize = 4096;
+
+/// Most client counts added in one round trip.
+const OFFENSE_BATCH: usize = 512;
+
+/// One offense for the fleet's count: its rule set, the client's key
+/// (`AutoBlock::key`), what it did.
+pub type Offended = (String, iprules::Rule, gateway::guard::Offense);
+
+/// Called with each ban a fleet count imposes here, with its set.
+pub type FleetBanHook = Arc<dyn Fn(&str, &gateway::guard::Ban) + Send + Sync>;
+
+/// Counts offenses across the fleet: every offense an instance counted
+/// without banning is added to a counter in Redis (`PREFIX:count:SET/CLIENT`),
+/// and the instance whose addition brings it to the set's `threshold`
+/// bans the client (`AutoBlock::ban`); the ban then reaches the fleet as
+/// any ban does (saved by `on_ban`, followed by the others). So a client
+/// cannot spread its attempts over the instances to stay under the
+/// threshold of each.
+///
+/// A fleet counter lives for the set's `window` from its first offense (a
+/// fixed window; each instance's own count slides), and is dropped when it
+/// bans. Offenses arriving together go in one round trip. While Redis is
+/// unreachable the fleet's counts miss what happens meanwhile (said once
+/// in the log); each instance still bans on its own count.
+pub async fn count_offenses(
+    mut rx: tokio::sync::mpsc::Receiver<Offended>,
+    counter: store::Redis,
+    rules: Arc<RuleSets>,
+    on_ban: FleetBanHook,
+    stop: CancellationToken,
+) {
+    let counter = Arc::new(counter);
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        let first = tokio::select! {
+            () = stop.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        // Same client, same set: one addition of n.
+        let mut batch: std::collections::HashMap<
+            (String, iprules::Rule),
+            (u64, gateway::guard::Offense),
+        > = std::collections::HashMap::new();
+        let mut add = |(set, key, offense): Offended| {
+            let e = batch.entry((set, key)).or_insert((0, offense));
+            e.0 += 1;
+            e.1 = offense;
+        };
+        add(first);
+        for _ in 1..OFFENSE_BATCH {
+            match rx.try_recv() {
+                Ok(o) => add(o),
+                Err(_) => break,
+            }
+        }
+        let (counter, rules, on_ban, failing) = (
+            Arc::clone(&counter),
+            Arc::clone(&rules),
+            Arc::clone(&on_ban),
+            Arc::clone(&failing),
+        );
+        let done = tokio::task::spawn_blocking(move || {
+            let result = count_batch(batch, &counter, &rules, &on_ban);
+            match result {
+                Ok(()) => {
+                    if failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!("offenses are counted across the fleet again");
+                    }
+                }
+                Err(e) => {
+                    if !failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::error!(
+                            error = %e,
+                            "offenses not added to the fleet's counts: each instance bans on its \
+                             own count until Redis answers again"
+                        );
+                    }
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "the fleet's offense count failed");
+        }
+    }
+}
+
+/// Adds one batch to the fleet's counts, set by set (each has its own
+/// window), and bans the clients that reached their set's threshold.
+fn count_batch(
+    batch: std::collections::HashMap<(String, iprules::Rule), (u64, gateway::guard::Offense)>,
+    counter: &store::Redis,
+    rules: &RuleSets,
+    on_ban: &FleetBanHook,
+) -> Result<(), store::StoreError> {
+    let mut by_set: std::collections::BTreeMap<
+        String,
+        Vec<(iprules::Rule, u64, gateway::guard::Offense)>,
+    > = std::collections::BTreeMap::new();
+    for ((set, key), (n, offense)) in batch {
+        by_set.entry(set).or_default().push((key, n, offense));
+    }
+    for (set, clients) in by_set {
+        let Some(ab) = rules.autoblock(&set) else {
+            continue;
+        };
+        let opts = ab.options();
+        let names: Vec<String> = clients
+            .iter()
+            .map(|(k, _, _)| format!("{set}/{k}"))
+            .collect();
+        let counts: Vec<(&str, u64)> = names
+            .iter()
+            .zip(&clients)
+            .map(|(name, (_, n, _))| (name.as_str(), *n))
+            .collect();
+        let totals = counter.count(&counts, opts.window)?;
+        let mut banned = Vec::new();
+        for ((name, (key, _, offense)), total) in names.iter().zip(&clients).zip(totals) {
+            if total < u64::from(opts.threshold.max(1)) {
+                continue;
+            }
+            if let Some(ban) = ab.ban(*key, *offense, Instant::now()) {
+                tracing::info!(
+                    set,
+                    rule = %key,
+                    offenses = total,
+                    "the fleet's count of this client's offenses reached the threshold: banned"
+                );
+                on_ban(&set, &ban);
+            }
+            banned.push(name.as_str());
+        }
+        counter.forget_counts(&banned)?;
+    }
+    Ok(())
+}

@@ -267,12 +267,14 @@ impl RuleSets {
 
     /// A new accept-time guard of set `name` for one listener (its own rate
     /// limit, per request for HTTP listeners, else per connection; the
-    /// set's auto-blocking, reporting bans to `on_ban`).
+    /// set's auto-blocking, reporting bans to `on_ban` and, when a fleet
+    /// counts offenses together, offenses to `feed`).
     pub fn guard(
         &self,
         name: &str,
         per_request: bool,
         on_ban: gateway::guard::BanHook,
+        feed: Option<gateway::guard::OffenseFeed>,
     ) -> Option<Arc<gateway::guard::Guard>> {
         let set = self.sets.get(name)?;
         let mut g = gateway::guard::Guard::new(Arc::clone(&set.live));
@@ -284,6 +286,9 @@ impl RuleSets {
         }
         if let Some(ab) = &set.autoblock {
             g = g.with_autoblock(Arc::clone(ab)).with_ban_hook(on_ban);
+            if let Some(feed) = feed {
+                g = g.with_offense_feed(feed);
+            }
         }
         let g = Arc::new(g);
         set.guards

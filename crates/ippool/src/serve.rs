@@ -124,7 +124,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     let spec = loaded.store.clone();
     // With Redis, the subscription to the fleet's changes is taken before
     // the tables are read: nothing written in between is missed.
-    let (store, changes) = tokio::task::spawn_blocking(move || match spec {
+    let (store, fleet) = tokio::task::spawn_blocking(move || match spec {
         crate::config::StoreSpec::Embedded => store::Store::open_dir(&dir)
             .map(|s| (s, None))
             .map_err(ServeError::Store),
@@ -134,9 +134,12 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             let shared =
                 store::Redis::connect_with(&url, &prefix, &tls).map_err(ServeError::SharedStore)?;
             let changes = shared.changes().map_err(ServeError::SharedStore)?;
+            // The fleet's offense counts, on a connection of their own.
+            let counter =
+                store::Redis::connect_with(&url, &prefix, &tls).map_err(ServeError::SharedStore)?;
             Ok((
                 store::Store::new(store::Split { shared, local }),
-                Some(changes),
+                Some((changes, counter)),
             ))
         }
     })
@@ -145,6 +148,7 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         task: "store",
         message: e.to_string(),
     })??;
+    let (changes, counter) = fleet.unzip();
     let store_error = if changes.is_some() {
         ServeError::SharedStore
     } else {
@@ -158,9 +162,17 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
     let rules = Arc::new(loaded.rules);
     let (ban_tx, ban_rx) = tokio::sync::mpsc::unbounded_channel();
     let events = crate::events::Events::default();
+    let (offense_tx, offense_rx) = match counter {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::fleet::OFFENSE_QUEUE);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let guards = Arc::new(Guards {
         rules: Arc::clone(&rules),
         bans: ban_tx,
+        offenses: offense_tx,
         events: events.clone(),
         filters: std::sync::Mutex::new(Vec::new()),
     });
@@ -402,6 +414,16 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         tasks.spawn(async move {
             save_bans(ban_rx, store, shutdown).await;
             ("bans", Ok(()))
+        });
+    }
+    if let (Some(counter), Some(rx)) = (counter, offense_rx) {
+        // Offenses counted across the fleet, off the connection path.
+        let g = Arc::clone(&guards);
+        let on_ban: crate::fleet::FleetBanHook = Arc::new(move |set, ban| g.ban_hook(set)(ban));
+        let (rules, shutdown) = (Arc::clone(&rules), shutdown.clone());
+        tasks.spawn(async move {
+            crate::fleet::count_offenses(rx, counter, rules, on_ban, shutdown).await;
+            ("offense counts", Ok(()))
         });
     }
     for (name, journal) in &journals {
@@ -1169,6 +1191,8 @@ async fn run_listener(
 struct Guards {
     rules: Arc<crate::rules::RuleSets>,
     bans: tokio::sync::mpsc::UnboundedSender<(String, gateway::guard::Ban)>,
+    /// With a Redis store: offenses for the fleet's counts.
+    offenses: Option<tokio::sync::mpsc::Sender<crate::fleet::Offended>>,
     events: crate::events::Events,
     /// (listener, set, socket) of the admin listener when its set has
     /// `kernel_filter` (data-plane listeners keep their own).
@@ -1181,8 +1205,26 @@ impl Guards {
         let Some(set) = set else {
             return Arc::new(gateway::guard::Guard::default());
         };
+        let feed = self.offenses.clone().map(|tx| {
+            let name = set.to_owned();
+            let feed: gateway::guard::OffenseFeed = Arc::new(move |key, offense| {
+                // Full: the fleet's count misses it, this instance's has it.
+                let _ = tx.try_send((name.clone(), key, offense));
+            });
+            feed
+        });
+        // The config checked that the set exists (and a reload that the
+        // set runs).
+        self.rules
+            .guard(set, per_request, self.ban_hook(set), feed)
+            .unwrap_or_else(|| Arc::new(gateway::guard::Guard::default()))
+    }
+
+    /// What a ban in set `set` does besides the policy entry: saved to the
+    /// store (and so shared with a fleet), published as an event.
+    fn ban_hook(&self, set: &str) -> gateway::guard::BanHook {
         let (tx, name, ev) = (self.bans.clone(), set.to_owned(), self.events.clone());
-        let hook: gateway::guard::BanHook = Arc::new(move |b: &gateway::guard::Ban| {
+        Arc::new(move |b: &gateway::guard::Ban| {
             let _ = tx.send((name.clone(), *b));
             ev.publish(
                 "banned",
@@ -1194,12 +1236,7 @@ impl Guards {
                     "offense": b.offense.map(|o| o.name()),
                 }),
             );
-        });
-        // The config checked that the set exists (and a reload that the
-        // set runs).
-        self.rules
-            .guard(set, per_request, hook)
-            .unwrap_or_else(|| Arc::new(gateway::guard::Guard::default()))
+        })
     }
 
     fn policy(&self, set: &str) -> Option<Arc<iprules::Shared<iprules::Policy>>> {

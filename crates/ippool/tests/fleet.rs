@@ -1,7 +1,8 @@
 //! Two daemons sharing one real `redis-server` (`[store] backend =
 //! "redis"`, installed by `.ci/run`): a rule added or removed on one
 //! applies on the other, a ban written by any instance applies on all and
-//! is lifted on all, a restarted instance reads the fleet's state, the
+//! is lifted on all, offenses spread over the instances add up to a ban,
+//! a restarted instance reads the fleet's state, the
 //! same over TLS (`rediss://` with a client certificate), and bad
 //! `[store]` settings or an unreachable Redis stop start-up with the key or
 //! the server named.
@@ -273,6 +274,53 @@ fn a_client_banned_by_one_instance_is_refused_by_the_other() {
             .contains("auth_failed"),
         "saved once Redis was back"
     );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
+
+#[test]
+fn offenses_spread_over_the_fleet_add_up_to_one_ban() {
+    let redis = Redis::start();
+    let (_da, _db, mut a, mut b) = pair(&redis);
+    let upstream = PeerEcho::start();
+    let (pa, pb) = (a.egress("main"), b.egress("main"));
+    let ok = proxy_get(upstream.addr, Some(GOOD));
+    let bad = proxy_get(upstream.addr, Some(BAD));
+    let refused = |f: Fate| matches!(f, Fate::Refused | Fate::NoConnection);
+    let counter = "fleet-test:count:clients/127.0.0.9";
+
+    // One wrong password on each instance: 2 of the threshold of 3, below
+    // it on each and in the fleet.
+    assert_eq!(send_from("127.0.0.9", pa, &bad), Fate::Status(407));
+    assert_eq!(send_from("127.0.0.9", pb, &bad), Fate::Status(407));
+    eventually("both offenses counted in Redis", || {
+        redis.cli(&["GET", counter]) == "2"
+    });
+    assert_eq!(send_from("127.0.0.9", pa, &ok), Fate::Status(200));
+    assert_eq!(send_from("127.0.0.9", pb, &ok), Fate::Status(200));
+
+    // A third, on b: its own count is 2, the fleet's 3: banned by b, and
+    // then by a through the store.
+    assert_eq!(send_from("127.0.0.9", pb, &bad), Fate::Status(407));
+    eventually("b bans on the fleet's count", || {
+        refused(send_from("127.0.0.9", pb, &ok))
+    });
+    eventually("a refuses too", || refused(send_from("127.0.0.9", pa, &ok)));
+    assert!(bans(&a).contains(&"127.0.0.9".to_owned()), "{:?}", bans(&a));
+    assert!(
+        redis
+            .cli(&["HGET", "fleet-test:bans", "clients/127.0.0.9"])
+            .contains("auth_failed"),
+        "saved with its offense"
+    );
+    assert_eq!(redis.cli(&["EXISTS", counter]), "0", "the count is spent");
+
+    // Someone else with one failure on a: counted, not banned.
+    assert_eq!(send_from("127.0.0.10", pa, &bad), Fate::Status(407));
+    eventually("counted", || {
+        redis.cli(&["GET", "fleet-test:count:clients/127.0.0.10"]) == "1"
+    });
+    assert_eq!(send_from("127.0.0.10", pb, &ok), Fate::Status(200));
     assert!(a.terminate().success());
     assert!(b.terminate().success());
 }

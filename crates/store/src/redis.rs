@@ -20,9 +20,15 @@
 //!
 //! The client is a small synchronous RESP2 client over one TCP connection
 //! (the commands used are HGET, HGETALL, HSET, HDEL, MULTI/EXEC, PUBLISH,
-//! SUBSCRIBE, AUTH and SELECT): it keeps the store crate free of an async
-//! runtime and of a large dependency. A call that finds the connection
-//! broken reconnects and tries once more (every write here is idempotent).
+//! SUBSCRIBE, AUTH, SELECT, and EVAL and DEL for [`Redis::count`]): it
+//! keeps the store crate free of an async runtime and of a large
+//! dependency. A call that finds the connection broken reconnects and
+//! tries once more (every record write is idempotent), except a count's
+//! additions, which are not.
+//!
+//! [`Redis::count`] keeps counters the instances of a fleet add to
+//! together (`PREFIX:count:NAME`, each living for a window from its first
+//! addition): the auto-blocker's offenses per client.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -570,6 +576,12 @@ impl Drop for Changes {
     }
 }
 
+/// Adds ARGV[1] to KEYS[1] and gives it a life of ARGV[2] ms if it has
+/// none (it was just made): atomic, so a counter never outlives its window.
+const COUNT_SCRIPT: &str = "local n = redis.call('INCRBY', KEYS[1], ARGV[1]) \
+     if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+     return n";
+
 /// The Redis backend (see the module docs).
 pub struct Redis {
     target: Target,
@@ -717,9 +729,21 @@ impl Redis {
         operation: &'static str,
         f: impl Fn(&mut Conn) -> io::Result<T>,
     ) -> Result<T, StoreError> {
+        self.run_tries(operation, 2, f)
+    }
+
+    /// [`run`](Redis::run), with `f` run at most `tries` times (1 for what
+    /// must not be done twice: a connection that broke mid-reply leaves
+    /// unknown whether the server did it).
+    fn run_tries<T>(
+        &self,
+        operation: &'static str,
+        tries: usize,
+        f: impl Fn(&mut Conn) -> io::Result<T>,
+    ) -> Result<T, StoreError> {
         let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut last = None;
-        for _ in 0..2 {
+        for _ in 0..tries {
             let conn = match slot.as_mut() {
                 Some(c) => c,
                 None => match Conn::open(&self.target, self.tls.as_ref()) {
@@ -758,6 +782,90 @@ impl Redis {
                 |e| format!("{e}{}", hint(&e, &self.target)),
             ),
         })
+    }
+
+    /// Sends `commands` in one write and reads their replies (error
+    /// replies included, in order); tried again on a fresh connection
+    /// only if `idempotent`.
+    fn pipeline(
+        &self,
+        operation: &'static str,
+        idempotent: bool,
+        commands: &[Vec<Vec<u8>>],
+    ) -> Result<Vec<Reply>, StoreError> {
+        self.run_tries(operation, if idempotent { 2 } else { 1 }, |c| {
+            let borrowed: Vec<Vec<&[u8]>> = commands
+                .iter()
+                .map(|cmd| cmd.iter().map(Vec::as_slice).collect())
+                .collect();
+            c.send(&borrowed)?;
+            let mut replies = Vec::with_capacity(commands.len());
+            for _ in 0..commands.len() {
+                replies.push(read_reply(&mut c.reader)?);
+            }
+            Ok(replies)
+        })
+    }
+
+    /// Adds `n` to each named counter (Redis keys `PREFIX:count:NAME`) and
+    /// returns the new totals, in order: a count that the instances of a
+    /// fleet keep together (offenses per client). A counter lives for
+    /// `window` from its first addition, then starts again from zero (a
+    /// fixed window, not a sliding one). One round trip for all of them,
+    /// never sent twice: if the connection breaks before the totals come
+    /// back, the additions may or may not have been made.
+    pub fn count(&self, counts: &[(&str, u64)], window: Duration) -> Result<Vec<u64>, StoreError> {
+        if counts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ms = window.as_millis().clamp(1, i64::MAX as u128).to_string();
+        let commands: Vec<Vec<Vec<u8>>> = counts
+            .iter()
+            .map(|(name, n)| {
+                vec![
+                    b"EVAL".to_vec(),
+                    COUNT_SCRIPT.as_bytes().to_vec(),
+                    b"1".to_vec(),
+                    self.count_key(name).into_bytes(),
+                    n.to_string().into_bytes(),
+                    ms.clone().into_bytes(),
+                ]
+            })
+            .collect();
+        let replies = self.pipeline("count", false, &commands)?;
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
+                other => Err(StoreError::Remote {
+                    target: self.describe(),
+                    operation: "count",
+                    reason: format!("EVAL answered {other:?}"),
+                }),
+            })
+            .collect()
+    }
+
+    /// Forgets the named counters of [`count`](Redis::count) (a ban was
+    /// taken on them).
+    pub fn forget_counts(&self, names: &[&str]) -> Result<(), StoreError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut del = vec![b"DEL".to_vec()];
+        del.extend(names.iter().map(|n| self.count_key(n).into_bytes()));
+        match self.pipeline("forget counts", true, &[del])?.pop() {
+            Some(Reply::Int(_)) => Ok(()),
+            other => Err(StoreError::Remote {
+                target: self.describe(),
+                operation: "forget counts",
+                reason: format!("DEL answered {other:?}"),
+            }),
+        }
+    }
+
+    fn count_key(&self, name: &str) -> String {
+        format!("{}:count:{name}", self.prefix)
     }
 
     /// Subscribes to the changes other instances make. Returns once the
@@ -990,33 +1098,26 @@ impl Backend for Redis {
             ]);
         }
         commands.push(vec![b"EXEC".to_vec()]);
-        let n = commands.len();
-        self.run("write", |c| {
-            let borrowed: Vec<Vec<&[u8]>> = commands
-                .iter()
-                .map(|cmd| cmd.iter().map(Vec::as_slice).collect())
-                .collect();
-            c.send(&borrowed)?;
-            let mut replies = Vec::with_capacity(n);
-            for _ in 0..n {
-                replies.push(read_reply(&mut c.reader)?);
-            }
-            // MULTI: +OK, each queued command: +QUEUED, EXEC: the results.
-            if let Some(Reply::Error(e)) = replies.iter().find(|r| matches!(r, Reply::Error(_))) {
-                return Err(io::Error::other(format!("the batch was refused: {e}")));
-            }
-            match replies.last() {
-                Some(Reply::Array(Some(results))) => {
-                    if let Some(Reply::Error(e)) =
-                        results.iter().find(|r| matches!(r, Reply::Error(_)))
-                    {
-                        return Err(io::Error::other(format!("a write failed: {e}")));
-                    }
-                    Ok(())
+        let replies = self.pipeline("write", true, &commands)?;
+        let refused = |reason: String| StoreError::Remote {
+            target: self.describe(),
+            operation: "write",
+            reason,
+        };
+        // MULTI: +OK, each queued command: +QUEUED, EXEC: the results.
+        if let Some(Reply::Error(e)) = replies.iter().find(|r| matches!(r, Reply::Error(_))) {
+            return Err(refused(format!("the batch was refused: {e}")));
+        }
+        match replies.last() {
+            Some(Reply::Array(Some(results))) => {
+                if let Some(Reply::Error(e)) = results.iter().find(|r| matches!(r, Reply::Error(_)))
+                {
+                    return Err(refused(format!("a write failed: {e}")));
                 }
-                other => Err(io::Error::other(format!("EXEC answered {other:?}"))),
+                Ok(())
             }
-        })
+            other => Err(refused(format!("EXEC answered {other:?}"))),
+        }
     }
 
     fn describe(&self) -> String {

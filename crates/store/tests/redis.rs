@@ -206,6 +206,51 @@ fn passwords_and_acl_users_authenticate_and_wrong_ones_are_refused() {
     );
 }
 
+#[test]
+fn counters_add_up_across_instances_within_their_window() {
+    let srv = Server::start();
+    let a = Redis::connect(&srv.url(), "fleet").expect("connect a");
+    let b = Redis::connect(&srv.url(), "fleet").expect("connect b");
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        a.count(&[("x/1", 2), ("x/2", 1)], long).unwrap(),
+        vec![2, 1]
+    );
+    assert_eq!(
+        b.count(&[("x/1", 3)], long).unwrap(),
+        vec![5],
+        "a's 2 and b's 3"
+    );
+    assert_eq!(a.count(&[], long).unwrap(), Vec::<u64>::new());
+    // The window is the counter's life in Redis, set once by its first
+    // addition: a later one does not stretch it.
+    let ttl: i64 = srv.cli(&["PTTL", "fleet:count:x/1"]).parse().unwrap();
+    assert!(ttl > 50_000 && ttl <= 60_000, "PTTL {ttl}");
+
+    // Forgotten: starts again from zero.
+    b.forget_counts(&["x/1"]).unwrap();
+    assert_eq!(a.count(&[("x/1", 1)], long).unwrap(), vec![1]);
+    assert_eq!(a.count(&[("x/2", 1)], long).unwrap(), vec![2], "x/2 kept");
+
+    // A short window ends, and the count with it.
+    let short = Duration::from_millis(300);
+    assert_eq!(a.count(&[("y", 4)], short).unwrap(), vec![4]);
+    assert_eq!(b.count(&[("y", 1)], short).unwrap(), vec![5]);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        b.count(&[("y", 1)], short).unwrap(),
+        vec![1],
+        "a new window"
+    );
+
+    // A key that is not a counter: an error naming the operation, and the
+    // connection still serves.
+    srv.cli(&["SET", "fleet:count:z", "not a number"]);
+    let e = a.count(&[("z", 1)], long).unwrap_err().to_string();
+    assert!(e.contains("count") && e.contains("not an integer"), "{e}");
+    assert_eq!(a.count(&[("x/2", 1)], long).unwrap(), vec![3]);
+}
+
 /// A fresh directory for certificates, removed on drop.
 struct TempDir(std::path::PathBuf);
 

@@ -13,12 +13,21 @@ use iprules::{Policy, Reason, Shared};
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::autoblock::{AutoBlock, Ban, Offense};
+use iprules::Rule;
+
+use super::autoblock::{AutoBlock, Ban, Offense, Recorded};
+use super::ratelimit::RateLimit;
 
 /// Called with every ban a [`Guard`]'s [`AutoBlock`] imposes (to persist
 /// it, publish an event). Called on the connection's path: keep it short.
 pub type BanHook = Arc<dyn Fn(&Ban) + Send + Sync>;
-use super::ratelimit::RateLimit;
+
+/// Called with every offense a [`Guard`]'s [`AutoBlock`] counted without
+/// banning, with the client's key: to add it to a count several instances
+/// share (which bans through [`AutoBlock::ban`] when that count reaches
+/// the threshold). Called on the connection's path: keep it short (a
+/// channel send).
+pub type OffenseFeed = Arc<dyn Fn(Rule, Offense) + Send + Sync>;
 
 /// Why [`Guard::check`] refused a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +70,7 @@ pub struct Guard {
     rate: Option<Arc<RateLimit>>,
     autoblock: Option<Arc<AutoBlock>>,
     on_ban: Option<BanHook>,
+    feed: Option<OffenseFeed>,
     /// Whether the rate limit applies at accept (per connection) or is
     /// left to the protocol (per request, [`Guard::check_request`]).
     rate_at_accept: bool,
@@ -87,6 +97,7 @@ impl fmt::Debug for Guard {
             .field("rate_limit", &self.rate.is_some())
             .field("autoblock", &self.autoblock.is_some())
             .field("ban_hook", &self.on_ban.is_some())
+            .field("offense_feed", &self.feed.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +117,7 @@ impl Guard {
             rate: None,
             autoblock: None,
             on_ban: None,
+            feed: None,
             rate_at_accept: true,
             accepted: AtomicU64::new(0),
             denied: AtomicU64::new(0),
@@ -160,6 +172,13 @@ impl Guard {
         self
     }
 
+    /// Calls `feed` with every offense the guard's [`AutoBlock`] counted
+    /// without banning.
+    pub fn with_offense_feed(mut self, feed: OffenseFeed) -> Guard {
+        self.feed = Some(feed);
+        self
+    }
+
     /// The [`AutoBlock`] offenses are reported to, if any.
     pub fn autoblock(&self) -> Option<&Arc<AutoBlock>> {
         self.autoblock.as_ref()
@@ -169,21 +188,21 @@ impl Guard {
     /// malformed request, …) to the [`AutoBlock`], if there is one; returns
     /// the ban it caused. The ban applies from the next accept.
     pub fn offense(&self, ip: IpAddr, offense: Offense) -> Option<Ban> {
-        let ban = self
-            .autoblock
-            .as_ref()?
-            .record(ip, offense, Instant::now())?;
-        tracing::info!(
-            rule = %ban.rule,
-            offense = offense.name(),
-            duration = ?ban.duration,
-            times = ban.times,
-            "client banned"
-        );
-        if let Some(hook) = &self.on_ban {
-            hook(&ban);
+        match self.autoblock.as_ref()?.count(ip, offense, Instant::now()) {
+            Recorded::Banned(ban) => {
+                if let Some(hook) = &self.on_ban {
+                    hook(&ban);
+                }
+                Some(ban)
+            }
+            Recorded::Counted(key) => {
+                if let Some(feed) = &self.feed {
+                    feed(key, offense);
+                }
+                None
+            }
+            Recorded::NotCounted => None,
         }
-        Some(ban)
     }
 
     /// The policy it enforces (update it to change who gets in).

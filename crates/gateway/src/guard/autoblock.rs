@@ -115,6 +115,17 @@ pub struct Ban {
     pub offense: Option<Offense>,
 }
 
+/// What [`AutoBlock::count`] made of an offense.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// It reached the threshold: the client is banned.
+    Banned(Ban),
+    /// Counted against this client key, below the threshold.
+    Counted(Rule),
+    /// Not counted: the address is ignored, or its client is banned.
+    NotCounted,
+}
+
 /// An active ban as plain data, to keep across a restart
 /// ([`AutoBlock::export`] / [`AutoBlock::import`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,22 +237,35 @@ impl AutoBlock {
     /// offense reaches the threshold. Offenses of an ignored address, or of
     /// a client already banned, are not counted.
     pub fn record(&self, ip: IpAddr, offense: Offense, now: Instant) -> Option<Ban> {
+        match self.count(ip, offense, now) {
+            Recorded::Banned(ban) => Some(ban),
+            Recorded::Counted(_) | Recorded::NotCounted => None,
+        }
+    }
+
+    /// [`record`](AutoBlock::record), telling apart an offense counted
+    /// without a ban (to pass on to a count shared by several instances,
+    /// which may then call [`ban`](AutoBlock::ban)) from one not counted.
+    pub fn count(&self, ip: IpAddr, offense: Offense, now: Instant) -> Recorded {
         if self.opts.ignore.check_at(ip, now).is_some() {
-            return None;
+            return Recorded::NotCounted;
         }
         let key = self.key(ip);
         let threshold = usize::try_from(self.opts.threshold.max(1)).unwrap_or(usize::MAX);
         let mut st = self.lock();
         expire(&mut st, now);
         if st.active.contains_key(&key) {
-            return None;
+            return Recorded::NotCounted;
         }
         let reached = {
             let times = match st.offenders.get_mut(&key) {
                 Some(times) => times,
                 None => {
                     st.offenders.insert(key, VecDeque::new());
-                    st.offenders.get_mut(&key)?
+                    match st.offenders.get_mut(&key) {
+                        Some(times) => times,
+                        None => return Recorded::NotCounted,
+                    }
                 }
             };
             times.push_back(now);
@@ -255,8 +279,26 @@ impl AutoBlock {
             times.len() >= threshold
         };
         if !reached {
+            return Recorded::Counted(key);
+        }
+        Recorded::Banned(self.impose(&mut st, key, offense, now))
+    }
+
+    /// Bans client `key` (a [`key`](AutoBlock::key)) now, as if its
+    /// offenses here had reached the threshold: for a count kept across
+    /// several instances (a fleet) that reached it. The length follows the
+    /// client's ban history as for any ban. `None` if it is banned already.
+    pub fn ban(&self, key: Rule, offense: Offense, now: Instant) -> Option<Ban> {
+        let mut st = self.lock();
+        expire(&mut st, now);
+        if st.active.contains_key(&key) {
             return None;
         }
+        Some(self.impose(&mut st, key, offense, now))
+    }
+
+    /// Bans `key` for the length its history calls for.
+    fn impose(&self, st: &mut State, key: Rule, offense: Offense, now: Instant) -> Ban {
         st.offenders.remove(&key);
         let before = match st.history.peek(&key) {
             Some(h) if now.saturating_duration_since(h.last_until) < self.opts.forget_after => {
@@ -272,9 +314,9 @@ impl AutoBlock {
             times: before.saturating_add(1),
             offense: Some(offense),
         };
-        self.install(&mut st, ban, now);
+        self.install(st, ban, now);
         tracing::info!(rule = %key, ?duration, times = ban.times, %offense, "client banned");
-        Some(ban)
+        ban
     }
 
     /// `ban * increment^n`, capped at `max_ban`.

@@ -33,8 +33,8 @@ mod nft;
 mod ratelimit;
 mod space;
 
-pub use accept::{BanHook, Guard, GuardMetrics, Refusal};
-pub use autoblock::{AutoBlock, AutoBlockOptions, Ban, BanRecord, Offense};
+pub use accept::{BanHook, Guard, GuardMetrics, OffenseFeed, Refusal};
+pub use autoblock::{AutoBlock, AutoBlockOptions, Ban, BanRecord, Offense, Recorded};
 pub use bpf::{
     BPF_MAXINSNS, BpfError, BpfLimits, BpfProgram, FilterReport, FilterState, Insn, KernelFilter,
     detach,
