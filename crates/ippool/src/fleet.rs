@@ -14,6 +14,9 @@
 //! write.
 //!
 //! Runs on its own thread: store calls block on the network.
+//!
+//! [`count_offenses`] keeps the auto-blocker's offense counts of the
+//! fleet (see there).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,28 +202,60 @@ pub const OFFENSE_QUEUE: usize = 4096;
 /// Most client counts added in one round trip.
 const OFFENSE_BATCH: usize = 512;
 
-/// One offense for the fleet's count: its rule set, the client's key
-/// (`AutoBlock::key`), what it did.
-pub type Offended = (String, iprules::Rule, gateway::guard::Offense);
+/// What the fleet's offense counts are told by this instance.
+#[derive(Debug)]
+pub enum Tally {
+    /// An offense its rule set's `AutoBlock` counted without banning:
+    /// the set, the client's key (`AutoBlock::key`), what it did.
+    Offense(Arc<str>, iprules::Rule, gateway::guard::Offense),
+    /// A client this instance banned on its own count: the fleet's count
+    /// of it is spent, as the local one is.
+    Banned(Arc<str>, iprules::Rule),
+}
 
 /// Called with each ban a fleet count imposes here, with its set.
 pub type FleetBanHook = Arc<dyn Fn(&str, &gateway::guard::Ban) + Send + Sync>;
 
+/// What a Redis error about the counters most likely means.
+pub fn count_hint(e: &str) -> &'static str {
+    if e.contains("NOPERM") || e.contains("can't run this command") || e.contains("no permissions")
+    {
+        " (the Redis user may not run the counters' commands: its ACL needs +@scripting \
+         +@string +@keyspace)"
+    } else {
+        ""
+    }
+}
+
+/// One client's part of a batch.
+#[derive(Default)]
+struct Part {
+    /// Offenses to add.
+    n: u64,
+    /// The last of them.
+    offense: Option<gateway::guard::Offense>,
+    /// Banned here on its own count: forget, do not add.
+    banned: bool,
+}
+
 /// Counts offenses across the fleet: every offense an instance counted
 /// without banning is added to a counter in Redis (`PREFIX:count:SET/CLIENT`),
-/// and the instance whose addition brings it to the set's `threshold`
-/// bans the client (`AutoBlock::ban`); the ban then reaches the fleet as
-/// any ban does (saved by `on_ban`, followed by the others). So a client
-/// cannot spread its attempts over the instances to stay under the
-/// threshold of each.
+/// and the instance whose addition brings it to (or past) the set's
+/// `threshold` bans the client (`AutoBlock::ban`); the ban then reaches
+/// the fleet as any ban does (saved by `on_ban`, followed by the others).
+/// So a client cannot spread its attempts over the instances to stay
+/// under the threshold of each.
 ///
 /// A fleet counter lives for the set's `window` from its first offense (a
-/// fixed window; each instance's own count slides), and is dropped when it
-/// bans. Offenses arriving together go in one round trip. While Redis is
-/// unreachable the fleet's counts miss what happens meanwhile (said once
-/// in the log); each instance still bans on its own count.
+/// fixed window; each instance's own count slides), and is dropped when
+/// the client is banned, here on the fleet's count or on this instance's
+/// own. Offenses arriving together go in one round trip. Not added: the
+/// offense that bans on an instance's own count, and offenses beyond
+/// [`OFFENSE_QUEUE`] waiting. While Redis is unreachable the fleet's
+/// counts miss what happens meanwhile (said once in the log); each
+/// instance still bans on its own count.
 pub async fn count_offenses(
-    mut rx: tokio::sync::mpsc::Receiver<Offended>,
+    mut rx: tokio::sync::mpsc::Receiver<Tally>,
     counter: store::Redis,
     rules: Arc<RuleSets>,
     on_ban: FleetBanHook,
@@ -230,26 +265,28 @@ pub async fn count_offenses(
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let first = tokio::select! {
+            biased;
             () = stop.cancelled() => return,
             next = rx.recv() => match next {
-                Some(o) => o,
+                Some(t) => t,
                 None => return,
             },
         };
         // Same client, same set: one addition of n.
-        let mut batch: std::collections::HashMap<
-            (String, iprules::Rule),
-            (u64, gateway::guard::Offense),
-        > = std::collections::HashMap::new();
-        let mut add = |(set, key, offense): Offended| {
-            let e = batch.entry((set, key)).or_insert((0, offense));
-            e.0 += 1;
-            e.1 = offense;
+        let mut batch: std::collections::HashMap<(Arc<str>, iprules::Rule), Part> =
+            std::collections::HashMap::new();
+        let mut add = |t: Tally| match t {
+            Tally::Offense(set, key, offense) => {
+                let p = batch.entry((set, key)).or_default();
+                p.n += 1;
+                p.offense = Some(offense);
+            }
+            Tally::Banned(set, key) => batch.entry((set, key)).or_default().banned = true,
         };
         add(first);
         for _ in 1..OFFENSE_BATCH {
             match rx.try_recv() {
-                Ok(o) => add(o),
+                Ok(t) => add(t),
                 Err(_) => break,
             }
         }
@@ -271,67 +308,96 @@ pub async fn count_offenses(
                     if !failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         tracing::error!(
                             error = %e,
-                            "offenses not added to the fleet's counts: each instance bans on its \
-                             own count until Redis answers again"
+                            "offenses not added to the fleet's counts{}: each instance bans \
+                             on its own count until the counts work again",
+                            count_hint(&e)
                         );
                     }
                 }
             }
-        })
-        .await;
-        if let Err(e) = done {
-            tracing::error!(error = %e, "the fleet's offense count failed");
+        });
+        tokio::select! {
+            biased;
+            // Shutting down: the blocking call ends on its own (bounded by
+            // the Redis client's timeouts).
+            () = stop.cancelled() => return,
+            r = done => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "the fleet's offense count failed");
+                }
+            }
         }
     }
 }
 
 /// Adds one batch to the fleet's counts, set by set (each has its own
-/// window), and bans the clients that reached their set's threshold.
+/// window), bans the clients that reached their set's threshold, and
+/// forgets the counts of the clients banned. A failure (of a set, of a
+/// counter) does not stop the others; the first is returned.
 fn count_batch(
-    batch: std::collections::HashMap<(String, iprules::Rule), (u64, gateway::guard::Offense)>,
+    batch: std::collections::HashMap<(Arc<str>, iprules::Rule), Part>,
     counter: &store::Redis,
     rules: &RuleSets,
     on_ban: &FleetBanHook,
-) -> Result<(), store::StoreError> {
-    let mut by_set: std::collections::BTreeMap<
-        String,
-        Vec<(iprules::Rule, u64, gateway::guard::Offense)>,
-    > = std::collections::BTreeMap::new();
-    for ((set, key), (n, offense)) in batch {
-        by_set.entry(set).or_default().push((key, n, offense));
+) -> Result<(), String> {
+    let mut by_set: std::collections::BTreeMap<Arc<str>, Vec<(iprules::Rule, Part)>> =
+        std::collections::BTreeMap::new();
+    for ((set, key), part) in batch {
+        by_set.entry(set).or_default().push((key, part));
     }
+    let mut first_error: Option<String> = None;
+    let mut fail = |e: String| {
+        first_error.get_or_insert(e);
+    };
     for (set, clients) in by_set {
         let Some(ab) = rules.autoblock(&set) else {
             continue;
         };
         let opts = ab.options();
-        let names: Vec<String> = clients
+        let name = |k: &iprules::Rule| format!("{set}/{k}");
+        let mut forget: Vec<String> = clients
             .iter()
-            .map(|(k, _, _)| format!("{set}/{k}"))
+            .filter(|(_, p)| p.banned)
+            .map(|(k, _)| name(k))
             .collect();
-        let counts: Vec<(&str, u64)> = names
+        let adding: Vec<(&iprules::Rule, &Part, String)> = clients
             .iter()
-            .zip(&clients)
-            .map(|(name, (_, n, _))| (name.as_str(), *n))
+            .filter(|(_, p)| !p.banned && p.n > 0)
+            .map(|(k, p)| (k, p, name(k)))
             .collect();
-        let totals = counter.count(&counts, opts.window)?;
-        let mut banned = Vec::new();
-        for ((name, (key, _, offense)), total) in names.iter().zip(&clients).zip(totals) {
-            if total < u64::from(opts.threshold.max(1)) {
-                continue;
+        let counts: Vec<(&str, u64)> = adding.iter().map(|(_, p, n)| (n.as_str(), p.n)).collect();
+        match counter.count(&counts, opts.window) {
+            Err(e) => fail(e.to_string()),
+            Ok(totals) => {
+                for ((key, part, counter_name), total) in adding.iter().zip(totals) {
+                    let total = match total {
+                        Ok(t) => t,
+                        Err(e) => {
+                            fail(format!("counter {counter_name}: {e}"));
+                            continue;
+                        }
+                    };
+                    if total < u64::from(opts.threshold.max(1)) {
+                        continue;
+                    }
+                    let offense = part.offense.unwrap_or(gateway::guard::Offense::Malformed);
+                    if let Some(ban) = ab.ban(**key, offense, Instant::now()) {
+                        tracing::info!(
+                            set = &*set,
+                            rule = %key,
+                            offenses = total,
+                            "the fleet's count of this client's offenses reached the threshold: banned"
+                        );
+                        on_ban(&set, &ban);
+                    }
+                    forget.push(counter_name.clone());
+                }
             }
-            if let Some(ban) = ab.ban(*key, *offense, Instant::now()) {
-                tracing::info!(
-                    set,
-                    rule = %key,
-                    offenses = total,
-                    "the fleet's count of this client's offenses reached the threshold: banned"
-                );
-                on_ban(&set, &ban);
-            }
-            banned.push(name.as_str());
         }
-        counter.forget_counts(&banned)?;
+        let forget: Vec<&str> = forget.iter().map(String::as_str).collect();
+        if let Err(e) = counter.forget_counts(&forget) {
+            fail(e.to_string());
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }

@@ -137,6 +137,19 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
             // The fleet's offense counts, on a connection of their own.
             let counter =
                 store::Redis::connect_with(&url, &prefix, &tls).map_err(ServeError::SharedStore)?;
+            // A count of nothing: says now if the counters cannot work
+            // (an ACL without their commands), without stopping start-up.
+            let probe = counter
+                .count(&[("probe", 0)], std::time::Duration::from_millis(1))
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| r.pop().unwrap_or(Ok(0)).map(drop));
+            if let Err(e) = probe {
+                tracing::error!(
+                    error = %e,
+                    "offenses cannot be counted across the fleet{}: each instance bans on its own count",
+                    crate::fleet::count_hint(&e)
+                );
+            }
             Ok((
                 store::Store::new(store::Split { shared, local }),
                 Some((changes, counter)),
@@ -1191,8 +1204,8 @@ async fn run_listener(
 struct Guards {
     rules: Arc<crate::rules::RuleSets>,
     bans: tokio::sync::mpsc::UnboundedSender<(String, gateway::guard::Ban)>,
-    /// With a Redis store: offenses for the fleet's counts.
-    offenses: Option<tokio::sync::mpsc::Sender<crate::fleet::Offended>>,
+    /// With a Redis store: offenses and bans for the fleet's counts.
+    offenses: Option<tokio::sync::mpsc::Sender<crate::fleet::Tally>>,
     events: crate::events::Events,
     /// (listener, set, socket) of the admin listener when its set has
     /// `kernel_filter` (data-plane listeners keep their own).
@@ -1205,18 +1218,32 @@ impl Guards {
         let Some(set) = set else {
             return Arc::new(gateway::guard::Guard::default());
         };
+        let name: Arc<str> = set.into();
         let feed = self.offenses.clone().map(|tx| {
-            let name = set.to_owned();
+            let name = Arc::clone(&name);
             let feed: gateway::guard::OffenseFeed = Arc::new(move |key, offense| {
                 // Full: the fleet's count misses it, this instance's has it.
-                let _ = tx.try_send((name.clone(), key, offense));
+                let _ = tx.try_send(crate::fleet::Tally::Offense(
+                    Arc::clone(&name),
+                    key,
+                    offense,
+                ));
             });
             feed
         });
+        let saved = self.ban_hook(set);
+        let hook: gateway::guard::BanHook = match self.offenses.clone() {
+            None => saved,
+            // A ban on this instance's own count spends the fleet's count.
+            Some(tx) => Arc::new(move |b: &gateway::guard::Ban| {
+                saved(b);
+                let _ = tx.try_send(crate::fleet::Tally::Banned(Arc::clone(&name), b.rule));
+            }),
+        };
         // The config checked that the set exists (and a reload that the
         // set runs).
         self.rules
-            .guard(set, per_request, self.ban_hook(set), feed)
+            .guard(set, per_request, hook, feed)
             .unwrap_or_else(|| Arc::new(gateway::guard::Guard::default()))
     }
 

@@ -808,13 +808,18 @@ impl Redis {
     }
 
     /// Adds `n` to each named counter (Redis keys `PREFIX:count:NAME`) and
-    /// returns the new totals, in order: a count that the instances of a
+    /// returns the new totals, in order (each, or the server's error for
+    /// that counter): a count that the instances of a
     /// fleet keep together (offenses per client). A counter lives for
     /// `window` from its first addition, then starts again from zero (a
     /// fixed window, not a sliding one). One round trip for all of them,
     /// never sent twice: if the connection breaks before the totals come
     /// back, the additions may or may not have been made.
-    pub fn count(&self, counts: &[(&str, u64)], window: Duration) -> Result<Vec<u64>, StoreError> {
+    pub fn count(
+        &self,
+        counts: &[(&str, u64)],
+        window: Duration,
+    ) -> Result<Vec<Result<u64, String>>, StoreError> {
         if counts.is_empty() {
             return Ok(Vec::new());
         }
@@ -833,17 +838,14 @@ impl Redis {
             })
             .collect();
         let replies = self.pipeline("count", false, &commands)?;
-        replies
+        Ok(replies
             .into_iter()
             .map(|r| match r {
                 Reply::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
-                other => Err(StoreError::Remote {
-                    target: self.describe(),
-                    operation: "count",
-                    reason: format!("EVAL answered {other:?}"),
-                }),
+                Reply::Error(e) => Err(e),
+                other => Err(format!("EVAL answered {other:?}")),
             })
-            .collect()
+            .collect())
     }
 
     /// Forgets the named counters of [`count`](Redis::count) (a ban was

@@ -288,6 +288,8 @@ impl AutoBlock {
     /// offenses here had reached the threshold: for a count kept across
     /// several instances (a fleet) that reached it. The length follows the
     /// client's ban history as for any ban. `None` if it is banned already.
+    /// The `ignore` list is not consulted: the offenses counted were
+    /// checked against it where they happened.
     pub fn ban(&self, key: Rule, offense: Offense, now: Instant) -> Option<Ban> {
         let mut st = self.lock();
         expire(&mut st, now);
