@@ -512,7 +512,7 @@ pub(crate) enum BodyError {
 pub(crate) async fn copy_body(
     client: &mut (impl AsyncRead + Unpin),
     cbuf: &mut BytesMut,
-    up: &mut TcpStream,
+    up: &mut (impl AsyncWrite + Unpin),
     mut n: u64,
 ) -> Result<(), BodyError> {
     while n > 0 {
@@ -529,7 +529,8 @@ pub(crate) async fn copy_body(
         cbuf.advance(take);
         n -= take as u64;
     }
-    Ok(())
+    // Nothing for a TCP socket; a TLS stream may hold the last record.
+    up.flush().await.map_err(BodyError::Backend)
 }
 
 /// Why reading a response head failed.
@@ -544,7 +545,7 @@ pub(crate) enum HeadError {
 /// ones) and writes the head for the client into `out`; the head's bytes
 /// are consumed from `buf`, body bytes read with it stay there.
 pub(crate) async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     out: &mut Vec<u8>,
     rw: Rewrite<'_>,
@@ -712,7 +713,7 @@ pub(crate) fn itoa3(status: u16) -> [u8; 3] {
 /// (some of it may be in `buf` already), framed as it came. `stall`
 /// bounds each wait for more of the body and each write to the client.
 pub(crate) async fn relay(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     client: &mut (impl AsyncWrite + Unpin),
     out: &mut Vec<u8>,

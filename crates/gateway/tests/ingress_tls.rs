@@ -1,6 +1,7 @@
 //! TLS termination by the ingress proxy, on loopback with a test CA: ALPN
 //! (h2 and http/1.1), SNI choosing among certificates, certificate reload
-//! by call and by file watch.
+//! by call and by file watch; backends reached over TLS, their
+//! certificates checked.
 
 mod ingress_util;
 
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway::ingress::{
-    Backend as B, CertPaths, CertStore, Route, RouteMatch, RouteTable, TlsOptions,
+    Backend as B, BackendTls, CertPaths, CertStore, HealthCheck, Route, RouteMatch, RouteTable,
+    TlsOptions,
 };
 use http::{Request, Version};
 use http_body_util::Full;
@@ -25,6 +27,7 @@ use tokio_rustls::client::TlsStream;
 /// A test CA that issues leaf certificates.
 struct Ca {
     root: CertificateDer<'static>,
+    root_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -36,11 +39,39 @@ impl Ca {
         params
             .distinguished_name
             .push(DnType::CommonName, "ippool test CA");
-        let root = params.self_signed(&key).unwrap().der().clone();
+        let cert = params.self_signed(&key).unwrap();
         Ca {
-            root,
+            root: cert.der().clone(),
+            root_pem: cert.pem(),
             issuer: Issuer::new(params, key),
         }
+    }
+
+    /// Writes the root certificate to `dir/name` (PEM).
+    fn write_root(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, &self.root_pem).unwrap();
+        path
+    }
+
+    /// A server configuration with a leaf for `names` (DNS names or IP
+    /// addresses), for a test backend.
+    fn server(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+        Arc::new(cfg)
     }
 
     /// Writes a leaf for `names` to `dir/stem.pem` and `dir/stem.key`;
@@ -127,6 +158,138 @@ fn routes(a: &Backend) -> RouteTable {
     t.upsert_route(Route::new("b", RouteMatch::host("b.test")).with_backend(B::new("b", a.addr)))
         .unwrap();
     t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_over_tls_have_their_certificates_checked() {
+    let dir = TempDir::new("upstream");
+    let ca = Ca::new();
+    let ca_file = ca.write_root(&dir.0, "ca.pem");
+    let other_ca = Ca::new().write_root(&dir.0, "other.pem");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = Backend::serve_tls("tls", listener, ca.server(&["127.0.0.1", "api.internal"]));
+    let plain = Backend::start("plain").await;
+    let tls = |ca: &Path| BackendTls::from_pem(Some(ca), None).unwrap();
+    let table = RouteTable::default();
+    let route = |name: &str, tls: BackendTls, to: std::net::SocketAddr| {
+        Route::new(name, RouteMatch::host(&format!("{name}.test")))
+            .with_backend(B::new(name, to))
+            .with_backend_tls(tls)
+    };
+    // Checked against the backend's IP address (an IP SAN), or a name.
+    table
+        .upsert_route(route("ip", tls(&ca_file), backend.addr))
+        .unwrap();
+    let named = tls(&ca_file).with_server_name("api.internal").unwrap();
+    table
+        .upsert_route(route("named", named, backend.addr))
+        .unwrap();
+    let wrong = tls(&ca_file).with_server_name("other.internal").unwrap();
+    table
+        .upsert_route(route("wrongname", wrong, backend.addr))
+        .unwrap();
+    table
+        .upsert_route(route("untrusted", tls(&other_ca), backend.addr))
+        .unwrap();
+    table
+        .upsert_route(route("plain", tls(&ca_file), plain.addr))
+        .unwrap();
+    let p = Running::start(opts(&table)).await;
+
+    // Over TLS, on the lean path and kept alive: one backend connection
+    // for three requests.
+    let mut c = H1::connect(p.addr).await;
+    for _ in 0..3 {
+        let r = c.get("ip.test", "/").await;
+        assert_eq!(
+            (r.status, r.backend()),
+            (200, "tls".to_owned()),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(backend.conns(), 1, "the TLS connection was reused");
+    let r = get(p.addr, "named.test", "/").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A body goes up through TLS too.
+    let r = send(p.addr, {
+        let mut req = request("POST", "ip.test", "/echo");
+        *req.body_mut() = Full::new(Bytes::from_static(b"up through TLS"));
+        req
+    })
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.text()), (200, "up through TLS".to_owned()));
+
+    // Refused certificates, and a backend that does not speak TLS: 502,
+    // saying why.
+    for (host, why) in [
+        ("wrongname.test", "not valid for name \"other.internal\""),
+        ("untrusted.test", "invalid peer certificate"),
+        ("plain.test", "does the backend speak TLS on this port?"),
+    ] {
+        let r = get(p.addr, host, "/").await;
+        assert_eq!(r.status, 502, "{host}: {}", r.text());
+        assert!(
+            r.error().contains("TLS with backend") && r.error().contains(why),
+            "{host}: {}",
+            r.error()
+        );
+    }
+    assert_eq!(plain.hits(), 0);
+
+    // Health checks go over TLS too: a backend with a refused certificate
+    // goes down, one with a good one stays up.
+    let check = HealthCheck {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(500),
+        rise: 1,
+        fall: 1,
+        ..HealthCheck::new("/health")
+    };
+    let checks = |n: &str, tls: BackendTls| {
+        Route::new(n, RouteMatch::host(&format!("{n}.test")))
+            .with_backend(B::new(n, backend.addr))
+            .with_backend_tls(tls)
+            .with_health_check(check.clone())
+    };
+    table.upsert_route(checks("good", tls(&ca_file))).unwrap();
+    table.upsert_route(checks("bad", tls(&other_ca))).unwrap();
+    let t0 = std::time::Instant::now();
+    let before = backend
+        .state
+        .checks
+        .load(std::sync::atomic::Ordering::SeqCst);
+    loop {
+        let snap = table.snapshot();
+        let (good, bad) = (snap.backend("good").unwrap(), snap.backend("bad").unwrap());
+        let checked = backend
+            .state
+            .checks
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > before;
+        if checked && good.check_up == Some(true) && bad.check_up == Some(false) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < IO_TIMEOUT,
+            "checks over TLS: good up, bad down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Turning TLS off for a route starts its backends afresh: its pooled
+    // TLS connection is not used for plain HTTP (which the backend, all
+    // TLS, refuses).
+    assert_eq!(get(p.addr, "named.test", "/").await.status, 200);
+    table
+        .upsert_route(
+            Route::new("named", RouteMatch::host("named.test"))
+                .with_backend(B::new("named", backend.addr)),
+        )
+        .unwrap();
+    let r = get(p.addr, "named.test", "/").await;
+    assert_eq!(r.status, 502, "plain HTTP to a TLS port: {}", r.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,3 +264,135 @@ backends = ["{a}"]
         Some(format!("GET {url} HTTP/1.1").as_str())
     );
 }
+
+/// A test CA and a certificate for `localhost` signed by it, as PEM files
+/// in `dir`: (ca.pem, cert.pem, key.pem), and another CA's (other.pem).
+fn pki(dir: &TempDir) -> [std::path::PathBuf; 4] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let ca = |cn: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA")
+    };
+    let (ca, other) = (ca("backend CA"), ca("another CA"));
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf");
+    [
+        dir.write("ca.pem", &ca.pem()),
+        dir.write("cert.pem", &leaf.pem()),
+        dir.write("key.pem", &leaf_key.serialize_pem()),
+        dir.write("other.pem", &other.pem()),
+    ]
+}
+
+#[test]
+fn backends_reached_over_tls_with_their_certificate_checked() {
+    let plain = backend("behind-tls");
+    let dir = TempDir::new();
+    pki(&dir);
+    // The HTTPS backend: another ippool terminating TLS for `localhost`.
+    let tls_cfg = dir.write(
+        "backend.toml",
+        &format!(
+            r#"
+state_dir = "state-backend"
+[admin]
+listen = "127.0.0.1:0"
+[ingress.tls]
+listen = "127.0.0.1:0"
+tls = [{{ cert = "cert.pem", key = "key.pem" }}]
+[ingress.tls.routes.all]
+backends = ["{plain}"]
+"#
+        ),
+    );
+    let mut b = Daemon::start(&tls_cfg, &[]);
+    let https = b.ingress("tls");
+    let cfg = dir.write(
+        "ippool.toml",
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[ingress.web]
+listen = "127.0.0.1:0"
+[ingress.web.routes.good]
+host = "good.test"
+backends = ["{https}"]
+backend_tls = {{ ca = "ca.pem", server_name = "localhost" }}
+[ingress.web.routes.untrusted]
+host = "untrusted.test"
+backends = ["{https}"]
+backend_tls = {{ ca = "other.pem", server_name = "localhost" }}
+"#
+        ),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let web = d.ingress("web");
+    assert_eq!(get(web, "good.test"), (200, "behind-tls".to_owned()));
+    let r = http(web, "GET", "/", &[("Host", "untrusted.test")], "");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.body.contains("TLS with backend") && r.body.contains("UnknownIssuer"),
+        "{r:?}"
+    );
+    // `check` shows the setting.
+    let out = std::process::Command::new(support::BIN)
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("server_name = \"localhost\""),
+        "{text}"
+    );
+    assert!(d.terminate().success());
+    assert!(b.terminate().success());
+}
+
+#[test]
+fn backend_tls_config_errors_name_the_key() {
+    let dir = TempDir::new();
+    pki(&dir);
+    for (tls, want) in [
+        (r#"{ ca = "missing.pem" }"#, "missing.pem"),
+        (
+            r#"{ ca = "ca.pem", cert = "cert.pem" }"#,
+            "cert and key go together",
+        ),
+        (
+            r#"{ ca = "ca.pem", server_name = "bad name!" }"#,
+            "server name \"bad name!\"",
+        ),
+        (r#"{ ca = "key.pem" }"#, "no CERTIFICATE"),
+        (
+            r#"{ ca = "ca.pem", verify = false }"#,
+            "unknown field `verify`",
+        ),
+    ] {
+        let cfg = dir.write(
+            "bad.toml",
+            &format!(
+                r#"
+[ingress.web]
+listen = "127.0.0.1:0"
+[ingress.web.routes.r]
+backends = ["127.0.0.1:9"]
+backend_tls = {tls}
+"#
+            ),
+        );
+        let err = support::serve_fails(&cfg, &[]);
+        assert!(
+            err.contains(want) && err.contains("ingress.web.routes.r"),
+            "{tls}: {err}"
+        );
+    }
+}

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
+use super::backend_tls::BackendTls;
 use super::h1::RawUpstream;
 use super::upstream::Upstream;
 
@@ -76,6 +77,8 @@ pub(crate) struct Stats {
 pub(crate) struct BackendRt {
     pub(crate) id: Arc<str>,
     pub(crate) addr: SocketAddr,
+    /// Its route's TLS to backends (fixed: a change makes a new one).
+    pub(crate) tls: Option<BackendTls>,
     /// Requests sent to it and not finished (response body included), and
     /// open WebSocket tunnels.
     in_flight: AtomicU64,
@@ -116,10 +119,16 @@ impl std::fmt::Debug for BackendRt {
 }
 
 impl BackendRt {
-    pub(crate) fn new(id: Arc<str>, addr: SocketAddr, clean: bool) -> BackendRt {
+    pub(crate) fn new(
+        id: Arc<str>,
+        addr: SocketAddr,
+        clean: bool,
+        tls: Option<BackendTls>,
+    ) -> BackendRt {
         BackendRt {
             id,
             addr,
+            tls,
             in_flight: AtomicU64::new(0),
             clean: AtomicBool::new(clean),
             check_up: AtomicBool::new(true),
@@ -360,7 +369,7 @@ mod tests {
 
     #[test]
     fn ewma_peaks_then_decays() {
-        let b = BackendRt::new("a".into(), "127.0.0.1:1".parse().unwrap(), true);
+        let b = BackendRt::new("a".into(), "127.0.0.1:1".parse().unwrap(), true, None);
         assert_eq!(b.ewma(), None);
         assert_eq!(b.cost(nanos(), 1), 0.0);
         b.observe_latency(Duration::from_millis(10));
@@ -378,6 +387,7 @@ mod tests {
             "b".into(),
             "127.0.0.1:1".parse().unwrap(),
             true,
+            None,
         )));
         assert!(g.backend().cost(now, 1) > 0.0);
     }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use http::{Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -159,10 +158,10 @@ async fn probe(b: Arc<BackendRt>, check: HealthCheck, route: Arc<str>) {
 }
 
 async fn attempt(b: &BackendRt, check: &HealthCheck) -> Result<StatusCode, String> {
-    let stream = TcpStream::connect(b.addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
+    let stream = super::proxy::dial(b).await.map_err(|e| match e {
+        super::proxy::Dial::Tcp(e) => format!("connect: {e}"),
+        super::proxy::Dial::Tls(e) => format!("TLS: {e}"),
+    })?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, UpBody>(TokioIo::new(stream))
             .await

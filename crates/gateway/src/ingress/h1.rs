@@ -32,7 +32,6 @@ use bytes::{Buf, BytesMut};
 use health::{Outcome, Verdict};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::wire::{
@@ -41,6 +40,7 @@ use crate::wire::{
 };
 
 use super::backend::{BackendRt, inc};
+use super::backend_tls::BackendStream;
 use super::balance::{Mask, key_of};
 use super::headers::push_param;
 use super::metrics::Refusal;
@@ -54,14 +54,14 @@ use super::{Balance, Conn, Ctx};
 pub(crate) struct RawUpstream {
     // Dropped first: deregistered while the socket is still open.
     _reg: Registration,
-    stream: TcpStream,
+    stream: BackendStream,
     buf: BytesMut,
 }
 
 impl RawUpstream {
-    fn new(b: &Arc<BackendRt>, stream: TcpStream) -> RawUpstream {
+    fn new(b: &Arc<BackendRt>, stream: BackendStream) -> RawUpstream {
         RawUpstream {
-            _reg: Registration::new(b, stream.as_raw_fd()),
+            _reg: Registration::new(b, stream.tcp().as_raw_fd()),
             stream,
             buf: BytesMut::new(),
         }
@@ -69,7 +69,13 @@ impl RawUpstream {
 
     /// Whether an idle connection was closed by the backend meanwhile.
     fn stale(&self) -> bool {
-        wire::stale(&self.stream)
+        self.stream.stale()
+    }
+
+    /// Sends `bytes` (flushed: a TLS stream may hold the last record).
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
     }
 }
 
@@ -682,7 +688,7 @@ async fn attempt(
             },
         };
         let t0 = measure.then(Instant::now);
-        match timer.within(deadline, up.stream.write_all(s.req)).await {
+        match timer.within(deadline, up.send(s.req)).await {
             Some(Ok(())) => {}
             Some(Err(_)) if reused => {
                 // Closed by the backend while idle: a new connection.

@@ -131,6 +131,7 @@
 //! ```
 
 mod backend;
+mod backend_tls;
 mod balance;
 mod body;
 mod check;
@@ -158,6 +159,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 pub use crate::egress::ERROR_HEADER;
+pub use backend_tls::BackendTls;
 pub use balance::{Balance, HashKey, UnknownBalance};
 pub use check::{HealthCheck, InvalidHealthCheck};
 pub use metrics::{IngressMetrics, IngressMetricsSnapshot};

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::backend::{BackendRt, InFlight, inc};
+use super::backend_tls::BackendStream;
 use super::balance::{Mask, request_key};
 use super::body::{ClientBody, Exchange, ProxyBody, TooLarge, UpBody, caused_by};
 use super::headers::{self, add_forwarding, strip_hop_by_hop};
@@ -538,18 +539,17 @@ pub(crate) async fn connect(
     ctx: &Ctx,
     b: &Arc<BackendRt>,
     deadline: Instant,
-) -> Result<TcpStream, (Outcome, Reject)> {
+) -> Result<BackendStream, (Outcome, Reject)> {
     let limit = ctx
         .opts
         .connect_timeout
         .min(deadline.saturating_duration_since(Instant::now()));
-    match tokio::time::timeout(limit, TcpStream::connect(b.addr)).await {
+    match tokio::time::timeout(limit, dial(b)).await {
         Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
             inc(&b.stats.connections);
             Ok(s)
         }
-        Ok(Err(e)) => {
+        Ok(Err(Dial::Tcp(e))) => {
             inc(&b.stats.connect_errors);
             let outcome = Outcome::of_connect_error(&e);
             Err((
@@ -558,6 +558,22 @@ pub(crate) async fn connect(
                     StatusCode::BAD_GATEWAY,
                     Refusal::BadGateway,
                     format!("cannot connect to backend {} ({}): {e}", b.id, b.addr),
+                ),
+            ))
+        }
+        Ok(Err(Dial::Tls(e))) => {
+            inc(&b.stats.connect_errors);
+            Err((
+                Outcome::ConnectError(e.kind()),
+                Reject::new(
+                    StatusCode::BAD_GATEWAY,
+                    Refusal::BadGateway,
+                    format!(
+                        "TLS with backend {} ({}) failed: {e}{}",
+                        b.id,
+                        b.addr,
+                        tls_hint(&e)
+                    ),
                 ),
             ))
         }
@@ -576,6 +592,36 @@ pub(crate) async fn connect(
             ))
         }
     }
+}
+
+/// What a failed TLS handshake with a backend most likely means.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    let answer = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match answer {
+        Some(rustls::Error::InvalidMessage(_)) => " (does the backend speak TLS on this port?)",
+        _ if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            " (the backend closed the connection during the handshake: does it speak TLS on this port?)"
+        }
+        _ => "",
+    }
+}
+
+/// Why [`dial`] failed.
+pub(crate) enum Dial {
+    Tcp(std::io::Error),
+    Tls(std::io::Error),
+}
+
+/// A new connection to `b`: TCP, and the TLS handshake if its route
+/// reaches it over TLS.
+pub(crate) async fn dial(b: &BackendRt) -> Result<BackendStream, Dial> {
+    let tcp = TcpStream::connect(b.addr).await.map_err(Dial::Tcp)?;
+    let _ = tcp.set_nodelay(true);
+    BackendStream::over(tcp, b.tls.as_ref(), b.addr)
+        .await
+        .map_err(Dial::Tls)
 }
 
 /// The client's response: the backend's head (hop-by-hop headers

@@ -25,6 +25,7 @@ use http::StatusCode;
 use iprules::Shared;
 
 use super::backend::{BackendRt, get};
+use super::backend_tls::BackendTls;
 use super::balance::{Balance, Mask, fnv, schedule};
 use super::check::HealthCheck;
 use crate::tasks::Tasks;
@@ -137,6 +138,9 @@ pub struct Route {
     /// The status answered when no backend can take a request (none
     /// configured, all benched, down or draining). Default: 503.
     pub no_backend_status: StatusCode,
+    /// Reach the backends over TLS (HTTPS), checking their certificates.
+    /// Default: plain HTTP.
+    pub backend_tls: Option<BackendTls>,
 }
 
 impl Route {
@@ -150,6 +154,7 @@ impl Route {
             health_check: None,
             retries: 2,
             no_backend_status: StatusCode::SERVICE_UNAVAILABLE,
+            backend_tls: None,
         }
     }
 
@@ -174,6 +179,12 @@ impl Route {
     /// Sets the active health check.
     pub fn with_health_check(mut self, check: HealthCheck) -> Route {
         self.health_check = Some(check);
+        self
+    }
+
+    /// Reaches the backends over TLS.
+    pub fn with_backend_tls(mut self, tls: BackendTls) -> Route {
+        self.backend_tls = Some(tls);
         self
     }
 }
@@ -927,7 +938,28 @@ impl RouteTable {
                 },
             );
         } else if let Some(rc) = cfg.routes.get_mut(&route.name) {
+            let tls_changed = rc.route.backend_tls != route.backend_tls;
             rc.route = route.clone();
+            if tls_changed {
+                // Plain and TLS connections do not mix: every backend
+                // starts afresh (state, connections) with the new setting.
+                for x in &mut rc.backends {
+                    let mut t = rc.state.lock();
+                    t.remove(&x.rt.id);
+                    t.insert(x.rt.id.clone());
+                    drop(t);
+                    let rt = Arc::new(BackendRt::new(
+                        x.rt.id.clone(),
+                        x.rt.addr,
+                        rc.state.fast,
+                        route.backend_tls.clone(),
+                    ));
+                    if x.rt.draining.load(Ordering::Acquire) {
+                        rt.draining.store(true, Ordering::Release);
+                    }
+                    std::mem::replace(&mut x.rt, rt).kill();
+                }
+            }
         }
         for b in backends {
             Self::put_backend(&mut cfg, &route.name, b);
@@ -994,7 +1026,12 @@ impl RouteTable {
                 drop(t);
                 let old = std::mem::replace(
                     &mut x.rt,
-                    Arc::new(BackendRt::new(id, b.addr, rc.state.fast)),
+                    Arc::new(BackendRt::new(
+                        id,
+                        b.addr,
+                        rc.state.fast,
+                        rc.route.backend_tls.clone(),
+                    )),
                 );
                 old.kill();
                 x.weight = b.weight;
@@ -1006,7 +1043,12 @@ impl RouteTable {
             None => {
                 let id: Arc<str> = b.id.as_str().into();
                 rc.state.lock().insert(id.clone());
-                let rt = Arc::new(BackendRt::new(id, b.addr, rc.state.fast));
+                let rt = Arc::new(BackendRt::new(
+                    id,
+                    b.addr,
+                    rc.state.fast,
+                    rc.route.backend_tls.clone(),
+                ));
                 if held {
                     rt.draining.store(true, Ordering::Release);
                 }

@@ -24,13 +24,13 @@ use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::backend::BackendRt;
+use super::backend_tls::BackendStream;
 use super::body::UpBody;
 
-type Conn = Connection<TokioIo<TcpStream>, UpBody>;
+type Conn = Connection<TokioIo<BackendStream>, UpBody>;
 
 /// Keeps a connection's socket in its backend's registry, so that removing
 /// the backend can shut it down, until dropped (before the socket closes).
@@ -69,9 +69,9 @@ impl Upstream {
     pub(crate) async fn new(
         builder: &hyper::client::conn::http1::Builder,
         b: &Arc<BackendRt>,
-        stream: TcpStream,
+        stream: BackendStream,
     ) -> hyper::Result<Box<Upstream>> {
-        let reg = Registration::new(b, stream.as_raw_fd());
+        let reg = Registration::new(b, stream.tcp().as_raw_fd());
         let (sender, conn) = builder.handshake(TokioIo::new(stream)).await?;
         // Boxed: hyper's connection state is several hundred bytes, and a
         // connection moves between the pool, requests and bodies.

@@ -79,6 +79,24 @@ impl Backend {
     }
 
     pub fn serve(name: &str, listener: TcpListener) -> Backend {
+        Backend::serve_with(name, listener, None)
+    }
+
+    /// A backend speaking HTTPS with `tls` (a connection that fails its
+    /// handshake is counted in `conns` and dropped).
+    pub fn serve_tls(
+        name: &str,
+        listener: TcpListener,
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    ) -> Backend {
+        Backend::serve_with(name, listener, Some(tokio_rustls::TlsAcceptor::from(tls)))
+    }
+
+    fn serve_with(
+        name: &str,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Backend {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             name: name.to_owned(),
@@ -101,15 +119,29 @@ impl Backend {
                 };
                 st.conns.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
+                let tls = tls.clone();
                 conns.spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(answer(&st, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = http
+                                    .serve_connection(TokioIo::new(s), svc)
+                                    .with_upgrades()
+                                    .await;
+                            }
+                        }
+                    }
                 });
                 while conns.try_join_next().is_some() {}
             }

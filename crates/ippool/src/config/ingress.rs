@@ -63,6 +63,28 @@ pub struct CertConfig {
     pub key: PathBuf,
 }
 
+/// `[ingress.<name>.routes.<route>.backend_tls]`: the route's backends
+/// are reached over TLS, their certificates checked.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsConfig {
+    /// The CA certificates that sign the backends' certificates (PEM).
+    /// Default: the system's bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The name the certificates must hold (and the SNI sent). Default:
+    /// each backend's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// A client certificate chain for backends that ask for one (PEM),
+    /// with `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
 /// A static backend: `"10.0.0.1:8080"` or `{ addr = "…", weight = 2 }`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -130,6 +152,9 @@ pub struct RouteConfig {
     /// The status when no backend can take a request (default 503).
     #[serde(default = "d_status")]
     pub no_backend_status: u16,
+    /// Reach the backends over TLS (HTTPS). Absent: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_tls: Option<Spanned<BackendTlsConfig>>,
 }
 
 /// `[ingress.<name>]`.
@@ -294,6 +319,28 @@ pub(super) fn resolve(
                 check.fall = v;
             }
             route = route.with_health_check(check);
+        }
+        if let Some(spanned) = &r.backend_tls {
+            let (t, span) = (spanned.get_ref(), spanned.span());
+            let k = format!("{rkey}.backend_tls");
+            let at = |m: String| src.error(Some(span.clone()), Some(k.clone()), m);
+            let client = match (&t.cert, &t.key) {
+                (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
+                (None, None) => None,
+                _ => {
+                    return Err(at("cert and key go together: give both, or neither".into()));
+                }
+            };
+            let ca = t.ca.as_ref().map(|c| base.join(c));
+            let mut tls = gi::BackendTls::from_pem(
+                ca.as_deref(),
+                client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+            )
+            .map_err(at)?;
+            if let Some(n) = &t.server_name {
+                tls = tls.with_server_name(n).map_err(at)?;
+            }
+            route = route.with_backend_tls(tls);
         }
         route.retries = r.retries;
         route.no_backend_status = http::StatusCode::from_u16(r.no_backend_status)
