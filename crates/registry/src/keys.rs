@@ -464,34 +464,73 @@ impl KeyStore {
     /// Writes `<id>.pub` for a new key. Refuses an id that already has an
     /// active key (revoke it first); a revoked id may be added again.
     pub fn add(&mut self, entry: KeyEntry) -> Result<(), KeyError> {
-        let path = self.dir.join(format!("{}.{PUB_EXT}", entry.id));
-        if self.keys.contains_key(&entry.id) {
-            return Err(KeyError::Exists { path });
-        }
-        // No replace: a file that appeared meanwhile (copied in by hand)
-        // is refused by the link itself, not overwritten.
-        write_atomic(&path, entry.to_file_string().as_bytes(), 0o644, true)?;
-        self.keys.insert(entry.id.clone(), entry);
+        let path = self.check_add(&entry.id)?;
+        write_new(&path, &entry)?;
+        self.added(entry);
         Ok(())
     }
 
     /// Moves `<id>.pub` to `revoked/<id>.pub` (replacing an earlier
     /// revocation of the same id). The id is refused from then on.
     pub fn revoke(&mut self, id: &KeyId) -> Result<(), KeyError> {
-        if !self.keys.contains_key(id) {
-            return Err(KeyError::NotFound(id.clone()));
-        }
-        let from = self.dir.join(format!("{id}.{PUB_EXT}"));
-        let rdir = self.dir.join(REVOKED_DIR);
-        fs::create_dir_all(&rdir).map_err(io_err(&rdir))?;
-        let to = rdir.join(format!("{id}.{PUB_EXT}"));
-        fs::rename(&from, &to).map_err(io_err(&from))?;
-        sync_dir(&self.dir)?;
-        sync_dir(&rdir)?;
-        self.keys.remove(id);
-        self.revoked.insert(id.clone());
+        self.check_revoke(id)?;
+        move_to_revoked(&self.dir, id)?;
+        self.revoked_now(id);
         Ok(())
     }
+
+    // The steps of `add` and `revoke`, for a caller that keeps the store
+    // behind a lock and does the file work (fsyncs) without holding it:
+    // check (shared), file (no lock: the no-replace link and the rename
+    // settle a race between two callers), record (exclusive).
+
+    /// Where `id`'s new key file goes, if `id` has no active key.
+    pub(crate) fn check_add(&self, id: &KeyId) -> Result<PathBuf, KeyError> {
+        let path = self.dir.join(format!("{id}.{PUB_EXT}"));
+        if self.keys.contains_key(id) {
+            return Err(KeyError::Exists { path });
+        }
+        Ok(path)
+    }
+
+    /// Records a key whose file [`write_new`] wrote.
+    pub(crate) fn added(&mut self, entry: KeyEntry) {
+        self.keys.insert(entry.id.clone(), entry);
+    }
+
+    /// Whether `id` has an active key to revoke.
+    pub(crate) fn check_revoke(&self, id: &KeyId) -> Result<(), KeyError> {
+        if self.keys.contains_key(id) {
+            Ok(())
+        } else {
+            Err(KeyError::NotFound(id.clone()))
+        }
+    }
+
+    /// Records a revocation [`move_to_revoked`] made.
+    pub(crate) fn revoked_now(&mut self, id: &KeyId) {
+        self.keys.remove(id);
+        self.revoked.insert(id.clone());
+    }
+}
+
+/// Writes a new key's file at `path`. No replace: a file that appeared
+/// meanwhile (copied in by hand, or another caller's) is refused by the
+/// link itself, not overwritten.
+pub(crate) fn write_new(path: &Path, entry: &KeyEntry) -> Result<(), KeyError> {
+    write_atomic(path, entry.to_file_string().as_bytes(), 0o644, true)
+}
+
+/// Moves `dir/<id>.pub` to `dir/revoked/<id>.pub`, durably.
+pub(crate) fn move_to_revoked(dir: &Path, id: &KeyId) -> Result<(), KeyError> {
+    let from = dir.join(format!("{id}.{PUB_EXT}"));
+    let rdir = dir.join(REVOKED_DIR);
+    fs::create_dir_all(&rdir).map_err(io_err(&rdir))?;
+    let to = rdir.join(format!("{id}.{PUB_EXT}"));
+    fs::rename(&from, &to).map_err(io_err(&from))?;
+    sync_dir(dir)?;
+    sync_dir(&rdir)?;
+    Ok(())
 }
 
 fn pub_files(dir: &Path) -> Result<Vec<PathBuf>, KeyError> {
@@ -655,6 +694,42 @@ mod tests {
         assert!(store.get(&id).is_none());
         let left: Vec<_> = fs::read_dir(&dir.0).unwrap().collect();
         assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+    }
+
+    #[test]
+    fn two_adds_of_one_id_racing_outside_the_lock_leave_one_key() {
+        // Both pass the shared check before either writes: the file link
+        // decides, and the loser learns the key exists.
+        let dir = TempDir::new();
+        let mut store = KeyStore::open(&dir.0).unwrap();
+        let id = KeyId::new("web010").unwrap();
+        let entry = |seed: u8| KeyEntry {
+            id: id.clone(),
+            public_key: ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key(),
+            role: Role::Agent,
+            allow: Vec::new(),
+        };
+        let (p1, p2) = (store.check_add(&id).unwrap(), store.check_add(&id).unwrap());
+        write_new(&p1, &entry(1)).unwrap();
+        assert!(matches!(
+            write_new(&p2, &entry(2)),
+            Err(KeyError::Exists { .. })
+        ));
+        store.added(entry(1));
+        assert_eq!(store.get(&id).unwrap().public_key, entry(1).public_key);
+        assert!(matches!(store.check_add(&id), Err(KeyError::Exists { .. })));
+        let reread = KeyStore::open(&dir.0).unwrap();
+        assert_eq!(reread.get(&id).unwrap().public_key, entry(1).public_key);
+        // Revoked by the steps: moved, and refused from then on.
+        store.check_revoke(&id).unwrap();
+        move_to_revoked(&dir.0, &id).unwrap();
+        store.revoked_now(&id);
+        assert!(store.is_revoked(&id));
+        assert!(dir.0.join("revoked/web010.pub").is_file());
+        assert!(matches!(
+            store.check_revoke(&id),
+            Err(KeyError::NotFound(_))
+        ));
     }
 
     #[test]

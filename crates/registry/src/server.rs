@@ -492,9 +492,11 @@ impl Registry {
     /// or changed (key or role) are closed with 4003 and their services
     /// removed. On error nothing changes.
     pub fn reload_keys(&self) -> Result<(), KeyError> {
+        // Read from disk without the key lock, swapped in under it.
+        let dir = self.read_keys().dir().to_owned();
+        let fresh = KeyStore::open(&dir)?;
         let mut keys = self.write_keys();
-        let before = keys.clone();
-        keys.reload()?;
+        let before = std::mem::replace(&mut *keys, fresh);
         let st = self.lock();
         for (id, slot) in &st.sessions {
             let same = match (before.get(id), keys.get(id)) {
@@ -524,14 +526,24 @@ impl Registry {
 
     pub(crate) fn add_key_by(&self, entry: KeyEntry, by: Option<KeyId>) -> Result<(), KeyError> {
         let (id, role) = (entry.id.clone(), entry.role);
-        self.write_keys().add(entry)?;
+        // The file is written (and synced) without the key lock, which
+        // every handshake reads.
+        let path = self.read_keys().check_add(&id)?;
+        crate::keys::write_new(&path, &entry)?;
+        self.write_keys().added(entry);
         let _st = self.lock();
         self.emit(Event::KeyAdded { id, role, by });
         Ok(())
     }
 
     pub(crate) fn revoke_key_by(&self, id: &KeyId, by: Option<KeyId>) -> Result<(), KeyError> {
-        self.write_keys().revoke(id)?;
+        let dir = {
+            let keys = self.read_keys();
+            keys.check_revoke(id)?;
+            keys.dir().to_owned()
+        };
+        crate::keys::move_to_revoked(&dir, id)?;
+        self.write_keys().revoked_now(id);
         let st = self.lock();
         self.emit(Event::KeyRevoked { id: id.clone(), by });
         if let Some(slot) = st.sessions.get(id) {
