@@ -401,6 +401,10 @@ pub(crate) struct Inner {
     /// `opts.advertised`, normalized once (as agents sign them).
     pub advertised: Vec<String>,
     pub keys: RwLock<KeyStore>,
+    /// Held by whoever changes the key files (add, revoke, rescan), for
+    /// the whole change, so that changes do not interleave; handshakes
+    /// only take `keys` for a read.
+    pub key_writer: Mutex<()>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     pub counters: Counters,
@@ -493,6 +497,7 @@ impl Registry {
     /// removed. On error nothing changes.
     pub fn reload_keys(&self) -> Result<(), KeyError> {
         // Read from disk without the key lock, swapped in under it.
+        let _writer = self.key_writer();
         let dir = self.read_keys().dir().to_owned();
         let fresh = KeyStore::open(&dir)?;
         let mut keys = self.write_keys();
@@ -528,6 +533,7 @@ impl Registry {
         let (id, role) = (entry.id.clone(), entry.role);
         // The file is written (and synced) without the key lock, which
         // every handshake reads.
+        let _writer = self.key_writer();
         let path = self.read_keys().check_add(&id)?;
         crate::keys::write_new(&path, &entry)?;
         self.write_keys().added(entry);
@@ -537,6 +543,7 @@ impl Registry {
     }
 
     pub(crate) fn revoke_key_by(&self, id: &KeyId, by: Option<KeyId>) -> Result<(), KeyError> {
+        let _writer = self.key_writer();
         let dir = {
             let keys = self.read_keys();
             keys.check_revoke(id)?;
@@ -561,6 +568,13 @@ impl Registry {
 
     pub(crate) fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, KeyStore> {
         self.inner.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .key_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, KeyStore> {
@@ -958,6 +972,7 @@ impl RegistryServer {
                 opts,
                 advertised,
                 keys: RwLock::new(keys),
+                key_writer: Mutex::new(()),
                 state: Mutex::new(State::default()),
                 events,
                 counters: Counters::default(),
@@ -1079,6 +1094,7 @@ mod tests {
                 opts: RegistryOptions::default(),
                 advertised: Vec::new(),
                 keys: RwLock::new(KeyStore::open(dir).unwrap()),
+                key_writer: Mutex::new(()),
                 state: Mutex::new(State::default()),
                 events: broadcast::channel(64).0,
                 counters: Counters::default(),
