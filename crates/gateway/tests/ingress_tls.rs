@@ -57,20 +57,38 @@ impl Ca {
     /// A server configuration with a leaf for `names` (DNS names or IP
     /// addresses), for a test backend.
     fn server(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.server_with(names, false)
+    }
+
+    /// [`server`](Ca::server), asking clients for a certificate this CA
+    /// signed when `clients` is set.
+    fn server_with(&self, names: &[&str], clients: bool) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().unwrap();
         let params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)
-        .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if clients {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.root.clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let cfg = builder
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
         Arc::new(cfg)
     }
 
@@ -290,6 +308,84 @@ async fn backends_over_tls_have_their_certificates_checked() {
         .unwrap();
     let r = get(p.addr, "named.test", "/").await;
     assert_eq!(r.status, 502, "plain HTTP to a TLS port: {}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_shown_to_backends_that_ask() {
+    let dir = TempDir::new("mtls");
+    let ca = Ca::new();
+    let ca_file = ca.write_root(&dir.0, "ca.pem");
+    let (client, _) = ca.leaf(&dir.0, "client", &["proxy.test"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = Backend::serve_tls("mtls", listener, ca.server_with(&["127.0.0.1"], true));
+    let table = RouteTable::default();
+    let with_cert =
+        BackendTls::from_pem(Some(&ca_file), Some((&client.cert, &client.key))).unwrap();
+    let without = BackendTls::from_pem(Some(&ca_file), None).unwrap();
+    for (name, tls) in [("with", with_cert), ("without", without)] {
+        table
+            .upsert_route(
+                Route::new(name, RouteMatch::host(&format!("{name}.test")))
+                    .with_backend(B::new(name, backend.addr))
+                    .with_backend_tls(tls),
+            )
+            .unwrap();
+    }
+    let p = Running::start(opts(&table)).await;
+    let r = get(p.addr, "with.test", "/").await;
+    assert_eq!(
+        (r.status, r.backend()),
+        (200, "mtls".to_owned()),
+        "{}",
+        r.text()
+    );
+    let r = get(p.addr, "without.test", "/").await;
+    assert_eq!(r.status, 502, "no client certificate: {}", r.text());
+    assert_eq!(backend.hits(), 1);
+    // A key that is not the certificate's: refused when loading.
+    let (other, _) = ca.leaf(&dir.0, "other", &["other.test"]);
+    let e = BackendTls::from_pem(Some(&ca_file), Some((&client.cert, &other.key))).unwrap_err();
+    assert!(e.contains("client certificate"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_tls_change_lets_requests_in_flight_finish_and_drains_complete() {
+    let dir = TempDir::new("tls-change");
+    let ca_file = Ca::new().write_root(&dir.0, "ca.pem");
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let table = RouteTable::default();
+    let plain = Route::new("r", RouteMatch::host("r.test")).with_backend(B::new("a", a.addr));
+    table.upsert_route(plain.clone()).unwrap();
+    let p = Running::start(opts(&table)).await;
+    let addr = p.addr;
+    let held = tokio::spawn(async move { get(addr, "r.test", "/hold").await });
+    a.wait_holding(1).await;
+    // b joins and is drained away while the route turns to TLS.
+    table.upsert_backend("r", B::new("b", b.addr)).unwrap();
+    let drain = table.drain("b", Duration::from_secs(5)).unwrap();
+    table
+        .upsert_route(plain.with_backend_tls(BackendTls::from_pem(Some(&ca_file), None).unwrap()))
+        .unwrap();
+    a.release();
+    let r = held.await.unwrap();
+    assert_eq!(
+        (r.status, r.backend()),
+        (200, "a".to_owned()),
+        "not cut by the change"
+    );
+    assert_eq!(
+        tokio::time::timeout(IO_TIMEOUT, drain)
+            .await
+            .expect("drain ends"),
+        gateway::ingress::DrainOutcome::Drained,
+        "the drain of b completes across the change"
+    );
+    assert!(table.snapshot().backend("b").is_none(), "b is gone");
+    assert!(table.snapshot().routes[0].backend_tls.is_some());
+    // New requests use the new setting (a speaks plain HTTP: refused).
+    let r = get(p.addr, "r.test", "/").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.error().contains("TLS with backend a"), "{}", r.error());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

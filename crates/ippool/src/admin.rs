@@ -649,6 +649,7 @@ async fn list_routes(State(state): State<AdminState>) -> Response {
                 "matches": r.matches.iter().map(|m| serde_json::json!({
                     "host": m.host, "path_prefix": m.path_prefix })).collect::<Vec<_>>(),
                 "balance": format!("{:?}", r.balance),
+                "backend_tls": r.backend_tls.is_some(),
                 "backends": backends,
             }));
         }

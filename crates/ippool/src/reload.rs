@@ -39,7 +39,11 @@
 //!     requests at once; a changed one keeps the state of the backends it
 //!     still lists; config backends no longer listed, and every backend of
 //!     a removed route, drain (no new requests, in-flight ones finish
-//!     within the ingress's `drain_timeout`) and then leave. Backends that
+//!     within the ingress's `drain_timeout`) and then leave. A route whose
+//!     `backend_tls` changed (its settings, or the contents of its files,
+//!     which a reload reads again even when the config file is the same)
+//!     starts its backends afresh: requests in flight finish on their old
+//!     connections, new ones use the new setting. Backends that
 //!     registered themselves into a config route stay. Listed in `routes`
 //!     (`ingress.web.routes.api`). The new routes are first tried on a
 //!     scratch copy of the table: one that collides with a registered
@@ -429,7 +433,30 @@ fn plan(
         let sec = section(Kind::Ingress, &spec.name).unwrap_or_default();
         let table = match running.get(&key) {
             None => None,
-            Some(r) if r.section == sec => continue,
+            Some(r) if r.section == sec => {
+                // The same file names, maybe not the same files: a route's
+                // backend_tls CA or client certificate replaced on disk.
+                if let Some(table) = &r.table {
+                    let snap = table.snapshot();
+                    let rotated = spec.routes.iter().any(|route| {
+                        route.backend_tls.is_some()
+                            && snap
+                                .route(&route.name)
+                                .is_some_and(|live| live.backend_tls != route.backend_tls)
+                    });
+                    if rotated {
+                        syncs.push(RouteSync {
+                            key: key.clone(),
+                            section: sec.clone(),
+                            table: table.clone(),
+                            old: spec.routes.iter().map(|r| r.name.clone()).collect(),
+                            new: spec.routes.clone(),
+                            drain_timeout: spec.options.drain_timeout,
+                        });
+                    }
+                }
+                continue;
+            }
             Some(r) => {
                 let Some(table) = r.table.clone() else {
                     restart.push(key);
@@ -647,6 +674,7 @@ fn same_route(running: &gateway::ingress::RouteSnapshot, route: &gateway::ingres
         && running.health_check == route.health_check
         && running.retries == route.retries
         && running.no_backend_status == route.no_backend_status
+        && running.backend_tls == route.backend_tls
         && route.backends.iter().all(|b| {
             running
                 .backends

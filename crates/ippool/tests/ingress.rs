@@ -320,6 +320,7 @@ backends = ["{plain}"]
             r#"
 [admin]
 listen = "127.0.0.1:0"
+token_env = "IPPOOL_TEST_TOKEN"
 [ingress.web]
 listen = "127.0.0.1:0"
 [ingress.web.routes.good]
@@ -333,7 +334,7 @@ backend_tls = {{ ca = "other.pem", server_name = "localhost" }}
 "#
         ),
     );
-    let mut d = Daemon::start(&cfg, &[]);
+    let mut d = Daemon::start(&cfg, &[("IPPOOL_TEST_TOKEN", "tls-test-token-0123456789")]);
     let web = d.ingress("web");
     assert_eq!(get(web, "good.test"), (200, "behind-tls".to_owned()));
     let r = http(web, "GET", "/", &[("Host", "untrusted.test")], "");
@@ -346,6 +347,7 @@ backend_tls = {{ ca = "other.pem", server_name = "localhost" }}
     let out = std::process::Command::new(support::BIN)
         .args(["check", "-c"])
         .arg(&cfg)
+        .env("IPPOOL_TEST_TOKEN", "tls-test-token-0123456789")
         .output()
         .expect("check");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -353,6 +355,26 @@ backend_tls = {{ ca = "other.pem", server_name = "localhost" }}
         out.status.success() && text.contains("server_name = \"localhost\""),
         "{text}"
     );
+
+    // A reload with the files unchanged changes no route; one after the CA
+    // file was replaced (same name, another CA) applies it.
+    let reload = || {
+        let r = http(
+            d.admin,
+            "POST",
+            "/api/reload",
+            &[("Authorization", "Bearer tls-test-token-0123456789")],
+            "",
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        v["routes"].as_array().expect("routes").clone()
+    };
+    assert_eq!(reload(), Vec::<serde_json::Value>::new());
+    std::fs::copy(dir.0.join("other.pem"), dir.0.join("ca.pem")).expect("replace the CA");
+    assert_eq!(reload(), vec![serde_json::json!("ingress.web.routes.good")]);
+    let r = http(web, "GET", "/", &[("Host", "good.test")], "");
+    assert!(r.status == 502 && r.body.contains("UnknownIssuer"), "{r:?}");
     assert!(d.terminate().success());
     assert!(b.terminate().success());
 }

@@ -94,6 +94,9 @@ pub(crate) struct BackendRt {
     drained: Notify,
     /// `true` once removed: its connections and tunnels are closed.
     pub(crate) kill: watch::Sender<bool>,
+    /// Replaced by a backend with other connection settings: what is in
+    /// flight finishes, nothing goes back to its pools.
+    retired: AtomicBool,
     /// Peak EWMA of the response latency, in ns (`f64` bits; 0: none).
     ewma: AtomicU64,
     ewma_at: AtomicU64,
@@ -136,6 +139,7 @@ impl BackendRt {
             draining: AtomicBool::new(false),
             drained: Notify::new(),
             kill: watch::Sender::new(false),
+            retired: AtomicBool::new(false),
             ewma: AtomicU64::new(0),
             ewma_at: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
@@ -169,7 +173,7 @@ impl BackendRt {
     /// Keeps a connection whose exchange is complete, if there is room
     /// and the backend is still in service.
     pub(crate) fn put_idle(&self, up: Box<Upstream>, max: usize) {
-        if max == 0 || up.is_done() || *self.kill.borrow() {
+        if max == 0 || up.is_done() || self.closing() {
             return;
         }
         let since = Instant::now();
@@ -198,7 +202,7 @@ impl BackendRt {
     /// Keeps a fast-path connection idle since `now` whose exchange is
     /// complete, if there is room and the backend is in service.
     pub(crate) fn put_raw(&self, up: RawUpstream, max: usize, now: Instant) {
-        if max == 0 || *self.kill.borrow() {
+        if max == 0 || self.closing() {
             return;
         }
         let mut idle = self.raw_lock();
@@ -256,6 +260,19 @@ impl BackendRt {
     }
 
     /// Closes every connection and tunnel to the backend (removed).
+    /// Killed or retired: connections are not kept.
+    fn closing(&self) -> bool {
+        *self.kill.borrow() || self.retired.load(Ordering::Acquire)
+    }
+
+    /// Out of the table for a successor with other connection settings
+    /// (TLS): requests and tunnels in flight finish on their connections;
+    /// idle ones close, and none is kept from now on.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.clear_idle();
+    }
+
     pub(crate) fn kill(&self) {
         self.kill.send_replace(true);
         self.clear_idle();

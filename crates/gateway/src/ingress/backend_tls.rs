@@ -35,6 +35,9 @@ const SYSTEM_CA_FILES: [&str; 4] = [
     "/etc/ssl/ca-bundle.pem",
 ];
 
+/// The ALPN protocol spoken to backends.
+const HTTP11: &[u8] = b"http/1.1";
+
 /// How a route's backends are reached over TLS.
 ///
 /// ```no_run
@@ -50,17 +53,18 @@ pub struct BackendTls {
     connector: TlsConnector,
     config: Arc<ClientConfig>,
     server_name: Option<ServerName<'static>>,
-    /// For one made by [`BackendTls::from_pem`]: the files and a hash of
-    /// their contents, so that the same files read again compare equal
-    /// (a config reload keeps the backends' connections) and changed ones
-    /// do not.
+    /// For one made by [`BackendTls::from_pem`]: a hash of the files'
+    /// names and contents as read, so that the same files read again
+    /// compare equal (a config reload keeps the backends' connections) and
+    /// changed ones do not.
     origin: Option<String>,
 }
 
 impl BackendTls {
     /// TLS with `config`: its roots check the backends' certificates, its
-    /// client certificate (if any) is shown to them. The name checked is
-    /// each backend's IP address unless
+    /// client certificate (if any) is shown to them. Its ALPN list should
+    /// be empty or `http/1.1` (a backend that chooses another protocol is
+    /// refused). The name checked is each backend's IP address unless
     /// [`with_server_name`](BackendTls::with_server_name) gives one.
     pub fn new(config: Arc<ClientConfig>) -> BackendTls {
         BackendTls {
@@ -79,10 +83,19 @@ impl BackendTls {
         ca: Option<&Path>,
         client: Option<(&Path, &Path)>,
     ) -> Result<BackendTls, String> {
+        use std::hash::{Hash, Hasher};
+        // What was read is what is hashed: the same files with the same
+        // contents make an equal BackendTls.
+        let mut hash = std::collections::hash_map::DefaultHasher::new();
+        let mut read = |path: &Path| -> Result<Vec<u8>, String> {
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            (path, &bytes).hash(&mut hash);
+            Ok(bytes)
+        };
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(path) => {
-                for cert in pem_certs(path)? {
+                for cert in pem_certs(path, &read(path)?)? {
                     roots
                         .add(cert)
                         .map_err(|e| format!("CA file {}: {e}", path.display()))?;
@@ -103,7 +116,8 @@ impl BackendTls {
                             )
                         })?,
                 };
-                let (added, _) = roots.add_parsable_certificates(pem_certs(&path)?);
+                let bytes = read(&path)?;
+                let (added, _) = roots.add_parsable_certificates(pem_certs(&path, &bytes)?);
                 if added == 0 {
                     return Err(format!("{}: no usable CA certificate", path.display()));
                 }
@@ -117,17 +131,18 @@ impl BackendTls {
         let mut config = match client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = pem_certs(cert)?;
-                let key = PrivateKeyDer::from_pem_file(key)
+                let chain = pem_certs(cert, &read(cert)?)?;
+                let key_bytes = read(key)?;
+                let key = PrivateKeyDer::from_pem_slice(&key_bytes)
                     .map_err(|e| format!("client key {}: {e}", key.display()))?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| format!("client certificate {}: {e}", cert.display()))?
             }
         };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![HTTP11.to_vec()];
         let mut tls = BackendTls::new(Arc::new(config));
-        tls.origin = Some(origin(ca, client));
+        tls.origin = Some(format!("{:x}", hash.finish()));
         Ok(tls)
     }
 
@@ -145,7 +160,8 @@ impl BackendTls {
     fn name_for(&self, addr: SocketAddr) -> ServerName<'static> {
         match &self.server_name {
             Some(n) => n.clone(),
-            None => ServerName::IpAddress(addr.ip().into()),
+            // An IPv4-mapped backend address is checked as the IPv4 one.
+            None => ServerName::IpAddress(addr.ip().to_canonical().into()),
         }
     }
 }
@@ -162,17 +178,6 @@ impl PartialEq for BackendTls {
     }
 }
 
-/// The files of [`BackendTls::from_pem`] and a hash of what they hold.
-fn origin(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let files = [ca, client.map(|c| c.0), client.map(|c| c.1)];
-    for f in files.into_iter().flatten() {
-        std::fs::read(f).ok().hash(&mut h);
-    }
-    format!("{ca:?} {client:?} {:x}", h.finish())
-}
-
 impl fmt::Debug for BackendTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackendTls")
@@ -182,10 +187,10 @@ impl fmt::Debug for BackendTls {
     }
 }
 
-/// The certificates of a PEM file (at least one).
-fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+/// The certificates of a PEM file's `bytes` (at least one).
+fn pem_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{}: no CERTIFICATE in the file", path.display()));
@@ -211,7 +216,19 @@ impl BackendStream {
             None => Ok(BackendStream::Plain(tcp)),
             Some(t) => {
                 let s = t.connector.connect(t.name_for(addr), tcp).await?;
-                Ok(BackendStream::Tls(Box::new(s)))
+                // Backends are spoken to in HTTP/1.1: a configuration that
+                // offered more must not leave the backend speaking another.
+                match s.get_ref().1.alpn_protocol() {
+                    None | Some(HTTP11) => Ok(BackendStream::Tls(Box::new(s))),
+                    Some(p) => Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the backend chose ALPN {:?}; backends are spoken to in HTTP/1.1 \
+                             (offer only http/1.1)",
+                            String::from_utf8_lossy(p)
+                        ),
+                    )),
+                }
             }
         }
     }

@@ -585,8 +585,14 @@ pub(crate) async fn connect(
                     StatusCode::GATEWAY_TIMEOUT,
                     Refusal::Timeout,
                     format!(
-                        "connecting to backend {} ({}) timed out after {limit:?}",
-                        b.id, b.addr
+                        "connecting to backend {} ({}){} timed out after {limit:?}",
+                        b.id,
+                        b.addr,
+                        if b.tls.is_some() {
+                            " (TCP and TLS handshake)"
+                        } else {
+                            ""
+                        }
                     ),
                 ),
             ))

@@ -943,7 +943,9 @@ impl RouteTable {
             if tls_changed {
                 // Plain and TLS connections do not mix: every backend
                 // starts afresh (state, connections) with the new setting.
-                for x in &mut rc.backends {
+                // Requests in flight finish on their connections; a
+                // backend being drained away keeps its own until it goes.
+                for x in rc.backends.iter_mut().filter(|x| x.drain.is_none()) {
                     let mut t = rc.state.lock();
                     t.remove(&x.rt.id);
                     t.insert(x.rt.id.clone());
@@ -954,10 +956,10 @@ impl RouteTable {
                         rc.state.fast,
                         route.backend_tls.clone(),
                     ));
-                    if x.rt.draining.load(Ordering::Acquire) {
+                    if x.held {
                         rt.draining.store(true, Ordering::Release);
                     }
-                    std::mem::replace(&mut x.rt, rt).kill();
+                    std::mem::replace(&mut x.rt, rt).retire();
                 }
             }
         }
@@ -1012,7 +1014,9 @@ impl RouteTable {
             return;
         };
         match rc.backends.iter_mut().find(|x| *x.rt.id == *b.id) {
-            Some(x) if x.rt.addr == b.addr => {
+            // Same address and TLS setting (one drained away across a TLS
+            // change keeps its old one): the same backend.
+            Some(x) if x.rt.addr == b.addr && x.rt.tls == rc.route.backend_tls => {
                 x.weight = b.weight;
                 if x.drain.take().is_some() && !x.held {
                     x.rt.undrain();
@@ -1282,6 +1286,7 @@ impl RouteTable {
                     health_check: rc.route.health_check.clone(),
                     retries: rc.route.retries,
                     no_backend_status: rc.route.no_backend_status,
+                    backend_tls: rc.route.backend_tls.clone(),
                     health: t.stats(at),
                     backends,
                 }
@@ -1345,6 +1350,8 @@ pub struct RouteSnapshot {
     pub retries: u32,
     /// The status when no backend can take a request.
     pub no_backend_status: StatusCode,
+    /// How its backends are reached over TLS (`None`: plain HTTP).
+    pub backend_tls: Option<BackendTls>,
     /// Backends by passive health state, and health totals.
     pub health: PoolStats,
     /// Every backend, in the order added.
