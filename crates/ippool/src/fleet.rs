@@ -259,6 +259,7 @@ pub async fn count_offenses(
     counter: store::Redis,
     rules: Arc<RuleSets>,
     on_ban: FleetBanHook,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let counter = Arc::new(counter);
@@ -290,14 +291,15 @@ pub async fn count_offenses(
                 Err(_) => break,
             }
         }
-        let (counter, rules, on_ban, failing) = (
+        let (counter, rules, on_ban, failing, metrics) = (
             Arc::clone(&counter),
             Arc::clone(&rules),
             Arc::clone(&on_ban),
             Arc::clone(&failing),
+            Arc::clone(&metrics),
         );
         let done = tokio::task::spawn_blocking(move || {
-            let result = count_batch(batch, &counter, &rules, &on_ban);
+            let result = count_batch(batch, &counter, &rules, &on_ban, &metrics);
             match result {
                 Ok(()) => {
                     if failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
@@ -339,6 +341,7 @@ fn count_batch(
     counter: &store::Redis,
     rules: &RuleSets,
     on_ban: &FleetBanHook,
+    metrics: &Metrics,
 ) -> Result<(), String> {
     let mut by_set: std::collections::BTreeMap<Arc<str>, Vec<(iprules::Rule, Part)>> =
         std::collections::BTreeMap::new();
@@ -367,12 +370,19 @@ fn count_batch(
             .collect();
         let counts: Vec<(&str, u64)> = adding.iter().map(|(_, p, n)| (n.as_str(), p.n)).collect();
         match counter.count(&counts, opts.window) {
-            Err(e) => fail(e.to_string()),
+            Err(e) => {
+                metrics.count_fleet_offenses("failed", counts.iter().map(|c| c.1).sum());
+                fail(e.to_string());
+            }
             Ok(totals) => {
                 for ((key, part, counter_name), total) in adding.iter().zip(totals) {
                     let total = match total {
-                        Ok(t) => t,
+                        Ok(t) => {
+                            metrics.count_fleet_offenses("added", part.n);
+                            t
+                        }
                         Err(e) => {
+                            metrics.count_fleet_offenses("failed", part.n);
                             fail(format!("counter {counter_name}: {e}"));
                             continue;
                         }
@@ -389,6 +399,7 @@ fn count_batch(
                             "the fleet's count of this client's offenses reached the threshold: banned"
                         );
                         on_ban(&set, &ban);
+                        metrics.count_fleet_offenses("banned", 1);
                     }
                     forget.push(counter_name.clone());
                 }

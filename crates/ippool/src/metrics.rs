@@ -99,7 +99,13 @@ pub struct Metrics {
     pool_transitions: Family<TransitionLabels, Counter>,
     accesslog_lines: Family<LineLabels, Counter>,
     fleet_changes: Family<FleetLabels, Counter>,
+    fleet_offenses: Family<OffenseLabels, Counter>,
     egress: Arc<EgressCollector>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OffenseLabels {
+    result: &'static str,
 }
 
 impl Metrics {
@@ -150,6 +156,15 @@ impl Metrics {
              the shared store after its change feed was lost (resync)",
             fleet_changes.clone(),
         );
+        let fleet_offenses = Family::<OffenseLabels, Counter>::default();
+        registry.register(
+            "fleet_offenses",
+            "Auto-block offenses for the fleet's counts in Redis: added, \
+             dropped (the queue to Redis was full), failed (Redis refused or \
+             was unreachable); banned: clients banned here because the \
+             fleet's count reached the threshold",
+            fleet_offenses.clone(),
+        );
         let egress = Arc::new(EgressCollector {
             sets: Arc::clone(sets),
             ..EgressCollector::default()
@@ -164,6 +179,7 @@ impl Metrics {
             pool_transitions,
             accesslog_lines,
             fleet_changes,
+            fleet_offenses,
         };
         for s in sets.summaries() {
             for verdict in ["allow", "deny"] {
@@ -259,6 +275,14 @@ impl Metrics {
         self.fleet_changes
             .get_or_create(&FleetLabels { change })
             .inc();
+    }
+
+    /// Counts `n` offenses for the fleet's counts with `result` (`added`,
+    /// `dropped`, `failed`, `banned`).
+    pub fn count_fleet_offenses(&self, result: &'static str, n: u64) {
+        self.fleet_offenses
+            .get_or_create(&OffenseLabels { result })
+            .inc_by(n);
     }
 
     /// Counts `parsed` and `malformed` lines of monitor `monitor`.

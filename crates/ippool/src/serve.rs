@@ -182,14 +182,15 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         }
         None => (None, None),
     };
+    let metrics = Arc::new(Metrics::new(&rules));
     let guards = Arc::new(Guards {
         rules: Arc::clone(&rules),
         bans: ban_tx,
         offenses: offense_tx,
+        metrics: Arc::clone(&metrics),
         events: events.clone(),
         filters: std::sync::Mutex::new(Vec::new()),
     });
-    let metrics = Arc::new(Metrics::new(&rules));
     if let Some(changes) = changes {
         let follower = crate::fleet::Follower {
             store: store.clone(),
@@ -433,9 +434,10 @@ async fn serve(mut loaded: Loaded) -> Result<(), ServeError> {
         // Offenses counted across the fleet, off the connection path.
         let g = Arc::clone(&guards);
         let on_ban: crate::fleet::FleetBanHook = Arc::new(move |set, ban| g.ban_hook(set)(ban));
-        let (rules, shutdown) = (Arc::clone(&rules), shutdown.clone());
+        let (rules, metrics, shutdown) =
+            (Arc::clone(&rules), Arc::clone(&metrics), shutdown.clone());
         tasks.spawn(async move {
-            crate::fleet::count_offenses(rx, counter, rules, on_ban, shutdown).await;
+            crate::fleet::count_offenses(rx, counter, rules, on_ban, metrics, shutdown).await;
             ("offense counts", Ok(()))
         });
     }
@@ -1206,6 +1208,7 @@ struct Guards {
     bans: tokio::sync::mpsc::UnboundedSender<(String, gateway::guard::Ban)>,
     /// With a Redis store: offenses and bans for the fleet's counts.
     offenses: Option<tokio::sync::mpsc::Sender<crate::fleet::Tally>>,
+    metrics: Arc<Metrics>,
     events: crate::events::Events,
     /// (listener, set, socket) of the admin listener when its set has
     /// `kernel_filter` (data-plane listeners keep their own).
@@ -1220,14 +1223,13 @@ impl Guards {
         };
         let name: Arc<str> = set.into();
         let feed = self.offenses.clone().map(|tx| {
-            let name = Arc::clone(&name);
+            let (name, metrics) = (Arc::clone(&name), Arc::clone(&self.metrics));
             let feed: gateway::guard::OffenseFeed = Arc::new(move |key, offense| {
                 // Full: the fleet's count misses it, this instance's has it.
-                let _ = tx.try_send(crate::fleet::Tally::Offense(
-                    Arc::clone(&name),
-                    key,
-                    offense,
-                ));
+                let t = crate::fleet::Tally::Offense(Arc::clone(&name), key, offense);
+                if tx.try_send(t).is_err() {
+                    metrics.count_fleet_offenses("dropped", 1);
+                }
             });
             feed
         });

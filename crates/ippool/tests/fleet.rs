@@ -316,6 +316,20 @@ fn offenses_spread_over_the_fleet_add_up_to_one_ban() {
     eventually("the count is spent", || {
         redis.cli(&["EXISTS", counter]) == "0"
     });
+    let offenses = |d: &Daemon, result: &str| {
+        let text = http(d.admin, "GET", "/metrics", &[], "").body;
+        support::metric(
+            &text,
+            &format!("ippool_fleet_offenses_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(
+        offenses(&b, "banned"),
+        Some(1.0),
+        "b banned on the fleet's count"
+    );
+    assert_eq!(offenses(&a, "added"), Some(1.0), "a added its one offense");
+    assert_eq!(offenses(&b, "added"), Some(2.0));
 
     // Banned by a on its own count (3 failures there): the fleet's count,
     // 2 (the banning failure is not added), is spent too, so one more
