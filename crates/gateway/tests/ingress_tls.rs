@@ -349,6 +349,31 @@ async fn a_client_certificate_is_shown_to_backends_that_ask() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_backend_cuts_what_its_predecessor_had_in_flight() {
+    let dir = TempDir::new("tls-remove");
+    let ca_file = Ca::new().write_root(&dir.0, "ca.pem");
+    let a = Backend::start("a").await;
+    let table = RouteTable::default();
+    let plain = Route::new("r", RouteMatch::host("r.test")).with_backend(B::new("a", a.addr));
+    table.upsert_route(plain.clone()).unwrap();
+    let p = Running::start(opts(&table)).await;
+    let addr = p.addr;
+    let held = tokio::spawn(async move { get(addr, "r.test", "/hold").await });
+    a.wait_holding(1).await;
+    table
+        .upsert_route(plain.with_backend_tls(BackendTls::from_pem(Some(&ca_file), None).unwrap()))
+        .unwrap();
+    // Removed at once: the request still held on the plain connection is
+    // closed too, not left to run.
+    table.remove("a").unwrap();
+    let r = tokio::time::timeout(IO_TIMEOUT, held)
+        .await
+        .expect("cut, not left waiting")
+        .unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_tls_change_lets_requests_in_flight_finish_and_drains_complete() {
     let dir = TempDir::new("tls-change");
     let ca_file = Ca::new().write_root(&dir.0, "ca.pem");

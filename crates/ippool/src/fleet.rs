@@ -399,7 +399,7 @@ fn count_batch(
                             "the fleet's count of this client's offenses reached the threshold: banned"
                         );
                         on_ban(&set, &ban);
-                        metrics.count_fleet_offenses("banned", 1);
+                        metrics.count_fleet_ban();
                     }
                     forget.push(counter_name.clone());
                 }

@@ -100,6 +100,7 @@ pub struct Metrics {
     accesslog_lines: Family<LineLabels, Counter>,
     fleet_changes: Family<FleetLabels, Counter>,
     fleet_offenses: Family<OffenseLabels, Counter>,
+    fleet_bans: Counter,
     egress: Arc<EgressCollector>,
 }
 
@@ -161,9 +162,15 @@ impl Metrics {
             "fleet_offenses",
             "Auto-block offenses for the fleet's counts in Redis: added, \
              dropped (the queue to Redis was full), failed (Redis refused or \
-             was unreachable); banned: clients banned here because the \
-             fleet's count reached the threshold",
+             was unreachable)",
             fleet_offenses.clone(),
+        );
+        let fleet_bans = Counter::default();
+        registry.register(
+            "fleet_bans",
+            "Clients banned here because the fleet's count of their offenses \
+             reached the threshold",
+            fleet_bans.clone(),
         );
         let egress = Arc::new(EgressCollector {
             sets: Arc::clone(sets),
@@ -180,6 +187,7 @@ impl Metrics {
             accesslog_lines,
             fleet_changes,
             fleet_offenses,
+            fleet_bans,
         };
         for s in sets.summaries() {
             for verdict in ["allow", "deny"] {
@@ -278,11 +286,16 @@ impl Metrics {
     }
 
     /// Counts `n` offenses for the fleet's counts with `result` (`added`,
-    /// `dropped`, `failed`, `banned`).
+    /// `dropped`, `failed`).
     pub fn count_fleet_offenses(&self, result: &'static str, n: u64) {
         self.fleet_offenses
             .get_or_create(&OffenseLabels { result })
             .inc_by(n);
+    }
+
+    /// Counts one ban taken here on the fleet's count.
+    pub fn count_fleet_ban(&self) {
+        self.fleet_bans.inc();
     }
 
     /// Counts `parsed` and `malformed` lines of monitor `monitor`.

@@ -1227,7 +1227,7 @@ impl Guards {
             let feed: gateway::guard::OffenseFeed = Arc::new(move |key, offense| {
                 // Full: the fleet's count misses it, this instance's has it.
                 let t = crate::fleet::Tally::Offense(Arc::clone(&name), key, offense);
-                if tx.try_send(t).is_err() {
+                if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(t) {
                     metrics.count_fleet_offenses("dropped", 1);
                 }
             });

@@ -323,23 +323,28 @@ fn offenses_spread_over_the_fleet_add_up_to_one_ban() {
             &format!("ippool_fleet_offenses_total{{result=\"{result}\"}}"),
         )
     };
-    assert_eq!(
-        offenses(&b, "banned"),
-        Some(1.0),
-        "b banned on the fleet's count"
+    let bans = support::metric(
+        &http(b.admin, "GET", "/metrics", &[], "").body,
+        "ippool_fleet_bans_total ",
     );
+    assert_eq!(bans, Some(1.0), "b banned on the fleet's count");
     assert_eq!(offenses(&a, "added"), Some(1.0), "a added its one offense");
     assert_eq!(offenses(&b, "added"), Some(2.0));
 
     // Banned by a on its own count (3 failures there): the fleet's count,
     // 2 (the banning failure is not added), is spent too, so one more
     // failure after the ban does not start from 2.
-    for _ in 0..3 {
+    let counter11 = "fleet-test:count:clients/127.0.0.11";
+    for _ in 0..2 {
         assert_eq!(send_from("127.0.0.11", pa, &bad), Fate::Status(407));
     }
+    eventually("two offenses in the fleet's count", || {
+        redis.cli(&["GET", counter11]) == "2"
+    });
+    assert_eq!(send_from("127.0.0.11", pa, &bad), Fate::Status(407));
     assert!(refused(send_from("127.0.0.11", pa, &ok)), "banned on a");
     eventually("its fleet count is spent", || {
-        redis.cli(&["EXISTS", "fleet-test:count:clients/127.0.0.11"]) == "0"
+        redis.cli(&["EXISTS", counter11]) == "0"
     });
 
     // Someone else with one failure on a: counted, not banned.

@@ -476,7 +476,7 @@ impl KeyStore {
         self.check_revoke(id)?;
         move_to_revoked(&self.dir, id)?;
         self.revoked_now(id);
-        Ok(())
+        sync_revoked(&self.dir)
     }
 
     // The steps of `add` and `revoke`, for a caller that keeps the store
@@ -521,16 +521,21 @@ pub(crate) fn write_new(path: &Path, entry: &KeyEntry) -> Result<(), KeyError> {
     write_atomic(path, entry.to_file_string().as_bytes(), 0o644, true)
 }
 
-/// Moves `dir/<id>.pub` to `dir/revoked/<id>.pub`, durably.
+/// Moves `dir/<id>.pub` to `dir/revoked/<id>.pub`. Once it returns `Ok`
+/// the key is revoked on disk (record it so), even if the
+/// [`sync_revoked`] that makes it durable then fails.
 pub(crate) fn move_to_revoked(dir: &Path, id: &KeyId) -> Result<(), KeyError> {
     let from = dir.join(format!("{id}.{PUB_EXT}"));
     let rdir = dir.join(REVOKED_DIR);
     fs::create_dir_all(&rdir).map_err(io_err(&rdir))?;
     let to = rdir.join(format!("{id}.{PUB_EXT}"));
-    fs::rename(&from, &to).map_err(io_err(&from))?;
+    fs::rename(&from, &to).map_err(io_err(&from))
+}
+
+/// Makes the moves of [`move_to_revoked`] under `dir` durable.
+pub(crate) fn sync_revoked(dir: &Path) -> Result<(), KeyError> {
     sync_dir(dir)?;
-    sync_dir(&rdir)?;
-    Ok(())
+    sync_dir(&dir.join(REVOKED_DIR))
 }
 
 fn pub_files(dir: &Path) -> Result<Vec<PathBuf>, KeyError> {

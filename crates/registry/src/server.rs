@@ -550,7 +550,10 @@ impl Registry {
             keys.dir().to_owned()
         };
         crate::keys::move_to_revoked(&dir, id)?;
+        // Renamed: revoked, whatever the sync below says (the file is no
+        // longer where a restart would take it from).
         self.write_keys().revoked_now(id);
+        let synced = crate::keys::sync_revoked(&dir);
         let st = self.lock();
         self.emit(Event::KeyRevoked { id: id.clone(), by });
         if let Some(slot) = st.sessions.get(id) {
@@ -558,7 +561,7 @@ impl Registry {
                 .ctl
                 .try_send(Ctl::Close(Code::Revoked, "key revoked".into()));
         }
-        Ok(())
+        synced
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -763,8 +763,10 @@ impl Redis {
             match f(conn) {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    // An error reply leaves the connection usable; any
-                    // other error may have left it mid-reply.
+                    // The connection may be mid-reply: a fresh one next
+                    // time. An `Other` error (what the server answered, or
+                    // what the caller made of it) fails the same way
+                    // again: not retried.
                     *slot = None;
                     if e.kind() == io::ErrorKind::Other {
                         last = Some(e);

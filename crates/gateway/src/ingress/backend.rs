@@ -178,7 +178,10 @@ impl BackendRt {
         }
         let since = Instant::now();
         let mut idle = self.idle_lock();
-        if idle.len() < max {
+        // Again under the lock: `retire` and `kill` set their flag before
+        // they empty the pool, so nothing lands in it after (a pooled
+        // connection holds its backend: it would never be freed).
+        if idle.len() < max && !self.closing() {
             idle.push(Idle { up, since });
         }
     }
@@ -206,7 +209,8 @@ impl BackendRt {
             return;
         }
         let mut idle = self.raw_lock();
-        if idle.len() < max {
+        // Again under the lock, as in `put_idle`.
+        if idle.len() < max && !self.closing() {
             idle.push(IdleRaw { up, since: now });
         }
     }
@@ -259,7 +263,6 @@ impl BackendRt {
         self.sockets().remove(&id);
     }
 
-    /// Closes every connection and tunnel to the backend (removed).
     /// Killed or retired: connections are not kept.
     fn closing(&self) -> bool {
         *self.kill.borrow() || self.retired.load(Ordering::Acquire)
@@ -273,6 +276,7 @@ impl BackendRt {
         self.clear_idle();
     }
 
+    /// Closes every connection and tunnel to the backend (removed).
     pub(crate) fn kill(&self) {
         self.kill.send_replace(true);
         self.clear_idle();

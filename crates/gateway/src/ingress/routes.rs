@@ -567,6 +567,32 @@ struct BackendCfg {
     /// nothing new and stays until [`RouteTable::undrain`]; an update of
     /// the backend (a re-registration) keeps it held.
     held: bool,
+    /// Its predecessors under other TLS settings with requests or tunnels
+    /// still in flight: they finish on their own, and are closed with it.
+    retired: Vec<Arc<BackendRt>>,
+}
+
+impl BackendCfg {
+    /// Replaces the runtime with `rt`, the old one's work in flight left
+    /// to finish (different connection settings, same backend).
+    fn retire_for(&mut self, rt: Arc<BackendRt>) {
+        let old = std::mem::replace(&mut self.rt, rt);
+        old.retire();
+        // Out of the table: takes nothing new (and a drain waits for it).
+        old.draining.store(true, Ordering::Release);
+        self.retired.retain(|r| r.in_flight() > 0);
+        if old.in_flight() > 0 {
+            self.retired.push(old);
+        }
+    }
+
+    /// Closes it and its predecessors' work in flight (removed).
+    fn kill(&self) {
+        self.rt.kill();
+        for r in &self.retired {
+            r.kill();
+        }
+    }
 }
 
 struct RouteCfg {
@@ -959,7 +985,7 @@ impl RouteTable {
                     if x.held {
                         rt.draining.store(true, Ordering::Release);
                     }
-                    std::mem::replace(&mut x.rt, rt).retire();
+                    x.retire_for(rt);
                 }
             }
         }
@@ -979,7 +1005,7 @@ impl RouteTable {
             .ok_or_else(|| RouteError::UnknownRoute(name.to_owned()))?;
         for b in &rc.backends {
             cfg.owners.remove(&*b.rt.id);
-            b.rt.kill();
+            b.kill();
         }
         self.publish(&cfg);
         Ok(())
@@ -1028,16 +1054,22 @@ impl RouteTable {
                 t.remove(&id);
                 t.insert(id.clone());
                 drop(t);
-                let old = std::mem::replace(
-                    &mut x.rt,
-                    Arc::new(BackendRt::new(
-                        id,
-                        b.addr,
-                        rc.state.fast,
-                        rc.route.backend_tls.clone(),
-                    )),
-                );
-                old.kill();
+                let rt = Arc::new(BackendRt::new(
+                    id,
+                    b.addr,
+                    rc.state.fast,
+                    rc.route.backend_tls.clone(),
+                ));
+                if x.rt.addr == b.addr {
+                    // Only the TLS setting differs (it was being drained
+                    // away across a change): its work in flight finishes.
+                    x.retire_for(rt);
+                } else {
+                    // Another address: another backend.
+                    x.kill();
+                    x.retired.clear();
+                    x.rt = rt;
+                }
                 x.weight = b.weight;
                 x.drain = None;
                 if x.held {
@@ -1061,6 +1093,7 @@ impl RouteTable {
                     weight: b.weight,
                     drain: None,
                     held,
+                    retired: Vec::new(),
                 });
             }
         }
@@ -1093,7 +1126,7 @@ impl RouteTable {
         cfg.owners.remove(id);
         self.publish(&cfg);
         drop(cfg);
-        b.rt.kill();
+        b.kill();
         Ok(())
     }
 
@@ -1108,7 +1141,7 @@ impl RouteTable {
         id: &str,
         timeout: Duration,
     ) -> Result<impl Future<Output = DrainOutcome> + Send + 'static, RouteError> {
-        let (rt, generation) = {
+        let (rt, generation, retired) = {
             let mut cfg = self.config();
             cfg.next_drain += 1;
             let generation = cfg.next_drain;
@@ -1117,14 +1150,18 @@ impl RouteTable {
             b.drain = Some(generation);
             b.rt.draining.store(true, Ordering::Release);
             let rt = b.rt.clone();
+            let retired = b.retired.clone();
             self.publish(&cfg);
-            (rt, generation)
+            (rt, generation, retired)
         };
         let table = self.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         Ok(async move {
-            let idle = rt.wait_idle(deadline).await;
-            let cut = rt.in_flight();
+            let mut idle = rt.wait_idle(deadline).await;
+            for r in &retired {
+                idle &= r.wait_idle(deadline).await;
+            }
+            let cut = rt.in_flight() + retired.iter().map(|r| r.in_flight()).sum::<u64>();
             let removed = {
                 let mut cfg = table.config();
                 let ours = match cfg.backend_mut(&rt.id) {
@@ -1136,17 +1173,19 @@ impl RouteTable {
                 };
                 if ours {
                     let (rc, i) = cfg.backend_mut(&rt.id).expect("checked above");
-                    rc.backends.remove(i);
+                    let gone = rc.backends.remove(i);
                     rc.state.lock().remove(&rt.id);
                     cfg.owners.remove(&*rt.id);
                     table.publish(&cfg);
+                    Some(gone)
+                } else {
+                    None
                 }
-                ours
             };
-            if !removed {
+            let Some(gone) = removed else {
                 return DrainOutcome::Cancelled;
-            }
-            rt.kill();
+            };
+            gone.kill();
             tracing::info!(backend = &*rt.id, addr = %rt.addr, cut, "backend drained and removed");
             if idle {
                 DrainOutcome::Drained
