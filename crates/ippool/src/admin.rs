@@ -650,6 +650,7 @@ async fn list_routes(State(state): State<AdminState>) -> Response {
                     "host": m.host, "path_prefix": m.path_prefix })).collect::<Vec<_>>(),
                 "balance": format!("{:?}", r.balance),
                 "backend_tls": r.backend_tls.is_some(),
+                "backend_http2": r.backend_http2,
                 "backends": backends,
             }));
         }

@@ -675,6 +675,7 @@ fn same_route(running: &gateway::ingress::RouteSnapshot, route: &gateway::ingres
         && running.retries == route.retries
         && running.no_backend_status == route.no_backend_status
         && running.backend_tls == route.backend_tls
+        && running.backend_http2 == route.backend_http2
         && route.backends.iter().all(|b| {
             running
                 .backends

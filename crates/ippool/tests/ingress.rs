@@ -331,12 +331,25 @@ backend_tls = {{ ca = "ca.pem", server_name = "localhost" }}
 host = "untrusted.test"
 backends = ["{https}"]
 backend_tls = {{ ca = "other.pem", server_name = "localhost" }}
+[ingress.web.routes.h2]
+host = "h2.test"
+backends = ["{https}"]
+backend_tls = {{ ca = "ca.pem", server_name = "localhost" }}
+backend_http2 = true
+[ingress.web.routes.h2plain]
+host = "h2plain.test"
+backends = ["{plain}"]
+backend_http2 = true
 "#
         ),
     );
     let mut d = Daemon::start(&cfg, &[("IPPOOL_TEST_TOKEN", "tls-test-token-0123456789")]);
     let web = d.ingress("web");
     assert_eq!(get(web, "good.test"), (200, "behind-tls".to_owned()));
+    // HTTP/2 over TLS (ALPN h2) to the other ippool; and to a backend
+    // that speaks only HTTP/1.1: refused.
+    assert_eq!(get(web, "h2.test"), (200, "behind-tls".to_owned()));
+    assert_eq!(get(web, "h2plain.test").0, 502);
     let r = http(web, "GET", "/", &[("Host", "untrusted.test")], "");
     assert_eq!(r.status, 502, "{r:?}");
     assert!(
@@ -372,7 +385,14 @@ backend_tls = {{ ca = "other.pem", server_name = "localhost" }}
     };
     assert_eq!(reload(), Vec::<serde_json::Value>::new());
     std::fs::copy(dir.0.join("other.pem"), dir.0.join("ca.pem")).expect("replace the CA");
-    assert_eq!(reload(), vec![serde_json::json!("ingress.web.routes.good")]);
+    assert_eq!(
+        reload(),
+        vec![
+            serde_json::json!("ingress.web.routes.good"),
+            serde_json::json!("ingress.web.routes.h2")
+        ],
+        "both routes that read ca.pem"
+    );
     let r = http(web, "GET", "/", &[("Host", "good.test")], "");
     assert!(r.status == 502 && r.body.contains("UnknownIssuer"), "{r:?}");
     assert!(d.terminate().success());

@@ -79,6 +79,11 @@ pub(crate) struct BackendRt {
     pub(crate) addr: SocketAddr,
     /// Its route's TLS to backends (fixed: a change makes a new one).
     pub(crate) tls: Option<BackendTls>,
+    /// Its route speaks HTTP/2 to backends (fixed, as `tls`).
+    pub(crate) http2: bool,
+    /// The HTTP/2 connection its requests share (the connection itself
+    /// runs as a task of its own).
+    h2: Mutex<Option<hyper::client::conn::http2::SendRequest<super::body::UpBody>>>,
     /// Requests sent to it and not finished (response body included), and
     /// open WebSocket tunnels.
     in_flight: AtomicU64,
@@ -127,11 +132,14 @@ impl BackendRt {
         addr: SocketAddr,
         clean: bool,
         tls: Option<BackendTls>,
+        http2: bool,
     ) -> BackendRt {
         BackendRt {
             id,
             addr,
             tls,
+            http2,
+            h2: Mutex::new(None),
             in_flight: AtomicU64::new(0),
             clean: AtomicBool::new(clean),
             check_up: AtomicBool::new(true),
@@ -243,6 +251,13 @@ impl BackendRt {
 
     /// Drops every idle connection.
     pub(crate) fn clear_idle(&self) {
+        // The shared HTTP/2 connection ends once its streams are done.
+        let h2 = self
+            .h2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(h2);
         let old = std::mem::take(&mut *self.idle_lock());
         drop(old);
         let old = std::mem::take(&mut *self.raw_lock());
@@ -261,6 +276,32 @@ impl BackendRt {
 
     pub(crate) fn deregister_socket(&self, id: u64) {
         self.sockets().remove(&id);
+    }
+
+    /// The shared HTTP/2 connection, if one is open.
+    pub(crate) fn h2_sender(
+        &self,
+    ) -> Option<hyper::client::conn::http2::SendRequest<super::body::UpBody>> {
+        let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            _ => {
+                *slot = None;
+                None
+            }
+        }
+    }
+
+    /// Shares `sender` (a new HTTP/2 connection) with the next requests,
+    /// unless the backend is closing.
+    pub(crate) fn set_h2(
+        &self,
+        sender: hyper::client::conn::http2::SendRequest<super::body::UpBody>,
+    ) {
+        let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.closing() {
+            *slot = Some(sender);
+        }
     }
 
     /// Killed or retired: connections are not kept.
@@ -390,7 +431,13 @@ mod tests {
 
     #[test]
     fn ewma_peaks_then_decays() {
-        let b = BackendRt::new("a".into(), "127.0.0.1:1".parse().unwrap(), true, None);
+        let b = BackendRt::new(
+            "a".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            true,
+            None,
+            false,
+        );
         assert_eq!(b.ewma(), None);
         assert_eq!(b.cost(nanos(), 1), 0.0);
         b.observe_latency(Duration::from_millis(10));
@@ -409,6 +456,7 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             true,
             None,
+            false,
         )));
         assert!(g.backend().cost(now, 1) > 0.0);
     }

@@ -35,8 +35,9 @@ const SYSTEM_CA_FILES: [&str; 4] = [
     "/etc/ssl/ca-bundle.pem",
 ];
 
-/// The ALPN protocol spoken to backends.
+/// The ALPN protocols spoken to backends.
 const HTTP11: &[u8] = b"http/1.1";
+const H2: &[u8] = b"h2";
 
 /// How a route's backends are reached over TLS.
 ///
@@ -51,6 +52,9 @@ const HTTP11: &[u8] = b"http/1.1";
 #[derive(Clone)]
 pub struct BackendTls {
     connector: TlsConnector,
+    /// The same configuration offering ALPN `h2`, for routes that speak
+    /// HTTP/2 to their backends.
+    connector_h2: TlsConnector,
     config: Arc<ClientConfig>,
     server_name: Option<ServerName<'static>>,
     /// For one made by [`BackendTls::from_pem`]: a hash of the files'
@@ -69,6 +73,11 @@ impl BackendTls {
     pub fn new(config: Arc<ClientConfig>) -> BackendTls {
         BackendTls {
             connector: TlsConnector::from(Arc::clone(&config)),
+            connector_h2: TlsConnector::from(Arc::new({
+                let mut c = (*config).clone();
+                c.alpn_protocols = vec![H2.to_vec()];
+                c
+            })),
             config,
             server_name: None,
             origin: None,
@@ -207,25 +216,30 @@ pub(crate) enum BackendStream {
 impl BackendStream {
     /// Runs the TLS handshake over `tcp` when `tls` is set. The error says
     /// what the backend's certificate or handshake got wrong.
+    /// With `http2`, ALPN offers `h2` only (a backend without ALPN is
+    /// taken to know HTTP/2 beforehand); else what the configuration
+    /// offers, which must leave the backend speaking HTTP/1.1.
     pub(crate) async fn over(
         tcp: TcpStream,
         tls: Option<&BackendTls>,
         addr: SocketAddr,
+        http2: bool,
     ) -> io::Result<BackendStream> {
         match tls {
             None => Ok(BackendStream::Plain(tcp)),
             Some(t) => {
-                let s = t.connector.connect(t.name_for(addr), tcp).await?;
-                // Backends are spoken to in HTTP/1.1: a configuration that
-                // offered more must not leave the backend speaking another.
+                let connector = if http2 { &t.connector_h2 } else { &t.connector };
+                let s = connector.connect(t.name_for(addr), tcp).await?;
+                let want = if http2 { H2 } else { HTTP11 };
                 match s.get_ref().1.alpn_protocol() {
-                    None | Some(HTTP11) => Ok(BackendStream::Tls(Box::new(s))),
+                    None => Ok(BackendStream::Tls(Box::new(s))),
+                    Some(p) if p == want => Ok(BackendStream::Tls(Box::new(s))),
                     Some(p) => Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!(
-                            "the backend chose ALPN {:?}; backends are spoken to in HTTP/1.1 \
-                             (offer only http/1.1)",
-                            String::from_utf8_lossy(p)
+                            "the backend chose ALPN {:?}; this route speaks {} to its backends",
+                            String::from_utf8_lossy(p),
+                            String::from_utf8_lossy(want)
                         ),
                     )),
                 }

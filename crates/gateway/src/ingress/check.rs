@@ -158,15 +158,18 @@ async fn probe(b: Arc<BackendRt>, check: HealthCheck, route: Arc<str>) {
 }
 
 async fn attempt(b: &BackendRt, check: &HealthCheck) -> Result<StatusCode, String> {
-    let stream = super::proxy::dial(b).await.map_err(|e| match e {
+    let stream = super::proxy::dial(b, b.http2).await.map_err(|e| match e {
         super::proxy::Dial::Tcp(e) => format!("connect: {e}"),
         super::proxy::Dial::Tls(e) => format!("TLS: {e}"),
     })?;
+    let host = check.host.clone().unwrap_or_else(|| b.addr.to_string());
+    if b.http2 {
+        return attempt_h2(b, check, stream, &host).await;
+    }
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, UpBody>(TokioIo::new(stream))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
-    let host = check.host.clone().unwrap_or_else(|| b.addr.to_string());
     let req = Request::get(check.path.as_str())
         .header(header::HOST, host)
         .header(header::USER_AGENT, "ippool-health-check")
@@ -182,6 +185,39 @@ async fn attempt(b: &BackendRt, check: &HealthCheck) -> Result<StatusCode, Strin
         r = &mut conn => match r {
             // Closed after answering (`Connection: close`): the answer
             // was handed over before.
+            Ok(()) => resp.await,
+            Err(e) => return Err(format!("connection: {e}")),
+        },
+    };
+    resp.map(|r| r.status())
+        .map_err(|e| format!("request: {e}"))
+}
+
+/// [`attempt`] on a route that speaks HTTP/2 to its backends.
+async fn attempt_h2(
+    b: &BackendRt,
+    check: &HealthCheck,
+    stream: super::backend_tls::BackendStream,
+    host: &str,
+) -> Result<StatusCode, String> {
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, UpBody>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let scheme = if b.tls.is_some() { "https" } else { "http" };
+    let req = Request::get(format!("{scheme}://{host}{}", check.path))
+        .header(header::USER_AGENT, "ippool-health-check")
+        .body(UpBody::empty())
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender.send_request(req);
+    tokio::pin!(conn);
+    tokio::pin!(resp);
+    let resp = tokio::select! {
+        biased;
+        r = &mut resp => r,
+        r = &mut conn => match r {
             Ok(()) => resp.await,
             Err(e) => return Err(format!("connection: {e}")),
         },

@@ -176,14 +176,20 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>) -> Parsed<Prep> {
         })
     };
 
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let host = request_host(host_raw);
+    let route = opts.routes.find(&host, path);
+    if route.as_ref().is_some_and(|r| r.backend_http2) {
+        // HTTP/2 to the backends: hyper's client (before the rate limit
+        // counts the request: hyper's path counts it).
+        return Parsed::Fallback;
+    }
     // The client's rate limit, per request (keep-alive does not escape it).
     if let Err(wait) = opts.guard.check_request(conn.peer.ip()) {
         let (reject, secs) = rate_limited(wait);
         return answer(reject, Some(secs), log);
     }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    let host = request_host(host_raw);
-    let Some(route) = opts.routes.find(&host, path) else {
+    let Some(route) = route else {
         return answer(
             Reject::new(
                 StatusCode::NOT_FOUND,

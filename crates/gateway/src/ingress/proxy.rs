@@ -213,6 +213,15 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
     let method_idempotent = idempotent(&parts.method);
+    // `TE: trailers` (gRPC asks for it) is the one TE an HTTP/2 backend
+    // may be sent.
+    let te_trailers = route.backend_http2
+        && parts.headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|t| {
+                t.split(',')
+                    .any(|x| x.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if version == Version::HTTP_2 {
         headers::join_cookies(&mut parts.headers);
@@ -232,6 +241,28 @@ async fn forward(
         ctx.via.as_ref().map(|v| v.get(version)),
     );
     parts.version = Version::HTTP_11;
+    let http2 = route.backend_http2 && !upgrade;
+    if http2 {
+        // HTTP/2 names the host in :authority (from the URI) and the
+        // scheme in :scheme.
+        let scheme = if route.all.first().is_some_and(|b| b.tls.is_some()) {
+            "https"
+        } else {
+            "http"
+        };
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let host = host_value.to_str().unwrap_or_default();
+        parts.uri = format!("{scheme}://{host}{pq}")
+            .parse()
+            .map_err(|_| Reject::bad_request("invalid authority"))?;
+        parts.headers.remove(header::HOST);
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        parts.version = Version::HTTP_2;
+    }
     let mut pending = Some(Request::from_parts(
         parts,
         UpBody::new(body, opts.max_body_bytes),
@@ -267,6 +298,8 @@ async fn forward(
         inc(&b.stats.requests);
         let tried_once = if client_upgrade.is_some() {
             attempt_upgrade(ctx, b, &mut pending, deadline).await
+        } else if http2 {
+            attempt_h2(ctx, b, &mut pending, deadline, measure).await
         } else {
             attempt(ctx, b, &mut pending, deadline, measure).await
         };
@@ -310,6 +343,8 @@ async fn forward(
 enum Link {
     Inline(Box<Upstream>),
     Spawned(SendRequest<UpBody>),
+    /// The backend's shared HTTP/2 connection (a task of its own).
+    Shared,
 }
 
 /// How one attempt on one backend ended.
@@ -472,6 +507,84 @@ async fn attempt(
     }
 }
 
+/// One attempt over the backend's shared HTTP/2 connection, opened (and
+/// run as a task of its own until the backend is removed or the
+/// connection ends) if there is none.
+async fn attempt_h2(
+    ctx: &Ctx,
+    b: &Arc<BackendRt>,
+    pending: &mut Option<Request<UpBody>>,
+    deadline: Instant,
+    measure: bool,
+) -> Attempt {
+    let mut fresh_only = false;
+    loop {
+        let shared = if fresh_only { None } else { b.h2_sender() };
+        let (mut sender, reused) = match shared {
+            Some(s) => (s, true),
+            None => {
+                let stream = match connect_as(ctx, b, deadline, true).await {
+                    Ok(s) => s,
+                    Err((outcome, reject)) => return Attempt::NotSent(outcome, reject),
+                };
+                let handshake =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .handshake::<_, UpBody>(TokioIo::new(stream));
+                let (sender, conn) = match tokio::time::timeout_at(deadline, handshake).await {
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => {
+                        let (o, r) = handshake_failed(b, &e);
+                        return Attempt::NotSent(o, r);
+                    }
+                    Err(_) => return timed_out(ctx, b),
+                };
+                let killed = b.killed();
+                let id = b.id.clone();
+                ctx.opts.routes.tasks().spawn(async move {
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            tracing::debug!(backend = &*id, error = %e, "HTTP/2 backend connection ended");
+                        },
+                        () = killed => {}
+                    }
+                });
+                b.set_h2(sender.clone());
+                (sender, false)
+            }
+        };
+        if sender.ready().await.is_err() {
+            if reused {
+                fresh_only = true;
+                continue;
+            }
+            return closed_before_sending(b);
+        }
+        let Some(req) = pending.take() else {
+            return request_lost();
+        };
+        let t0 = measure.then(Instant::now);
+        match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+            Ok(Ok(resp)) => {
+                return Attempt::Answered(resp, Link::Shared, t0.map(|t| t.elapsed()));
+            }
+            Ok(Err(mut e)) => {
+                if let Some(req) = e.take_message() {
+                    // Not sent: the connection went away meanwhile.
+                    *pending = Some(req);
+                    if reused {
+                        fresh_only = true;
+                        continue;
+                    }
+                    return closed_before_sending(b);
+                }
+                return send_failed(ctx, b, e.into_error());
+            }
+            Err(_) => return timed_out(ctx, b),
+        }
+    }
+}
+
 /// One attempt of an upgrade request, over a new connection run as a task
 /// of its own (the upgraded stream outlives the request).
 async fn attempt_upgrade(
@@ -540,11 +653,21 @@ pub(crate) async fn connect(
     b: &Arc<BackendRt>,
     deadline: Instant,
 ) -> Result<BackendStream, (Outcome, Reject)> {
+    connect_as(ctx, b, deadline, false).await
+}
+
+/// [`connect`], for HTTP/2 when `http2` (ALPN `h2` over TLS).
+async fn connect_as(
+    ctx: &Ctx,
+    b: &Arc<BackendRt>,
+    deadline: Instant,
+    http2: bool,
+) -> Result<BackendStream, (Outcome, Reject)> {
     let limit = ctx
         .opts
         .connect_timeout
         .min(deadline.saturating_duration_since(Instant::now()));
-    match tokio::time::timeout(limit, dial(b)).await {
+    match tokio::time::timeout(limit, dial(b, http2)).await {
         Ok(Ok(s)) => {
             inc(&b.stats.connections);
             Ok(s)
@@ -621,11 +744,11 @@ pub(crate) enum Dial {
 }
 
 /// A new connection to `b`: TCP, and the TLS handshake if its route
-/// reaches it over TLS.
-pub(crate) async fn dial(b: &BackendRt) -> Result<BackendStream, Dial> {
+/// reaches it over TLS (offering HTTP/2 when `http2`).
+pub(crate) async fn dial(b: &BackendRt, http2: bool) -> Result<BackendStream, Dial> {
     let tcp = TcpStream::connect(b.addr).await.map_err(Dial::Tcp)?;
     let _ = tcp.set_nodelay(true);
-    BackendStream::over(tcp, b.tls.as_ref(), b.addr)
+    BackendStream::over(tcp, b.tls.as_ref(), b.addr, http2)
         .await
         .map_err(Dial::Tls)
 }
@@ -664,6 +787,7 @@ fn respond(
         Link::Inline(up) => Some(up),
         // An upgrade the backend declined: its connection is not pooled.
         Link::Spawned(_) => None,
+        Link::Shared => None,
     };
     Ok(Response::from_parts(
         parts,

@@ -141,6 +141,11 @@ pub struct Route {
     /// Reach the backends over TLS (HTTPS), checking their certificates.
     /// Default: plain HTTP.
     pub backend_tls: Option<BackendTls>,
+    /// Speak HTTP/2 to the backends (prior knowledge on plain TCP, ALPN
+    /// `h2` over TLS), all of a backend's requests multiplexed on one
+    /// connection, trailers passed both ways (gRPC). WebSocket upgrades
+    /// still go over HTTP/1.1. Default: HTTP/1.1.
+    pub backend_http2: bool,
 }
 
 impl Route {
@@ -155,6 +160,7 @@ impl Route {
             retries: 2,
             no_backend_status: StatusCode::SERVICE_UNAVAILABLE,
             backend_tls: None,
+            backend_http2: false,
         }
     }
 
@@ -185,6 +191,12 @@ impl Route {
     /// Reaches the backends over TLS.
     pub fn with_backend_tls(mut self, tls: BackendTls) -> Route {
         self.backend_tls = Some(tls);
+        self
+    }
+
+    /// Speaks HTTP/2 to the backends.
+    pub fn with_backend_http2(mut self) -> Route {
+        self.backend_http2 = true;
         self
     }
 }
@@ -504,6 +516,8 @@ pub(crate) struct RouteRt {
     pub(crate) uniform: bool,
     /// Every backend, draining ones included.
     pub(crate) all: Box<[Arc<BackendRt>]>,
+    /// Its backends speak HTTP/2 (the hyper path serves its requests).
+    pub(crate) backend_http2: bool,
 }
 
 #[derive(Clone, Default)]
@@ -656,6 +670,7 @@ impl Config {
                 uniform: weights.windows(2).all(|w| w[0] == w[1]),
                 members,
                 all: rc.backends.iter().map(|b| b.rt.clone()).collect(),
+                backend_http2: rc.route.backend_http2,
             });
             for m in &rc.route.matches {
                 let vhost = match m.host.as_deref() {
@@ -964,7 +979,8 @@ impl RouteTable {
                 },
             );
         } else if let Some(rc) = cfg.routes.get_mut(&route.name) {
-            let tls_changed = rc.route.backend_tls != route.backend_tls;
+            let tls_changed = rc.route.backend_tls != route.backend_tls
+                || rc.route.backend_http2 != route.backend_http2;
             rc.route = route.clone();
             if tls_changed {
                 // Plain and TLS connections do not mix: every backend
@@ -981,6 +997,7 @@ impl RouteTable {
                         x.rt.addr,
                         rc.state.fast,
                         route.backend_tls.clone(),
+                        route.backend_http2,
                     ));
                     if x.held {
                         rt.draining.store(true, Ordering::Release);
@@ -1042,7 +1059,11 @@ impl RouteTable {
         match rc.backends.iter_mut().find(|x| *x.rt.id == *b.id) {
             // Same address and TLS setting (one drained away across a TLS
             // change keeps its old one): the same backend.
-            Some(x) if x.rt.addr == b.addr && x.rt.tls == rc.route.backend_tls => {
+            Some(x)
+                if x.rt.addr == b.addr
+                    && x.rt.tls == rc.route.backend_tls
+                    && x.rt.http2 == rc.route.backend_http2 =>
+            {
                 x.weight = b.weight;
                 if x.drain.take().is_some() && !x.held {
                     x.rt.undrain();
@@ -1059,6 +1080,7 @@ impl RouteTable {
                     b.addr,
                     rc.state.fast,
                     rc.route.backend_tls.clone(),
+                    rc.route.backend_http2,
                 ));
                 if x.rt.addr == b.addr {
                     // Only the TLS setting differs (it was being drained
@@ -1084,6 +1106,7 @@ impl RouteTable {
                     b.addr,
                     rc.state.fast,
                     rc.route.backend_tls.clone(),
+                    rc.route.backend_http2,
                 ));
                 if held {
                     rt.draining.store(true, Ordering::Release);
@@ -1326,6 +1349,7 @@ impl RouteTable {
                     retries: rc.route.retries,
                     no_backend_status: rc.route.no_backend_status,
                     backend_tls: rc.route.backend_tls.clone(),
+                    backend_http2: rc.route.backend_http2,
                     health: t.stats(at),
                     backends,
                 }
@@ -1391,6 +1415,8 @@ pub struct RouteSnapshot {
     pub no_backend_status: StatusCode,
     /// How its backends are reached over TLS (`None`: plain HTTP).
     pub backend_tls: Option<BackendTls>,
+    /// Its backends are spoken to in HTTP/2.
+    pub backend_http2: bool,
     /// Backends by passive health state, and health totals.
     pub health: PoolStats,
     /// Every backend, in the order added.

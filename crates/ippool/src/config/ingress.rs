@@ -155,6 +155,10 @@ pub struct RouteConfig {
     /// Reach the backends over TLS (HTTPS). Absent: plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_tls: Option<Spanned<BackendTlsConfig>>,
+    /// Speak HTTP/2 to the backends (h2c with prior knowledge, or ALPN h2
+    /// with `backend_tls`): gRPC backends (default false: HTTP/1.1).
+    #[serde(default)]
+    pub backend_http2: bool,
 }
 
 /// `[ingress.<name>]`.
@@ -342,6 +346,7 @@ pub(super) fn resolve(
             }
             route = route.with_backend_tls(tls);
         }
+        route.backend_http2 = r.backend_http2;
         route.retries = r.retries;
         route.no_backend_status = http::StatusCode::from_u16(r.no_backend_status)
             .ok()
