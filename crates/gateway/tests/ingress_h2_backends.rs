@@ -2,8 +2,10 @@
 //! h2c with prior knowledge and h2 over TLS (ALPN), requests from HTTP/1.1
 //! and HTTP/2 clients multiplexed on one backend connection, trailers
 //! passed back (gRPC's `grpc-status`), `TE: trailers` passed on, health
-//! checks over HTTP/2, and a backend that does not speak HTTP/2 refused
-//! with a 502.
+//! checks over HTTP/2, a backend that does not speak HTTP/2 refused with
+//! a 502, a second connection past the streams one carries, a client's
+//! oversized body not blamed on the backend, and a removal cutting the
+//! streams in flight.
 
 mod ingress_util;
 
@@ -56,7 +58,16 @@ async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<H2Seen>>>) -> Respon
         authority: req.uri().authority().map(|a| a.to_string()),
     });
     let path = req.uri().path().to_owned();
-    let body = req.into_body().collect().await.unwrap().to_bytes();
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    let Ok(body) = req.into_body().collect().await.map(|c| c.to_bytes()) else {
+        return Response::new(
+            Full::new(Bytes::new())
+                .with_trailers(async { None })
+                .boxed(),
+        );
+    };
     let body = if body.is_empty() {
         Bytes::from(path)
     } else {
@@ -281,4 +292,63 @@ async fn http2_over_tls_to_backends_with_health_checks_and_a_refusal() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(h1_only.hits(), 0);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_a_connections_share_open_another_and_removal_cuts_them() {
+    let backend = H2Backend::start(None).await;
+    let table = RouteTable::default();
+    table
+        .upsert_route(
+            Route::new("grpc", RouteMatch::host("grpc.test"))
+                .with_backend(B::new("g1", backend.addr))
+                .with_backend_http2(),
+        )
+        .unwrap();
+    let mut o = opts(&table);
+    o.max_body_bytes = Some(10);
+    let p = Running::start(o).await;
+
+    // 130 slow requests at once: more than one connection carries (100).
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..130 {
+        let addr = p.addr;
+        set.spawn(async move { get(addr, "grpc.test", "/slow").await });
+    }
+    while let Some(r) = set.join_next().await {
+        assert_eq!(r.unwrap().status, 200);
+    }
+    let conns = backend.conns.load(Ordering::SeqCst);
+    assert!((2..=3).contains(&conns), "{conns} backend connections");
+
+    // A chunked body over the limit: 413, the backend not blamed.
+    let big = b"POST /x HTTP/1.1\r\nHost: grpc.test\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n\
+                40\r\naaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n0\r\n\r\n";
+    let r = raw(p.addr, big).await;
+    assert_eq!(raw_status(&r), 413, "{r}");
+    let snap = table.snapshot();
+    assert_eq!(
+        snap.backend("g1").unwrap().failures_total,
+        0,
+        "not the backend's fault"
+    );
+
+    // Removed while a stream is open: the stream ends now, not when the
+    // backend would have answered.
+    let before = backend.seen().len();
+    let addr = p.addr;
+    let slow = tokio::spawn(async move { get(addr, "grpc.test", "/slow").await.status });
+    wait_for("the slow request at the backend", || {
+        backend.seen().len() > before
+    })
+    .await;
+    let removed_at = std::time::Instant::now();
+    table.remove_route("grpc").unwrap();
+    let status = slow.await.unwrap();
+    let took = removed_at.elapsed();
+    assert_eq!(status, 502);
+    assert!(
+        took < Duration::from_millis(600),
+        "cut, not answered: {took:?}"
+    );
 }

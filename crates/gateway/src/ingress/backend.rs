@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,37 @@ struct IdleRaw {
     since: Instant,
 }
 
+/// Streams a shared HTTP/2 backend connection carries before another one
+/// is opened (the usual server limit, `SETTINGS_MAX_CONCURRENT_STREAMS`;
+/// hyper queues what the server's own limit does not take).
+pub(crate) const H2_STREAMS: usize = 100;
+
+/// The sending half of a shared HTTP/2 backend connection.
+pub(crate) type H2Sender = hyper::client::conn::http2::SendRequest<super::body::UpBody>;
+
+/// A shared HTTP/2 connection and its open streams.
+struct H2Conn {
+    sender: H2Sender,
+    streams: Arc<AtomicUsize>,
+}
+
+/// A stream's place on a shared HTTP/2 connection, until dropped (its
+/// response ended, or failed).
+pub(crate) struct H2Stream(Arc<AtomicUsize>);
+
+impl H2Stream {
+    fn new(streams: &Arc<AtomicUsize>) -> H2Stream {
+        streams.fetch_add(1, Ordering::AcqRel);
+        H2Stream(Arc::clone(streams))
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Consecutive results of active health checks.
 #[derive(Debug, Default)]
 pub(crate) struct CheckRun {
@@ -81,9 +112,12 @@ pub(crate) struct BackendRt {
     pub(crate) tls: Option<BackendTls>,
     /// Its route speaks HTTP/2 to backends (fixed, as `tls`).
     pub(crate) http2: bool,
-    /// The HTTP/2 connection its requests share (the connection itself
-    /// runs as a task of its own).
-    h2: Mutex<Option<hyper::client::conn::http2::SendRequest<super::body::UpBody>>>,
+    /// The HTTP/2 connections its requests share (each runs as a task of
+    /// its own), with their streams open.
+    h2: Mutex<Vec<H2Conn>>,
+    /// Held while an HTTP/2 connection is being opened: requests arriving
+    /// meanwhile wait for it rather than open one each.
+    pub(crate) h2_opening: tokio::sync::Mutex<()>,
     /// Requests sent to it and not finished (response body included), and
     /// open WebSocket tunnels.
     in_flight: AtomicU64,
@@ -139,7 +173,8 @@ impl BackendRt {
             addr,
             tls,
             http2,
-            h2: Mutex::new(None),
+            h2: Mutex::new(Vec::new()),
+            h2_opening: tokio::sync::Mutex::new(()),
             in_flight: AtomicU64::new(0),
             clean: AtomicBool::new(clean),
             check_up: AtomicBool::new(true),
@@ -252,11 +287,7 @@ impl BackendRt {
     /// Drops every idle connection.
     pub(crate) fn clear_idle(&self) {
         // The shared HTTP/2 connection ends once its streams are done.
-        let h2 = self
-            .h2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let h2 = std::mem::take(&mut *self.h2.lock().unwrap_or_else(PoisonError::into_inner));
         drop(h2);
         let old = std::mem::take(&mut *self.idle_lock());
         drop(old);
@@ -278,30 +309,29 @@ impl BackendRt {
         self.sockets().remove(&id);
     }
 
-    /// The shared HTTP/2 connection, if one is open.
-    pub(crate) fn h2_sender(
-        &self,
-    ) -> Option<hyper::client::conn::http2::SendRequest<super::body::UpBody>> {
-        let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        match slot.as_ref() {
-            Some(s) if !s.is_closed() => Some(s.clone()),
-            _ => {
-                *slot = None;
-                None
-            }
-        }
+    /// A shared HTTP/2 connection with room for one more stream, and that
+    /// stream's place ([`H2_STREAMS`] per connection: past that, the
+    /// caller opens another connection rather than queue in it).
+    pub(crate) fn h2_sender(&self) -> Option<(H2Sender, H2Stream)> {
+        let mut conns = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        conns.retain(|c| !c.sender.is_closed());
+        conns
+            .iter()
+            .find(|c| c.streams.load(Ordering::Acquire) < H2_STREAMS)
+            .map(|c| (c.sender.clone(), H2Stream::new(&c.streams)))
     }
 
     /// Shares `sender` (a new HTTP/2 connection) with the next requests,
-    /// unless the backend is closing.
-    pub(crate) fn set_h2(
-        &self,
-        sender: hyper::client::conn::http2::SendRequest<super::body::UpBody>,
-    ) {
-        let mut slot = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+    /// unless the backend is closing; the place of the stream its opener
+    /// sends.
+    pub(crate) fn set_h2(&self, sender: H2Sender) -> H2Stream {
+        let streams = Arc::new(AtomicUsize::new(0));
+        let first = H2Stream::new(&streams);
+        let mut conns = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         if !self.closing() {
-            *slot = Some(sender);
+            conns.push(H2Conn { sender, streams });
         }
+        first
     }
 
     /// Killed or retired: connections are not kept.
@@ -319,18 +349,23 @@ impl BackendRt {
 
     /// Closes every connection and tunnel to the backend (removed).
     pub(crate) fn kill(&self) {
-        self.kill.send_replace(true);
-        self.clear_idle();
-        let sockets = self.sockets();
-        for &fd in sockets.values() {
-            // SAFETY: a socket is deregistered, under this lock, before
-            // it is closed, so every registered descriptor is still open
-            // and still this connection's. shutdown(2) only ends the
-            // connection; the owner closes the descriptor.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
+        // Sockets first: a connection task woken by the signal below may
+        // deregister its socket (and leave its streams to hyper's own
+        // task) before the loop would reach it.
+        {
+            let sockets = self.sockets();
+            for &fd in sockets.values() {
+                // SAFETY: a socket is deregistered, under this lock, before
+                // it is closed, so every registered descriptor is still
+                // open and still this connection's. shutdown(2) only ends
+                // the connection; the owner closes the descriptor.
+                unsafe {
+                    libc::shutdown(fd, libc::SHUT_RDWR);
+                }
             }
         }
+        self.kill.send_replace(true);
+        self.clear_idle();
     }
 
     /// Resolves once the backend is removed.

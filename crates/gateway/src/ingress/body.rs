@@ -45,12 +45,27 @@ pub(crate) fn caused_by<T: StdError + 'static>(e: &(dyn StdError + 'static)) -> 
     false
 }
 
+/// Why a request body failed on the client's side, kept for the proxy:
+/// an HTTP/2 connection to the backend resets the stream and reports only
+/// that, not the body's own error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyFault {
+    /// Over the limit (413).
+    TooLarge(u64),
+    /// The client's body broke off or was malformed (400).
+    Client,
+}
+
+/// Where an [`UpBody`] leaves its [`BodyFault`].
+pub(crate) type FaultSlot = std::sync::Arc<std::sync::OnceLock<BodyFault>>;
+
 /// A request body sent to a backend: the client's, counted against the
 /// limit.
 pub(crate) struct UpBody {
     inner: Option<Incoming>,
     seen: u64,
     limit: u64,
+    fault: Option<FaultSlot>,
 }
 
 impl UpBody {
@@ -60,7 +75,14 @@ impl UpBody {
             inner,
             seen: 0,
             limit: limit.unwrap_or(u64::MAX),
+            fault: None,
         }
+    }
+
+    /// Also leaves a failure of the client's side in `slot`.
+    pub(crate) fn watched(mut self, slot: FaultSlot) -> UpBody {
+        self.fault = Some(slot);
+        self
     }
 
     /// No body (health checks).
@@ -69,6 +91,7 @@ impl UpBody {
             inner: None,
             seen: 0,
             limit: u64::MAX,
+            fault: None,
         }
     }
 }
@@ -91,12 +114,20 @@ impl Body for UpBody {
                     this.seen = this.seen.saturating_add(d.len() as u64);
                     if this.seen > this.limit {
                         this.inner = None;
+                        if let Some(f) = &this.fault {
+                            let _ = f.set(BodyFault::TooLarge(this.limit));
+                        }
                         return Poll::Ready(Some(Err(Box::new(TooLarge { limit: this.limit }))));
                     }
                 }
                 Poll::Ready(Some(Ok(f)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBody(e))))),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(f) = &this.fault {
+                    let _ = f.set(BodyFault::Client);
+                }
+                Poll::Ready(Some(Err(Box::new(ClientBody(e)))))
+            }
             Poll::Ready(None) => {
                 this.inner = None;
                 Poll::Ready(None)
@@ -122,12 +153,16 @@ impl Body for UpBody {
 /// streams), returned to the backend's pool once the body is complete.
 pub(crate) struct Exchange {
     pub(crate) up: Option<Box<Upstream>>,
+    /// Its stream's place on a shared HTTP/2 connection.
+    pub(crate) stream: Option<super::backend::H2Stream>,
     pub(crate) guard: InFlight,
     pub(crate) max_idle: usize,
 }
 
 impl Exchange {
     fn complete(&mut self) {
+        // The stream is over: its place on the shared connection is free.
+        drop(self.stream.take());
         if let Some(up) = self.up.take() {
             self.guard.backend().put_idle(up, self.max_idle);
         }

@@ -244,15 +244,10 @@ async fn forward(
     let http2 = route.backend_http2 && !upgrade;
     if http2 {
         // HTTP/2 names the host in :authority (from the URI) and the
-        // scheme in :scheme.
-        let scheme = if route.all.first().is_some_and(|b| b.tls.is_some()) {
-            "https"
-        } else {
-            "http"
-        };
+        // scheme in :scheme (set per backend, by its TLS setting).
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = host_value.to_str().unwrap_or_default();
-        parts.uri = format!("{scheme}://{host}{pq}")
+        parts.uri = format!("http://{host}{pq}")
             .parse()
             .map_err(|_| Reject::bad_request("invalid authority"))?;
         parts.headers.remove(header::HOST);
@@ -263,9 +258,10 @@ async fn forward(
         }
         parts.version = Version::HTTP_2;
     }
+    let fault = super::body::FaultSlot::default();
     let mut pending = Some(Request::from_parts(
         parts,
-        UpBody::new(body, opts.max_body_bytes),
+        UpBody::new(body, opts.max_body_bytes).watched(fault.clone()),
     ));
 
     let deadline = Instant::now() + opts.request_timeout;
@@ -299,7 +295,7 @@ async fn forward(
         let tried_once = if client_upgrade.is_some() {
             attempt_upgrade(ctx, b, &mut pending, deadline).await
         } else if http2 {
-            attempt_h2(ctx, b, &mut pending, deadline, measure).await
+            attempt_h2(ctx, b, &mut pending, deadline, measure, &fault).await
         } else {
             attempt(ctx, b, &mut pending, deadline, measure).await
         };
@@ -343,8 +339,9 @@ async fn forward(
 enum Link {
     Inline(Box<Upstream>),
     Spawned(SendRequest<UpBody>),
-    /// The backend's shared HTTP/2 connection (a task of its own).
-    Shared,
+    /// The backend's shared HTTP/2 connection (a task of its own), and
+    /// the stream's place on it.
+    Shared(super::backend::H2Stream),
 }
 
 /// How one attempt on one backend ended.
@@ -516,20 +513,53 @@ async fn attempt_h2(
     pending: &mut Option<Request<UpBody>>,
     deadline: Instant,
     measure: bool,
+    fault: &super::body::FaultSlot,
 ) -> Attempt {
     let mut fresh_only = false;
     loop {
-        let shared = if fresh_only { None } else { b.h2_sender() };
-        let (mut sender, reused) = match shared {
-            Some(s) => (s, true),
+        if *b.kill.borrow() {
+            return Attempt::Failed(None, removed(b));
+        }
+        let mut shared = if fresh_only { None } else { b.h2_sender() };
+        // One connection opened at a time per backend: those who waited
+        // take the one just opened if it has room.
+        let opening = match shared {
+            Some(_) => None,
+            None => match tokio::time::timeout_at(deadline, b.h2_opening.lock()).await {
+                Ok(guard) => {
+                    if !fresh_only {
+                        shared = b.h2_sender();
+                    }
+                    Some(guard)
+                }
+                Err(_) => return timed_out(ctx, b),
+            },
+        };
+        let (mut sender, stream, reused) = match shared {
+            Some((s, place)) => (s, place, true),
             None => {
                 let stream = match connect_as(ctx, b, deadline, true).await {
                     Ok(s) => s,
                     Err((outcome, reject)) => return Attempt::NotSent(outcome, reject),
                 };
+                // Removing the backend shuts the socket down, ending the
+                // streams in flight as on HTTP/1.1.
+                let reg = super::upstream::Registration::new(
+                    b,
+                    std::os::fd::AsRawFd::as_raw_fd(stream.tcp()),
+                );
                 let handshake =
                     hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
+                        // A client that stops reading holds at most its stream's
+                        // window of the connection's: many must stall before the
+                        // connection does.
+                        .initial_stream_window_size(H2_STREAM_WINDOW)
+                        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                        // A backend gone without a FIN is noticed, and replaced.
+                        .keep_alive_interval(H2_PING)
+                        .keep_alive_timeout(H2_PING_TIMEOUT)
+                        .keep_alive_while_idle(true)
                         .handshake::<_, UpBody>(TokioIo::new(stream));
                 let (sender, conn) = match tokio::time::timeout_at(deadline, handshake).await {
                     Ok(Ok(x)) => x,
@@ -542,6 +572,7 @@ async fn attempt_h2(
                 let killed = b.killed();
                 let id = b.id.clone();
                 ctx.opts.routes.tasks().spawn(async move {
+                    let _reg = reg;
                     tokio::select! {
                         r = conn => if let Err(e) = r {
                             tracing::debug!(backend = &*id, error = %e, "HTTP/2 backend connection ended");
@@ -549,10 +580,11 @@ async fn attempt_h2(
                         () = killed => {}
                     }
                 });
-                b.set_h2(sender.clone());
-                (sender, false)
+                let place = b.set_h2(sender.clone());
+                (sender, place, false)
             }
         };
+        drop(opening);
         if sender.ready().await.is_err() {
             if reused {
                 fresh_only = true;
@@ -560,13 +592,22 @@ async fn attempt_h2(
             }
             return closed_before_sending(b);
         }
-        let Some(req) = pending.take() else {
+        let Some(mut req) = pending.take() else {
             return request_lost();
         };
+        let mut uri = req.uri().clone().into_parts();
+        uri.scheme = Some(if b.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        if let Ok(u) = Uri::from_parts(uri) {
+            *req.uri_mut() = u;
+        }
         let t0 = measure.then(Instant::now);
         match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
             Ok(Ok(resp)) => {
-                return Attempt::Answered(resp, Link::Shared, t0.map(|t| t.elapsed()));
+                return Attempt::Answered(resp, Link::Shared(stream), t0.map(|t| t.elapsed()));
             }
             Ok(Err(mut e)) => {
                 if let Some(req) = e.take_message() {
@@ -578,10 +619,39 @@ async fn attempt_h2(
                     }
                     return closed_before_sending(b);
                 }
+                // The stream was reset for the client's body (HTTP/2 keeps
+                // only that): not the backend's failure.
+                if let Some(f) = fault.get() {
+                    return Attempt::Failed(None, body_fault(*f));
+                }
                 return send_failed(ctx, b, e.into_error());
             }
             Err(_) => return timed_out(ctx, b),
         }
+    }
+}
+
+/// HTTP/2 flow-control windows to backends: per stream, and for the whole
+/// connection (the streams of many clients share it).
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 128 << 20;
+/// Pings on an HTTP/2 backend connection, and how long an answer may take.
+const H2_PING: Duration = Duration::from_secs(10);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The answer to a request whose body failed on the client's side.
+fn body_fault(f: super::body::BodyFault) -> Reject {
+    match f {
+        super::body::BodyFault::TooLarge(limit) => Reject::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::TooLarge,
+            format!("request body larger than {limit} bytes"),
+        ),
+        super::body::BodyFault::Client => Reject::new(
+            StatusCode::BAD_REQUEST,
+            Refusal::BadRequest,
+            "reading the request body failed",
+        ),
     }
 }
 
@@ -783,11 +853,11 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let up = match link {
-        Link::Inline(up) => Some(up),
+    let (up, stream) = match link {
+        Link::Inline(up) => (Some(up), None),
         // An upgrade the backend declined: its connection is not pooled.
-        Link::Spawned(_) => None,
-        Link::Shared => None,
+        Link::Spawned(_) => (None, None),
+        Link::Shared(place) => (None, Some(place)),
     };
     Ok(Response::from_parts(
         parts,
@@ -795,6 +865,7 @@ fn respond(
             inner: body,
             exchange: Exchange {
                 up,
+                stream,
                 guard,
                 max_idle: ctx.opts.keep_alive.max_idle_per_backend,
             },
