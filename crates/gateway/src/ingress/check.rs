@@ -176,7 +176,15 @@ async fn attempt(b: &BackendRt, check: &HealthCheck) -> Result<StatusCode, Strin
         .header(header::CONNECTION, "close")
         .body(UpBody::empty())
         .map_err(|e| format!("request: {e}"))?;
-    let resp = sender.send_request(req);
+    status_of(sender.send_request(req), conn).await
+}
+
+/// The status of `resp`, driving its connection `conn` meanwhile.
+async fn status_of<R, C>(resp: R, conn: C) -> Result<StatusCode, String>
+where
+    R: std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>,
+    C: std::future::Future<Output = hyper::Result<()>>,
+{
     tokio::pin!(conn);
     tokio::pin!(resp);
     let resp = tokio::select! {
@@ -211,19 +219,7 @@ async fn attempt_h2(
         .header(header::USER_AGENT, "ippool-health-check")
         .body(UpBody::empty())
         .map_err(|e| format!("request: {e}"))?;
-    let resp = sender.send_request(req);
-    tokio::pin!(conn);
-    tokio::pin!(resp);
-    let resp = tokio::select! {
-        biased;
-        r = &mut resp => r,
-        r = &mut conn => match r {
-            Ok(()) => resp.await,
-            Err(e) => return Err(format!("connection: {e}")),
-        },
-    };
-    resp.map(|r| r.status())
-        .map_err(|e| format!("request: {e}"))
+    status_of(sender.send_request(req), conn).await
 }
 
 #[cfg(test)]

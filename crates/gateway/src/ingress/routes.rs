@@ -609,6 +609,22 @@ impl BackendCfg {
     }
 }
 
+/// A backend's runtime state with `route`'s connection settings.
+fn new_backend(
+    route: &Route,
+    state: &RouteState,
+    id: Arc<str>,
+    addr: SocketAddr,
+) -> Arc<BackendRt> {
+    Arc::new(BackendRt::new(
+        id,
+        addr,
+        state.fast,
+        route.backend_tls.clone(),
+        route.backend_http2,
+    ))
+}
+
 struct RouteCfg {
     /// Settings; `backends` is kept empty (they are in `backends` below).
     route: Route,
@@ -992,13 +1008,7 @@ impl RouteTable {
                     t.remove(&x.rt.id);
                     t.insert(x.rt.id.clone());
                     drop(t);
-                    let rt = Arc::new(BackendRt::new(
-                        x.rt.id.clone(),
-                        x.rt.addr,
-                        rc.state.fast,
-                        route.backend_tls.clone(),
-                        route.backend_http2,
-                    ));
+                    let rt = new_backend(&route, &rc.state, x.rt.id.clone(), x.rt.addr);
                     if x.held {
                         rt.draining.store(true, Ordering::Release);
                     }
@@ -1075,13 +1085,7 @@ impl RouteTable {
                 t.remove(&id);
                 t.insert(id.clone());
                 drop(t);
-                let rt = Arc::new(BackendRt::new(
-                    id,
-                    b.addr,
-                    rc.state.fast,
-                    rc.route.backend_tls.clone(),
-                    rc.route.backend_http2,
-                ));
+                let rt = new_backend(&rc.route, &rc.state, id, b.addr);
                 if x.rt.addr == b.addr {
                     // Only the TLS setting differs (it was being drained
                     // away across a change): its work in flight finishes.
@@ -1101,13 +1105,7 @@ impl RouteTable {
             None => {
                 let id: Arc<str> = b.id.as_str().into();
                 rc.state.lock().insert(id.clone());
-                let rt = Arc::new(BackendRt::new(
-                    id,
-                    b.addr,
-                    rc.state.fast,
-                    rc.route.backend_tls.clone(),
-                    rc.route.backend_http2,
-                ));
+                let rt = new_backend(&rc.route, &rc.state, id, b.addr);
                 if held {
                     rt.draining.store(true, Ordering::Release);
                 }
