@@ -59,7 +59,16 @@ async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<H2Seen>>>) -> Respon
     });
     let path = req.uri().path().to_owned();
     if path == "/slow" {
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Held until more requests are open at once than one connection
+        // carries (or 5 s).
+        let n = SLOW.fetch_add(1, Ordering::SeqCst) + 1;
+        let t0 = std::time::Instant::now();
+        while SLOW.load(Ordering::SeqCst) < 101.max(n) && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    if path == "/hold" {
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let Ok(body) = req.into_body().collect().await.map(|c| c.to_bytes()) else {
         return Response::new(
@@ -82,6 +91,9 @@ async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<H2Seen>>>) -> Respon
 }
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `/slow` requests seen (one test uses it).
+static SLOW: AtomicUsize = AtomicUsize::new(0);
 
 impl H2Backend {
     async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> H2Backend {
@@ -337,8 +349,8 @@ async fn streams_past_a_connections_share_open_another_and_removal_cuts_them() {
     // backend would have answered.
     let before = backend.seen().len();
     let addr = p.addr;
-    let slow = tokio::spawn(async move { get(addr, "grpc.test", "/slow").await.status });
-    wait_for("the slow request at the backend", || {
+    let slow = tokio::spawn(async move { get(addr, "grpc.test", "/hold").await.status });
+    wait_for("the held request at the backend", || {
         backend.seen().len() > before
     })
     .await;

@@ -117,7 +117,7 @@ pub(crate) struct BackendRt {
     h2: Mutex<Vec<H2Conn>>,
     /// Held while an HTTP/2 connection is being opened: requests arriving
     /// meanwhile wait for it rather than open one each.
-    pub(crate) h2_opening: tokio::sync::Mutex<()>,
+    pub(crate) h2_opening: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     /// Requests sent to it and not finished (response body included), and
     /// open WebSocket tunnels.
     in_flight: AtomicU64,
@@ -174,7 +174,7 @@ impl BackendRt {
             tls,
             http2,
             h2: Mutex::new(Vec::new()),
-            h2_opening: tokio::sync::Mutex::new(()),
+            h2_opening: tokio::sync::Mutex::new(None),
             in_flight: AtomicU64::new(0),
             clean: AtomicBool::new(clean),
             check_up: AtomicBool::new(true),
@@ -349,11 +349,12 @@ impl BackendRt {
 
     /// Closes every connection and tunnel to the backend (removed).
     pub(crate) fn kill(&self) {
-        // Sockets first: a connection task woken by the signal below may
-        // deregister its socket (and leave its streams to hyper's own
-        // task) before the loop would reach it.
+        // The signal under the sockets lock, then the shutdowns: a request
+        // woken by a shutdown sees the backend removed (not failing), and
+        // no connection can deregister in between.
         {
             let sockets = self.sockets();
+            self.kill.send_replace(true);
             for &fd in sockets.values() {
                 // SAFETY: a socket is deregistered, under this lock, before
                 // it is closed, so every registered descriptor is still
@@ -364,7 +365,6 @@ impl BackendRt {
                 }
             }
         }
-        self.kill.send_replace(true);
         self.clear_idle();
     }
 

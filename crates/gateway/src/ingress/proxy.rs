@@ -521,33 +521,47 @@ async fn attempt_h2(
             return Attempt::Failed(None, removed(b));
         }
         let mut shared = if fresh_only { None } else { b.h2_sender() };
-        // One connection opened at a time per backend: those who waited
-        // take the one just opened if it has room.
-        let opening = match shared {
+        // One connection opened at a time per backend (the lock holds when
+        // the last opening failed): those who waited take the one just
+        // opened if it has room, or give up as the opener did, at once and
+        // without blaming the backend twice: another backend may take it.
+        let wait = deadline.min(Instant::now() + ctx.opts.connect_timeout);
+        let mut opening = match shared {
             Some(_) => None,
-            None => match tokio::time::timeout_at(deadline, b.h2_opening.lock()).await {
+            None => match tokio::time::timeout_at(wait, b.h2_opening.lock()).await {
                 Ok(guard) => {
                     if !fresh_only {
                         shared = b.h2_sender();
                     }
+                    if shared.is_none()
+                        && guard.is_some_and(|t| t.elapsed() < ctx.opts.connect_timeout)
+                    {
+                        return h2_not_opened(b);
+                    }
                     Some(guard)
                 }
-                Err(_) => return timed_out(ctx, b),
+                Err(_) => return h2_not_opened(b),
             },
         };
         let (mut sender, stream, reused) = match shared {
             Some((s, place)) => (s, place, true),
             None => {
+                let failed = |o: &mut Option<tokio::sync::MutexGuard<'_, Option<Instant>>>| {
+                    if let Some(g) = o.as_mut() {
+                        **g = Some(Instant::now());
+                    }
+                };
                 let stream = match connect_as(ctx, b, deadline, true).await {
                     Ok(s) => s,
-                    Err((outcome, reject)) => return Attempt::NotSent(outcome, reject),
+                    Err((outcome, reject)) => {
+                        failed(&mut opening);
+                        return Attempt::NotSent(outcome, reject);
+                    }
                 };
                 // Removing the backend shuts the socket down, ending the
-                // streams in flight as on HTTP/1.1.
-                let reg = super::upstream::Registration::new(
-                    b,
-                    std::os::fd::AsRawFd::as_raw_fd(stream.tcp()),
-                );
+                // streams in flight as on HTTP/1.1 (hyper's own task owns
+                // the IO: it deregisters as it closes).
+                let stream = super::upstream::Registered::new(b, stream);
                 let handshake =
                     hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -564,15 +578,21 @@ async fn attempt_h2(
                 let (sender, conn) = match tokio::time::timeout_at(deadline, handshake).await {
                     Ok(Ok(x)) => x,
                     Ok(Err(e)) => {
+                        failed(&mut opening);
                         let (o, r) = handshake_failed(b, &e);
                         return Attempt::NotSent(o, r);
                     }
-                    Err(_) => return timed_out(ctx, b),
+                    Err(_) => {
+                        failed(&mut opening);
+                        return timed_out(ctx, b);
+                    }
                 };
+                if let Some(g) = opening.as_mut() {
+                    **g = None;
+                }
                 let killed = b.killed();
                 let id = b.id.clone();
                 ctx.opts.routes.tasks().spawn(async move {
-                    let _reg = reg;
                     tokio::select! {
                         r = conn => if let Err(e) = r {
                             tracing::debug!(backend = &*id, error = %e, "HTTP/2 backend connection ended");
@@ -629,6 +649,23 @@ async fn attempt_h2(
             Err(_) => return timed_out(ctx, b),
         }
     }
+}
+
+/// An attempt given up because the backend's HTTP/2 connection could not
+/// be opened just now (by another request, which counted the failure):
+/// nothing sent, another backend may take it.
+fn h2_not_opened(b: &BackendRt) -> Attempt {
+    Attempt::NotSent(
+        Outcome::Reported(Verdict::Neutral),
+        Reject::new(
+            StatusCode::BAD_GATEWAY,
+            Refusal::BadGateway,
+            format!(
+                "backend {} ({}): no HTTP/2 connection could be opened just now",
+                b.id, b.addr
+            ),
+        ),
+    )
 }
 
 /// HTTP/2 flow-control windows to backends: per stream, and for the whole

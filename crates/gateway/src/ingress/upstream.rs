@@ -54,6 +54,63 @@ impl Drop for Registration {
     }
 }
 
+/// A connection's IO that deregisters its socket from the backend before
+/// the descriptor closes (fields drop in order): for IO that hyper owns
+/// and closes in a task of its own (HTTP/2).
+pub(crate) struct Registered {
+    _reg: Registration,
+    io: BackendStream,
+}
+
+impl Registered {
+    pub(crate) fn new(backend: &Arc<BackendRt>, io: BackendStream) -> Registered {
+        Registered {
+            _reg: Registration::new(backend, io.tcp().as_raw_fd()),
+            io,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Registered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Registered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// One connection to a backend, with the state hyper needs polled.
 pub(crate) struct Upstream {
     // Dropped first: deregistered while the socket is still open.
