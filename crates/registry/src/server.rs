@@ -569,6 +569,14 @@ impl Registry {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether `key` is still the active key of its id, with the same
+    /// public key and role.
+    pub(crate) fn key_unchanged(&self, key: &KeyEntry) -> bool {
+        self.read_keys()
+            .get(&key.id)
+            .is_some_and(|k| k.public_key == key.public_key && k.role == key.role)
+    }
+
     pub(crate) fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, KeyStore> {
         self.inner.keys.read().unwrap_or_else(|e| e.into_inner())
     }

@@ -203,6 +203,15 @@ pub(crate) async fn run(
     Counters::inc(&registry.inner.counters.handshakes_ok);
     let (ctl_tx, ctl_rx) = mpsc::channel(4);
     let session = registry.open_session(&key.id, key.role, peer, ctl_tx);
+    // A revocation (or a key change by a rescan) between the check in
+    // `verify` and the line above found no session to close: look again
+    // now that the session is where a revocation looks.
+    if !registry.key_unchanged(&key) {
+        tracing::info!(%peer, id = %key.id, "registry handshake refused: key revoked meanwhile");
+        registry.close_session(session, &key.id, peer, End::Abrupt(Code::Revoked));
+        close(&mut ws, Code::Revoked, "key revoked").await;
+        return;
+    }
     let ok = Envelope::new(
         proto::T_AUTH,
         "ok",
