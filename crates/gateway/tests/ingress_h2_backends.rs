@@ -195,9 +195,9 @@ async fn h2c_call(
     (status, text, trailers)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backends_spoken_to_in_http2_share_one_connection_and_pass_trailers() {
-    let backend = H2Backend::start(None).await;
+/// A table with route `grpc` (host grpc.test) speaking HTTP/2 to `backend`
+/// (id g1).
+fn grpc_table(backend: &H2Backend) -> RouteTable {
     let table = RouteTable::default();
     table
         .upsert_route(
@@ -206,6 +206,13 @@ async fn backends_spoken_to_in_http2_share_one_connection_and_pass_trailers() {
                 .with_backend_http2(),
         )
         .unwrap();
+    table
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_spoken_to_in_http2_share_one_connection_and_pass_trailers() {
+    let backend = H2Backend::start(None).await;
+    let table = grpc_table(&backend);
     let p = Running::start(opts(&table)).await;
 
     // gRPC-shaped: HTTP/2 client, TE: trailers, trailers back.
@@ -309,14 +316,7 @@ async fn http2_over_tls_to_backends_with_health_checks_and_a_refusal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_past_a_connections_share_open_another_and_removal_cuts_them() {
     let backend = H2Backend::start(None).await;
-    let table = RouteTable::default();
-    table
-        .upsert_route(
-            Route::new("grpc", RouteMatch::host("grpc.test"))
-                .with_backend(B::new("g1", backend.addr))
-                .with_backend_http2(),
-        )
-        .unwrap();
+    let table = grpc_table(&backend);
     let mut o = opts(&table);
     o.max_body_bytes = Some(10);
     let p = Running::start(o).await;

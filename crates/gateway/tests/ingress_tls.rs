@@ -348,21 +348,51 @@ async fn a_client_certificate_is_shown_to_backends_that_ask() {
     assert!(e.contains("client certificate"), "{e}");
 }
 
+/// A proxy with route `r` (host r.test) plain to backend `a`, and a
+/// request to `a`'s `/hold` in flight.
+struct Held {
+    table: RouteTable,
+    plain: Route,
+    ca_file: PathBuf,
+    p: Running,
+    held: tokio::task::JoinHandle<Resp>,
+}
+
+impl Held {
+    async fn start(dir: &TempDir, a: &Backend) -> Held {
+        let ca_file = Ca::new().write_root(&dir.0, "ca.pem");
+        let table = RouteTable::default();
+        let plain = Route::new("r", RouteMatch::host("r.test")).with_backend(B::new("a", a.addr));
+        table.upsert_route(plain.clone()).unwrap();
+        let p = Running::start(opts(&table)).await;
+        let addr = p.addr;
+        let held = tokio::spawn(async move { get(addr, "r.test", "/hold").await });
+        a.wait_holding(1).await;
+        Held {
+            table,
+            plain,
+            ca_file,
+            p,
+            held,
+        }
+    }
+
+    /// Turns route `r` to TLS (a, plain, can no longer be reached).
+    fn turn_tls(&self) {
+        let tls = BackendTls::from_pem(Some(&self.ca_file), None).unwrap();
+        self.table
+            .upsert_route(self.plain.clone().with_backend_tls(tls))
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_backend_cuts_what_its_predecessor_had_in_flight() {
     let dir = TempDir::new("tls-remove");
-    let ca_file = Ca::new().write_root(&dir.0, "ca.pem");
     let a = Backend::start("a").await;
-    let table = RouteTable::default();
-    let plain = Route::new("r", RouteMatch::host("r.test")).with_backend(B::new("a", a.addr));
-    table.upsert_route(plain.clone()).unwrap();
-    let p = Running::start(opts(&table)).await;
-    let addr = p.addr;
-    let held = tokio::spawn(async move { get(addr, "r.test", "/hold").await });
-    a.wait_holding(1).await;
-    table
-        .upsert_route(plain.with_backend_tls(BackendTls::from_pem(Some(&ca_file), None).unwrap()))
-        .unwrap();
+    let h = Held::start(&dir, &a).await;
+    h.turn_tls();
+    let (table, held) = (h.table, h.held);
     // Removed at once: the request still held on the plain connection is
     // closed too, not left to run.
     table.remove("a").unwrap();
@@ -376,21 +406,13 @@ async fn removing_a_backend_cuts_what_its_predecessor_had_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_tls_change_lets_requests_in_flight_finish_and_drains_complete() {
     let dir = TempDir::new("tls-change");
-    let ca_file = Ca::new().write_root(&dir.0, "ca.pem");
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let table = RouteTable::default();
-    let plain = Route::new("r", RouteMatch::host("r.test")).with_backend(B::new("a", a.addr));
-    table.upsert_route(plain.clone()).unwrap();
-    let p = Running::start(opts(&table)).await;
-    let addr = p.addr;
-    let held = tokio::spawn(async move { get(addr, "r.test", "/hold").await });
-    a.wait_holding(1).await;
+    let h = Held::start(&dir, &a).await;
     // b joins and is drained away while the route turns to TLS.
-    table.upsert_backend("r", B::new("b", b.addr)).unwrap();
-    let drain = table.drain("b", Duration::from_secs(5)).unwrap();
-    table
-        .upsert_route(plain.with_backend_tls(BackendTls::from_pem(Some(&ca_file), None).unwrap()))
-        .unwrap();
+    h.table.upsert_backend("r", B::new("b", b.addr)).unwrap();
+    let drain = h.table.drain("b", Duration::from_secs(5)).unwrap();
+    h.turn_tls();
+    let Held { table, p, held, .. } = h;
     a.release();
     let r = held.await.unwrap();
     assert_eq!(

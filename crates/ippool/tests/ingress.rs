@@ -265,37 +265,11 @@ backends = ["{a}"]
     );
 }
 
-/// A test CA and a certificate for `localhost` signed by it, as PEM files
-/// in `dir`: (ca.pem, cert.pem, key.pem), and another CA's (other.pem).
-fn pki(dir: &TempDir) -> [std::path::PathBuf; 4] {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let ca = |cn: &str| {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA")
-    };
-    let (ca, other) = (ca("backend CA"), ca("another CA"));
-    let leaf_key = KeyPair::generate().expect("key");
-    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
-        .expect("leaf params")
-        .signed_by(&leaf_key, &ca)
-        .expect("leaf");
-    [
-        dir.write("ca.pem", &ca.pem()),
-        dir.write("cert.pem", &leaf.pem()),
-        dir.write("key.pem", &leaf_key.serialize_pem()),
-        dir.write("other.pem", &other.pem()),
-    ]
-}
-
 #[test]
 fn backends_reached_over_tls_with_their_certificate_checked() {
     let plain = backend("behind-tls");
     let dir = TempDir::new();
-    pki(&dir);
+    support::pki(&dir);
     // The HTTPS backend: another ippool terminating TLS for `localhost`.
     let tls_cfg = dir.write(
         "backend.toml",
@@ -402,7 +376,7 @@ backend_http2 = true
 #[test]
 fn backend_tls_config_errors_name_the_key() {
     let dir = TempDir::new();
-    pki(&dir);
+    support::pki(&dir);
     for (tls, want) in [
         (r#"{ ca = "missing.pem" }"#, "missing.pem"),
         (

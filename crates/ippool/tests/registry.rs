@@ -211,31 +211,12 @@ rules = "agents"
     assert!(d.terminate().success());
 }
 
-/// A test CA and a certificate for `localhost` signed by it, as PEM files
-/// in `dir`: (ca.pem, cert.pem, key.pem).
-fn pki(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
-    let leaf_key = KeyPair::generate().expect("key");
-    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .expect("leaf params")
-        .signed_by(&leaf_key, &ca)
-        .expect("leaf");
-    (
-        dir.write("ca.pem", &ca.pem()),
-        dir.write("cert.pem", &leaf.pem()),
-        dir.write("key.pem", &leaf_key.serialize_pem()),
-    )
-}
-
 #[test]
 fn agents_register_over_wss_and_plain_ws_is_refused() {
     let dir = TempDir::new();
     std::fs::create_dir_all(dir.0.join("keys")).expect("mkdir");
     support::keygen(&dir.0.join("keys"), "web001");
-    let (ca, _, _) = pki(&dir);
+    let [ca, ..] = support::pki(&dir);
     let cfg = dir.write(
         "ippool.toml",
         r#"
@@ -302,7 +283,7 @@ fn registry_tls_config_errors_name_the_key() {
             "registry.advertised[0]",
         ),
     ] {
-        pki(&dir);
+        support::pki(&dir);
         let cfg = dir.write(
             "ippool.toml",
             &format!("[registry]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"keys\"\n{body}"),

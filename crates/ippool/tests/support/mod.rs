@@ -494,3 +494,28 @@ pub fn proxy_get(upstream: SocketAddr, auth: Option<&str>) -> String {
         "GET http://{upstream}/ HTTP/1.1\r\nHost: {upstream}\r\n{auth}Connection: close\r\n\r\n"
     )
 }
+
+/// A test CA and a certificate for `localhost` and 127.0.0.1 signed by it,
+/// as PEM files in `dir`: [ca.pem, cert.pem, key.pem], and another CA's
+/// certificate (other.pem).
+pub fn pki(dir: &TempDir) -> [PathBuf; 4] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let ca = |cn: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, cn);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA")
+    };
+    let (ca, other) = (ca("test CA"), ca("another CA"));
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf");
+    [
+        dir.write("ca.pem", &ca.pem()),
+        dir.write("cert.pem", &leaf.pem()),
+        dir.write("key.pem", &leaf_key.serialize_pem()),
+        dir.write("other.pem", &other.pem()),
+    ]
+}
