@@ -258,11 +258,13 @@ async fn forward(
         }
         parts.version = Version::HTTP_2;
     }
-    let fault = super::body::FaultSlot::default();
-    let mut pending = Some(Request::from_parts(
-        parts,
-        UpBody::new(body, opts.max_body_bytes).watched(fault.clone()),
-    ));
+    // Only HTTP/2 to the backend loses the body's own error (below).
+    let fault = http2.then(super::body::FaultSlot::default);
+    let mut body = UpBody::new(body, opts.max_body_bytes);
+    if let Some(f) = &fault {
+        body = body.watched(f.clone());
+    }
+    let mut pending = Some(Request::from_parts(parts, body));
 
     let deadline = Instant::now() + opts.request_timeout;
     let attempts = if method_idempotent {
@@ -295,7 +297,7 @@ async fn forward(
         let tried_once = if client_upgrade.is_some() {
             attempt_upgrade(ctx, b, &mut pending, deadline).await
         } else if http2 {
-            attempt_h2(ctx, b, &mut pending, deadline, measure, &fault).await
+            attempt_h2(ctx, b, &mut pending, deadline, measure, fault.as_ref()).await
         } else {
             attempt(ctx, b, &mut pending, deadline, measure).await
         };
@@ -513,7 +515,7 @@ async fn attempt_h2(
     pending: &mut Option<Request<UpBody>>,
     deadline: Instant,
     measure: bool,
-    fault: &super::body::FaultSlot,
+    fault: Option<&super::body::FaultSlot>,
 ) -> Attempt {
     let mut fresh_only = false;
     loop {
@@ -641,7 +643,7 @@ async fn attempt_h2(
                 }
                 // The stream was reset for the client's body (HTTP/2 keeps
                 // only that): not the backend's failure.
-                if let Some(f) = fault.get() {
+                if let Some(f) = fault.and_then(|f| f.get()) {
                     return Attempt::Failed(None, body_fault(*f));
                 }
                 return send_failed(ctx, b, e.into_error());
